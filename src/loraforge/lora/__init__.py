@@ -1,0 +1,11 @@
+"""The LoRA engine: layers that wrap base modules, injection, merge/unmerge, PEFT-format adapter files."""
+from loraforge.lora.adapter import load_adapter, read_adapter_config, save_adapter
+from loraforge.lora.config import LoraConfig
+from loraforge.lora.layer import LoraEmbedding, LoraLinear
+from loraforge.lora.model import LoraModel, ParamReport
+from loraforge.lora.targets import default_target_modules, layer_summary
+
+__all__ = [
+    "LoraConfig", "LoraEmbedding", "LoraLinear", "LoraModel", "ParamReport", "default_target_modules",
+    "layer_summary", "load_adapter", "read_adapter_config", "save_adapter",
+]

@@ -1,0 +1,131 @@
+"""Adapter files in PEFT's own format: `adapter_config.json` + `adapter_model.safetensors`.
+
+Loading is strict (every key present, none extra, every shape equal) and never unpickles anything.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from loraforge.errors import LoraforgeError
+from loraforge.lora.config import LoraConfig
+from loraforge.lora.layer import LoraEmbedding
+from loraforge.lora.model import PEFT_PREFIX, LoraModel
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+log = logging.getLogger("loraforge")
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write through a temp file in the same folder, then rename: a crash never leaves a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_adapter(lm: LoraModel, directory: str | Path) -> Path:
+    """Write the adapter so that `peft.PeftModel.from_pretrained(base, directory)` loads it."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in lm.adapter_state_dict().items()}
+    atomic_write(out / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    text = json.dumps(lm.config.to_peft_dict(), indent=2) + "\n"
+    atomic_write(out / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return out
+
+
+def read_adapter_config(directory: str | Path) -> LoraConfig:
+    path = Path(directory) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise LoraforgeError(f"{path} not found: an adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LoraforgeError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise LoraforgeError(f"{path}: expected a JSON object of LoRA settings")
+    return LoraConfig.from_peft_dict(data, source=str(path))
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    path = directory / ADAPTER_WEIGHTS
+    if not path.is_file():
+        if (directory / "adapter_model.bin").exists():
+            raise LoraforgeError(
+                f"{directory / 'adapter_model.bin'} is a pickle file, and loraforge never unpickles files (they can "
+                "run code). If you trust it, convert it once: python -c \"import torch; from safetensors.torch "
+                "import save_file; save_file(torch.load('adapter_model.bin', weights_only=True), "
+                "'adapter_model.safetensors')\""
+            )
+        raise LoraforgeError(f"{path} not found: an adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise LoraforgeError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def load_adapter(model: nn.Module, directory: str | Path, *, trainable: bool = False) -> LoraModel:
+    """Inject the adapter saved in `directory` (by loraforge or PEFT) into `model` and load its weights."""
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    state = _read_weights(directory)
+    try:
+        lm = LoraModel(model, config)
+    except LoraforgeError as err:
+        raise LoraforgeError(f"adapter {directory} does not fit this model (base it was made for: "
+                             f"{config.base_model_name_or_path}): {err}") from None
+    expected = lm.adapter_parameters()
+    loaded: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not key.startswith(PEFT_PREFIX):
+            raise LoraforgeError(f"{directory / ADAPTER_WEIGHTS}: key {key!r} lacks PEFT's {PEFT_PREFIX!r} prefix")
+        loaded[key.removeprefix(PEFT_PREFIX)] = value
+    _load_saved_embeddings(lm, loaded, directory)
+    missing = sorted(set(expected) - set(loaded))
+    unexpected = sorted(set(loaded) - set(expected))
+    where = f"adapter {directory} (made for {config.base_model_name_or_path})"
+    if missing:
+        raise LoraforgeError(f"{where}: missing key {PEFT_PREFIX}{missing[0]} (shape the model expects: "
+                             f"{tuple(expected[missing[0]].shape)}); {len(missing)} missing in all")
+    if unexpected:
+        raise LoraforgeError(f"{where}: unexpected key {PEFT_PREFIX}{unexpected[0]} (shape "
+                             f"{tuple(loaded[unexpected[0]].shape)}) has no place in this model; "
+                             f"{len(unexpected)} unexpected in all")
+    for key, param in expected.items():
+        if loaded[key].shape != param.shape:
+            raise LoraforgeError(f"{where}: {PEFT_PREFIX}{key} has shape {tuple(loaded[key].shape)} in the file "
+                                 f"but {tuple(param.shape)} in the model: it was made for another base model or rank")
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(loaded[key].to(param.dtype))
+    lm.set_trainable(trainable)
+    return lm
+
+
+def _load_saved_embeddings(lm: LoraModel, loaded: dict[str, torch.Tensor], directory: Path) -> None:
+    # PEFT saves a targeted embedding's full base weight beside its LoRA weights (save_embedding_layers="auto")
+    # and loads it back into the base; do the same so its adapters give its numbers.
+    for path, layer in lm.layers.items():
+        key = f"{path}.base_layer.weight"
+        if isinstance(layer, LoraEmbedding) and key in loaded:
+            weight = loaded.pop(key)
+            if weight.shape != layer.base_layer.weight.shape:
+                raise LoraforgeError(f"adapter {directory}: {PEFT_PREFIX}{key} has shape {tuple(weight.shape)}, the "
+                                     f"model's is {tuple(layer.base_layer.weight.shape)}")
+            with torch.no_grad():
+                layer.base_layer.weight.copy_(weight.to(layer.base_layer.weight.dtype))

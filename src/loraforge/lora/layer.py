@@ -1,0 +1,217 @@
+"""The LoRA layers: each wraps one frozen base module and adds a trainable low-rank update.
+
+    y = base(x) + scaling · B(A(dropout(x))),   scaling = lora_alpha / r   (or lora_alpha / sqrt(r), rsLoRA)
+
+Parameter names, shapes and initialisation are PEFT's (peft/tuners/lora/layer.py), so a state dict is an adapter
+file up to a key prefix. One adapter per layer: many-adapter serving is a different class.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from loraforge.errors import LoraforgeError
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+class _LoraBase(nn.Module):
+    """What the Linear and Embedding wrappers share: scaling, the disabled flag, exact merge/unmerge."""
+
+    def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, use_rslora: bool, use_dora: bool):
+        super().__init__()
+        self.base_layer = base_layer
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
+        self.use_dora = use_dora
+        self.disabled = False  # set by LoraModel.disable_adapter(); the base output alone
+        self._unmerged_weight: torch.Tensor | None = None  # the exact base weight while merged
+
+    @property
+    def merged(self) -> bool:
+        return self._unmerged_weight is not None
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling · B·A in fp32, laid out like the base weight."""
+        raise NotImplementedError
+
+    def _weight_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight as (out, in): the orientation DoRA's per-output norm is taken over."""
+        return weight
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The base weight with the update folded in, computed in fp32 (DoRA included)."""
+        weight = self.base_layer.weight.float()
+        new = weight + self.delta_weight()
+        if self.use_dora:
+            # PEFT's DoRA merge: W' = m / ||W + ΔW||_row · (W + ΔW)
+            rows = self._weight_rows(new)  # (out, in)
+            factor = (self.lora_magnitude_vector.float() / torch.linalg.norm(rows, dim=1)).unsqueeze(1)
+            new = self._weight_rows(factor * rows)  # back to the base layout (a transpose is its own inverse)
+        return new
+
+    @torch.no_grad()
+    def merge(self, name: str = "") -> None:
+        """Fold the update into the base weight. Idempotent; the original is kept so unmerge() is exact."""
+        if self.merged:
+            return
+        weight = self.base_layer.weight
+        new = self.merged_weight()
+        if not torch.isfinite(new).all():
+            raise LoraforgeError(f"merging LoRA into {name or type(self.base_layer).__name__} gives NaN/inf weights; "
+                                 "the adapter is broken (check the training loss) and nothing was written")
+        self._unmerged_weight = weight.data
+        weight.data = new.to(weight.dtype)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the exact base weight. Idempotent."""
+        if not self.merged:
+            return
+        self.base_layer.weight.data = self._unmerged_weight
+        self._unmerged_weight = None
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, dora={self.use_dora}"
+
+
+class LoraLinear(_LoraBase):
+    """LoRA around `nn.Linear` (weight (out, in)) or transformers' GPT-2 `Conv1D` (weight (in, out))."""
+
+    def __init__(self, base_layer: nn.Linear | Conv1D, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                 use_rslora: bool = False, use_dora: bool = False, init_lora_weights: bool | str = True):
+        super().__init__(base_layer, r, lora_alpha, use_rslora, use_dora)
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        in_features, out_features = base_layer.weight.shape[::-1] if not self.fan_in_fan_out else base_layer.weight.shape
+        self.in_features, self.out_features = in_features, out_features
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(in_features, r, bias=False)   # (r, in)
+        self.lora_B = nn.Linear(r, out_features, bias=False)  # (out, r)
+        _init_a_b(self.lora_A.weight, self.lora_B.weight, r, init_lora_weights)
+        if use_dora:
+            # The magnitude starts as the row norms of W + ΔW, so DoRA starts equal to the base (ΔW = 0 at init).
+            with torch.no_grad():
+                norm = torch.linalg.norm(self._weight_rows(base_layer.weight.float() + self.delta_weight()), dim=1)
+            self.lora_magnitude_vector = nn.Parameter(norm)  # (out,)
+
+    def _weight_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T if self.fan_in_fan_out else weight
+
+    def delta_weight(self) -> torch.Tensor:
+        delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        extra = [self.lora_magnitude_vector] if self.use_dora else []
+        return [self.lora_A.weight, self.lora_B.weight, *extra]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)  # (B, T, out)
+        if self.disabled or self.merged:
+            return result
+        x = x.to(self.lora_A.weight.dtype)
+        if not self.use_dora:
+            return result + (self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling).to(result.dtype)
+        return result + self._dora_extra(x, result).to(result.dtype)
+
+    def _dora_extra(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        # PEFT's DoraLinearLayer.forward; the norm is detached (DoRA paper, section 4.3).
+        weight = self._weight_rows(self.base_layer.weight).to(x.dtype)  # (out, in)
+        lora_weight = self.lora_B.weight @ self.lora_A.weight  # (out, r) @ (r, in)
+        weight_norm = torch.linalg.norm(weight + self.scaling * lora_weight.detach(), dim=1).detach()  # (out,)
+        mag_norm_scale = (self.lora_magnitude_vector / weight_norm).view(1, -1)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            base_result = result.to(x.dtype)
+            if self.base_layer.bias is not None:
+                base_result = base_result - self.base_layer.bias.to(x.dtype)
+        else:
+            x = self.lora_dropout(x)
+            base_result = F.linear(x, weight)
+        lora_result = self.lora_B(self.lora_A(x))
+        return (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * self.scaling
+
+
+class LoraEmbedding(_LoraBase):
+    """LoRA around `nn.Embedding`: A is (r, num_embeddings), B is (embedding_dim, r), as in PEFT."""
+
+    def __init__(self, base_layer: nn.Embedding, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                 use_rslora: bool = False, use_dora: bool = False, init_lora_weights: bool | str = True):
+        super().__init__(base_layer, r, lora_alpha, use_rslora, use_dora)
+        num, dim = base_layer.weight.shape
+        # PEFT applies no dropout to embedding LoRA; the field is accepted and has no effect, as there.
+        self.lora_embedding_A = nn.Parameter(torch.empty(r, num))
+        self.lora_embedding_B = nn.Parameter(torch.empty(dim, r))
+        if init_lora_weights is False:
+            nn.init.normal_(self.lora_embedding_A)
+            nn.init.normal_(self.lora_embedding_B)
+        else:  # loralib and PEFT: A zero, B normal, so the update starts at zero
+            nn.init.zeros_(self.lora_embedding_A)
+            nn.init.normal_(self.lora_embedding_B)
+        if use_dora:
+            with torch.no_grad():
+                norm = torch.linalg.norm(self._weight_rows(base_layer.weight.float() + self.delta_weight()), dim=1)
+            self.lora_magnitude_vector = nn.Parameter(norm)  # (dim,)
+
+    def _weight_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T  # the embedding's "outputs" are its dim columns: (dim, num)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_embedding_B.float() @ self.lora_embedding_A.float()).T * self.scaling  # (num, dim)
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        extra = [self.lora_magnitude_vector] if self.use_dora else []
+        return [self.lora_embedding_A, self.lora_embedding_B, *extra]
+
+    def _embed(self, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return F.embedding(ids, weight, padding_idx=base.padding_idx, max_norm=base.max_norm,
+                           norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(ids)  # (B, T, dim)
+        if self.disabled or self.merged:
+            return result
+        update = self._embed(ids, self.lora_embedding_A.T) @ self.lora_embedding_B.T * self.scaling  # (B, T, dim)
+        embed_scale = getattr(self.base_layer, "embed_scale", None)  # e.g. Gemma scales inside its embedding
+        scale = 1.0 if embed_scale is None else embed_scale.to(update.dtype)
+        if not self.use_dora:
+            return result + (update * scale).to(result.dtype)
+        lora_weight = (self.lora_embedding_A.T @ self.lora_embedding_B.T).T  # (dim, num)
+        weight_norm = torch.linalg.norm(self.base_layer.weight.T + self.scaling * lora_weight.detach(), dim=1)
+        mag_norm_scale = self.lora_magnitude_vector / weight_norm.detach()  # (dim,)
+        return (mag_norm_scale * result + mag_norm_scale * update * scale).to(result.dtype)
+
+
+def _init_a_b(a: torch.Tensor, b: torch.Tensor, r: int, init: bool | str) -> None:
+    with torch.no_grad():
+        if init is False:  # both random: a non-trivial adapter from the start (tests, debugging)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+            return
+        if init is True:  # microsoft/LoRA loralib/layers.py: A like nn.Linear's default, B zero
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        else:  # "gaussian"
+            nn.init.normal_(a, std=1 / r)
+        nn.init.zeros_(b)
+
+
+WRAPPABLE = (nn.Linear, Conv1D, nn.Embedding)
+
+
+def wrap(module: nn.Module, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool, use_dora: bool,
+         init_lora_weights: bool | str) -> _LoraBase:
+    """The LoRA wrapper for one base module (the caller checks `isinstance(module, WRAPPABLE)` first)."""
+    cls = LoraEmbedding if isinstance(module, nn.Embedding) else LoraLinear
+    layer = cls(module, r, lora_alpha, lora_dropout, use_rslora, use_dora, init_lora_weights)
+    return layer.to(module.weight.device)

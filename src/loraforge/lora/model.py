@@ -1,0 +1,168 @@
+"""Inject LoRA into a transformers model, freeze the rest, and manage the adapter's state.
+
+`LoraModel` is a handle, not a wrapper module: `lm.model` is still the transformers model (forward, generate,
+save_pretrained all work on it), with LoRA layers swapped in place of the targeted modules.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from loraforge.lora.config import LoraConfig
+from loraforge.lora.layer import _LoraBase, wrap
+from loraforge.lora.targets import find_targets
+
+PEFT_PREFIX = "base_model.model."
+
+
+class ModulesToSave(nn.Module):
+    """A module trained in full (e.g. a classifier head): a trainable copy beside the frozen original, as in PEFT."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original_module = original
+        self.modules_to_save = copy.deepcopy(original)
+        self.disabled = False
+
+    def forward(self, *args, **kwargs):
+        module = self.original_module if self.disabled else self.modules_to_save
+        return module(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class ParamReport:
+    """Trainable parameters and the memory they imply. Memory excludes activations."""
+
+    trainable: int
+    total: int
+    adapter_bytes: int
+    train_memory_bytes: int  # frozen weights + trainable fp32 weight, grad and two AdamW moments
+    full_ft_memory_bytes: int  # every weight, grad and two AdamW moments in fp32
+
+    def __str__(self) -> str:
+        gb = 1024**3
+        return (f"trainable params: {self.trainable:,} / {self.total:,} ({100 * self.trainable / self.total:.4f}%)"
+                f" | adapter file ~{self.adapter_bytes / 1024**2:.2f} MiB"
+                f" | est. training memory (no activations) {self.train_memory_bytes / gb:.2f} GiB"
+                f" vs full fine-tuning {self.full_ft_memory_bytes / gb:.2f} GiB")
+
+
+class LoraModel:
+    """A transformers model with one LoRA adapter injected, and the config that made it."""
+
+    def __init__(self, model: nn.Module, config: LoraConfig):
+        self.model = model
+        self.config = config
+        self.layers: dict[str, _LoraBase] = {}
+        self.saved_modules: dict[str, ModulesToSave] = {}
+        for path in find_targets(model, config):
+            r, alpha = config.rank_and_alpha(path)
+            self.layers[path] = wrap(model.get_submodule(path), r, alpha, config.lora_dropout,
+                                     config.use_rslora, config.use_dora, config.init_lora_weights)
+            _replace(model, path, self.layers[path])
+        for path, module in list(model.named_modules()):
+            if any(path == m or path.endswith("." + m) for m in config.modules_to_save or []):
+                self.saved_modules[path] = ModulesToSave(module)
+                _replace(model, path, self.saved_modules[path])
+        self.set_trainable(True)
+
+    # ---- parameters -------------------------------------------------------------------------------------------
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """Every parameter the adapter owns, by the key it has in the adapter file (without the PEFT prefix)."""
+        params: dict[str, nn.Parameter] = {}
+        for path, layer in self.layers.items():
+            for name, p in layer.named_parameters():
+                if not name.startswith("base_layer."):
+                    params[f"{path}.{name}"] = p
+        for path, wrapper in self.saved_modules.items():
+            for name, p in wrapper.modules_to_save.named_parameters():
+                params[f"{path}.{name}"] = p
+        if self.config.bias != "none":
+            bias_owners = self.model.named_modules() if self.config.bias == "all" else \
+                ((f"{path}.base_layer", layer.base_layer) for path, layer in self.layers.items())
+            for path, module in bias_owners:
+                bias = getattr(module, "bias", None)
+                if isinstance(bias, nn.Parameter) and not any(path.startswith(f"{p}.original_module")
+                                                              or path.startswith(f"{p}.modules_to_save")
+                                                              for p in self.saved_modules):
+                    params[f"{path}.bias"] = bias
+        return params
+
+    def set_trainable(self, trainable: bool) -> None:
+        """Freeze everything, then (if trainable) unfreeze exactly the adapter's parameters."""
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for p in self.adapter_parameters().values():
+            p.requires_grad_(trainable)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter as PEFT saves it: `base_model.model.<path>.lora_A.weight` and so on."""
+        return {PEFT_PREFIX + k: p.detach() for k, p in self.adapter_parameters().items()}
+
+    def report(self) -> ParamReport:
+        params = self.adapter_parameters()
+        trainable = sum(p.numel() for p in params.values())
+        seen: dict[int, nn.Parameter] = {id(p): p for p in self.model.parameters()}  # tied weights once
+        total = sum(p.numel() for p in seen.values())
+        frozen_bytes = sum(p.numel() * p.element_size() for p in seen.values())
+        return ParamReport(
+            trainable=trainable, total=total,
+            adapter_bytes=sum(p.numel() * p.element_size() for p in params.values()),
+            train_memory_bytes=frozen_bytes + trainable * 4 * 3,
+            full_ft_memory_bytes=total * 4 * 4,
+        )
+
+    # ---- merge ------------------------------------------------------------------------------------------------
+    @property
+    def merged(self) -> bool:
+        return any(layer.merged for layer in self.layers.values())
+
+    def merge(self) -> None:
+        """Fold every LoRA update into its base weight (fp32 math, NaN-checked). Idempotent."""
+        for path, layer in self.layers.items():
+            layer.merge(path)
+
+    def unmerge(self) -> None:
+        """Restore the exact base weights. Idempotent."""
+        for layer in self.layers.values():
+            layer.unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge, then put the plain base modules back: a model with no trace of LoRA. This handle is spent."""
+        self.merge()
+        for path, layer in self.layers.items():
+            layer._unmerged_weight = None
+            _replace(self.model, path, layer.base_layer)
+        for path, wrapper in self.saved_modules.items():
+            _replace(self.model, path, wrapper.modules_to_save)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.layers, self.saved_modules = {}, {}
+        return self.model
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model alone inside the block (unmerging first if needed, re-merging after)."""
+        was_merged = self.merged
+        self.unmerge()
+        switches = [*self.layers.values(), *self.saved_modules.values()]
+        for s in switches:
+            s.disabled = True
+        try:
+            yield
+        finally:
+            for s in switches:
+                s.disabled = False
+            if was_merged:
+                self.merge()
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, new)
