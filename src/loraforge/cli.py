@@ -1,0 +1,178 @@
+"""The `loraforge` command: parse arguments and config, call one function, print.
+
+A user's mistake ends in one line on stderr and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+from loraforge.config import DEFAULT_MODEL, TrainConfig, build_config, load_yaml, parse_targets
+from loraforge.errors import LoraforgeError
+
+log = logging.getLogger("loraforge")
+_FLAG_TYPES = {"int": int, "float": float}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per config field, typed and documented from the dataclass; unset flags stay out of the namespace."""
+    group = parser.add_argument_group("options (also settable in the YAML file; flags win)")
+    for f in dataclasses.fields(cls):
+        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
+                           type=_FLAG_TYPES.get(f.type, str), metavar=f.name.upper(), help=f.metadata["help"])
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from loraforge.train import train
+
+    options = load_yaml(args.config) if args.config else {}
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    cfg = build_config(TrainConfig, {**options, **flags}, source=args.config or "command line")
+    result = train(cfg)
+    s = result.summary
+    print(f"adapter written to {cfg.output}: {s['steps']} steps, final loss {s['final_loss']:.4f}, "
+          f"{s['tokens_per_second']:.0f} tokens/s, peak RSS {s['peak_rss_mb']:.0f} MB")
+    return 0
+
+
+def _load(model: str | None, adapter: str | None, dtype: str = "float32"):
+    """Base model (the adapter's own base when --model is not given), with the adapter injected if given."""
+    import torch
+
+    from loraforge.lora import load_adapter, read_adapter_config
+    from loraforge.models import load_model
+
+    if model is None:
+        model = (read_adapter_config(adapter).base_model_name_or_path if adapter else None) or DEFAULT_MODEL
+    base, tokenizer = load_model(model, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    lora = load_adapter(base, adapter) if adapter else None
+    return base, tokenizer, lora
+
+
+def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
+    """The prompt as ids: through the chat template exactly as training renders it, or as plain text."""
+    from loraforge.data import encode_prompt, has_chat_template
+
+    if chat:
+        if not has_chat_template(tokenizer):
+            raise LoraforgeError("--chat: this model's tokenizer has no chat template; drop --chat")
+        return encode_prompt(prompt, "", tokenizer)
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from loraforge.infer import GenerationOptions, generate
+
+    model, tokenizer, _ = _load(args.model, args.adapter)
+    options = GenerationOptions(max_new_tokens=args.max_new_tokens, greedy=args.temperature is None,
+                                temperature=args.temperature or 0.7, top_p=args.top_p, seed=args.seed)
+    _, text = generate(model, tokenizer, prompt_ids(tokenizer, args.prompt, args.chat), options)
+    print(text)
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from loraforge.lora import LoraConfig, LoraModel
+    from loraforge.models import describe_modules, load_model
+
+    model, _ = load_model(args.model)
+    print(f"{type(model).__name__} ({model.config.model_type})")
+    for path, kind, shape in describe_modules(model):
+        print(f"  {path:<60} {kind:<14} {tuple(shape)}")
+    lora_config = LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=args.target_modules)
+    lm = LoraModel(model, lora_config)
+    print(f"targets: {lora_config.target_modules or 'default'} -> {len(lm.layers)} layers: "
+          f"{', '.join(sorted({p.rsplit('.', 1)[-1] for p in lm.layers}))}")
+    print(f"with r={args.r}: {lm.report()}")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()):
+        raise LoraforgeError(f"--output {output} exists and is not empty; give a new folder or remove it")
+    model, tokenizer, lora = _load(args.model, args.adapter)
+    merged = lora.merge_and_unload()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:  # built beside its place and renamed in: never half a model folder
+        merged.save_pretrained(tmp)  # safetensors
+        tokenizer.save_pretrained(tmp)
+        output.rmdir() if output.exists() else None
+        tmp.rename(output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"merged model written to {args.output}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from loraforge.demo import run_demo
+
+    run_demo(steps=args.steps, output=Path(args.output))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraforge", description="Fine-tune LLMs with LoRA, on a CPU or a GPU.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune a LoRA adapter on a data file")
+    p.add_argument("config", nargs="?", help="YAML file of options (flags override it)")
+    _add_config_flags(p, TrainConfig)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("generate", help="generate text with a base model and optionally an adapter")
+    p.add_argument("--model", help=f"base model (default: the adapter's base, else {DEFAULT_MODEL})")
+    p.add_argument("--adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--prompt", required=True, help="the text to continue, or the user turn with --chat")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
+    mode.add_argument("--temperature", type=float, help="sample with this temperature instead of greedy")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (with --temperature)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("inspect", help="list a model's layers and what LoRA would train")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--r", type=int, default=TrainConfig.r)
+    p.add_argument("--target-modules", type=parse_targets, default=None)
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("merge", help="fold an adapter into its base and write a plain transformers model")
+    p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("demo", help="fine-tune the default model on the bundled sample and compare answers")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--output", default="runs/demo")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="loraforge: %(message)s")
+    try:
+        return args.func(args)
+    except LoraforgeError as err:
+        print(f"loraforge: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("loraforge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The training options: one typed dataclass, reachable from YAML, CLI flags and Python alike.
+
+Each field carries its help text in `metadata["help"]`; the CLI builds its flags from these fields, so a new option
+is documented once, here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loraforge.errors import LoraforgeError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Everything `loraforge train` needs. Validated on creation."""
+
+    model: str = _opt(DEFAULT_MODEL, "base model: a built-in name, a transformers folder or a .gguf file")
+    data: str | None = _opt(None, "training data: a .jsonl file of {text} or {instruction, input, output} records")
+    output: str | None = _opt(None, "folder for the adapter, resolved config and train_summary.json")
+    r: int = _opt(16, "LoRA rank")
+    lora_alpha: float = _opt(32.0, "LoRA alpha; the update is scaled by lora_alpha / r")
+    lora_dropout: float = _opt(0.05, "dropout on the LoRA input during training")
+    target_modules: list[str] | str | None = _opt(
+        None, "modules to wrap: comma-separated name suffixes, a regex, or all-linear (default: per architecture)")
+    lr: float = _opt(2e-4, "peak learning rate (AdamW)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay on the LoRA parameters")
+    warmup_steps: int = _opt(0, "linear warmup steps before the cosine decay")
+    max_steps: int = _opt(100, "optimizer steps to run")
+    batch_size: int = _opt(8, "examples per optimizer step")
+    max_length: int = _opt(256, "tokens per example; longer ones are truncated (and counted)")
+    seed: int = _opt(0, "seed for LoRA init, data order and dropout: the same seed gives the same run")
+    dtype: str = _opt("float32", "compute dtype of the frozen base: float32 (exact) or bfloat16")
+    on_bad_record: str = _opt("error", "what a malformed record does: error (stop) or skip (count and go on)")
+    log_every: int = _opt(1, "steps between progress-bar updates")
+
+    def __post_init__(self) -> None:
+        self.target_modules = parse_targets(self.target_modules)
+        for name in ("r", "max_steps", "batch_size", "max_length", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise LoraforgeError(f"option {name!r} must be a positive integer, got {value!r}")
+        if not self.lr > 0:
+            raise LoraforgeError(f"option 'lr' must be positive, got {self.lr!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise LoraforgeError(f"option 'dtype' must be float32 or bfloat16, got {self.dtype!r}")
+        if self.on_bad_record not in ("error", "skip"):
+            raise LoraforgeError(f"option 'on_bad_record' must be error or skip, got {self.on_bad_record!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_targets(value: list[str] | str | None) -> list[str] | str | None:
+    """`q_proj,v_proj` or `c_attn` -> a list of name suffixes; `all-linear` and anything else (a regex) as given."""
+    if isinstance(value, str) and value != "all-linear" and re.fullmatch(r"[\w.\s,-]+", value):
+        return [t.strip() for t in value.split(",") if t.strip()]
+    return value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config into a dict of options (validated later, together with the CLI flags)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoraforgeError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise LoraforgeError(f"{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    except UnicodeDecodeError as err:
+        raise LoraforgeError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise LoraforgeError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def build_config(cls: type, options: dict[str, Any], source: str) -> Any:
+    """Instantiate a config dataclass, rejecting unknown keys with the list of known ones."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise LoraforgeError(f"{source}: unknown option(s) {unknown}. Known options: {', '.join(known)}")
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    try:
+        return cls(**{k: _coerce(v, types[k], f"{source}: option {k!r}") for k, v in options.items()})
+    except TypeError as err:  # a wrongly typed value that the validation did not name
+        raise LoraforgeError(f"{source}: {err}") from None
+
+
+def _coerce(value: Any, type_name: str, where: str) -> Any:
+    # YAML 1.1 reads "2e-4" as a string, and flags arrive as strings: convert plain int/float fields.
+    caster = {"int": int, "float": float}.get(type_name)
+    if caster is None or not isinstance(value, str):
+        return value
+    try:
+        return caster(value)
+    except ValueError:
+        raise LoraforgeError(f"{where} must be {type_name}, got {value!r}") from None
