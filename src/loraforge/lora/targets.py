@@ -10,18 +10,50 @@ from loraforge.errors import LoraforgeError
 from loraforge.lora.config import ALL_LINEAR, LoraConfig
 from loraforge.lora.layer import WRAPPABLE, Conv1D
 
-# PEFT's defaults (peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, v0.21), by model_type.
+# PEFT's defaults (peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, v0.21.2), by
+# model_type; gemma4 (a regex there) is left out.
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"], "gemma3_text": ["q_proj", "v_proj"], "stablelm": ["q_proj", "v_proj"],
-    "phi": ["q_proj", "v_proj", "fc1", "fc2"], "opt": ["q_proj", "v_proj"], "bart": ["q_proj", "v_proj"],
-    "gptj": ["q_proj", "v_proj"], "gpt_neo": ["q_proj", "v_proj"], "gpt2": ["c_attn"],
-    "gpt_bigcode": ["c_attn"], "gpt_neox": ["query_key_value"], "falcon": ["query_key_value"],
-    "bloom": ["query_key_value"], "t5": ["q", "v"], "mt5": ["q", "v"], "bert": ["query", "value"],
-    "roberta": ["query", "value"], "xlm-roberta": ["query", "value"], "electra": ["query", "value"],
-    "deberta-v2": ["query_proj", "value_proj"], "distilbert": ["q_lin", "v_lin"], "mpt": ["Wqkv"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"],
+    "blip-2": ["q", "v", "q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "deberta": ["in_proj"],
+    "layoutlm": ["query", "value"],
+    "llama": ["q_proj", "v_proj"],
+    "llama4": ["q_proj", "v_proj"],
+    "chatglm": ["query_key_value"],
+    "gpt_bigcode": ["c_attn"],
+    "mpt": ["Wqkv"],
+    "RefinedWebModel": ["query_key_value"],
+    "RefinedWeb": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "btlm": ["c_proj", "c_attn"],
     "codegen": ["qkv_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "stablelm": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "rwkv": ["key", "value", "receptance", "output"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
+    # Not in peft's table; DistilBERT names its attention projections q_lin/k_lin/v_lin.
+    "distilbert": ["q_lin", "v_lin"],
 }
 _HEAD_NAMES = ("score", "classifier")  # PEFT's SEQ_CLS_HEAD_NAMES: never wrapped by "all-linear"
 
