@@ -259,6 +259,17 @@ def test_nan_merge_raises_and_changes_nothing():
     assert all(torch.equal(lm.layers[p].base_layer.weight, before[p]) for p in before)
 
 
+def test_merge_refuses_tied_embedding_and_changes_nothing():
+    lm = _lora("gpt2", target_modules=["wte", "c_attn"])  # GPT-2 ties lm_head to wte
+    assert lm.model.lm_head.weight is lm.layers["transformer.wte"].base_layer.weight
+    before = _base_weights(lm)
+    with pytest.raises(LoraforgeError) as err:
+        lm.merge()
+    assert "transformer.wte" in str(err.value) and "tied to lm_head" in str(err.value)
+    assert not lm.merged
+    assert all(torch.equal(lm.layers[p].base_layer.weight, before[p]) for p in before)
+
+
 @pytest.mark.parametrize("options, words", [
     (dict(r=0), ["'r'", "positive", "0"]),
     (dict(r=2.5), ["'r'", "2.5"]),

@@ -125,6 +125,7 @@ class LoraModel:
 
     def merge(self) -> None:
         """Fold every LoRA update into its base weight (fp32 math, NaN-checked). Idempotent, all or nothing."""
+        self._check_untied()
         merged_now: list[_LoraBase] = []
         try:
             for path, layer in self.layers.items():
@@ -135,6 +136,20 @@ class LoraModel:
             for layer in merged_now:
                 layer.unmerge()
             raise
+
+    def _check_untied(self) -> None:
+        # A weight shared with another module (tied embeddings: embed_tokens and lm_head) would change for both.
+        owners: dict[int, list[str]] = {}
+        for path, module in self.model.named_modules(remove_duplicate=False):
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, nn.Parameter) and not path.endswith(".original_module"):
+                owners.setdefault(id(weight), []).append(path)
+        for path, layer in self.layers.items():
+            sharing = [p for p in owners.get(id(layer.base_layer.weight), []) if p != f"{path}.base_layer"]
+            if sharing:
+                raise LoraforgeError(
+                    f"cannot merge LoRA into {path}: its weight is tied to {sharing[0]}, so merging would change "
+                    "both. Keep the adapter unmerged, or train without targeting tied embeddings")
 
     def unmerge(self) -> None:
         """Restore the exact base weights. Idempotent."""
