@@ -67,8 +67,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from loraforge.infer import GenerationOptions, generate
 
     model, tokenizer, _ = _load(args.model, args.adapter)
+    temperature = 0.7 if args.temperature is None else args.temperature  # `or 0.7` would turn 0 into 0.7
     options = GenerationOptions(max_new_tokens=args.max_new_tokens, greedy=args.temperature is None,
-                                temperature=args.temperature or 0.7, top_p=args.top_p, seed=args.seed)
+                                temperature=temperature, top_p=args.top_p, seed=args.seed)
     _, text = generate(model, tokenizer, prompt_ids(tokenizer, args.prompt, args.chat), options)
     print(text)
     return 0
@@ -95,8 +96,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     import tempfile
 
     output = Path(args.output)
-    if output.exists() and any(output.iterdir()):
-        raise LoraforgeError(f"--output {output} exists and is not empty; give a new folder or remove it")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise LoraforgeError(f"--output {output} exists and is not an empty folder; give a new folder or remove it")
     model, tokenizer, lora = _load(args.model, args.adapter)
     merged = lora.merge_and_unload()
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -155,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("demo", help="fine-tune the default model on the bundled sample and compare answers")
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--output", default="runs/demo")
     p.set_defaults(func=_cmd_demo)
     return parser
@@ -164,10 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="loraforge: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars: noise before our own lines
     try:
         return args.func(args)
     except LoraforgeError as err:
-        print(f"loraforge: error: {err}", file=sys.stderr)
+        # One line, as promised above, even for messages built of several (e.g. a layer summary).
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"loraforge: error: {message}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("loraforge: interrupted", file=sys.stderr)

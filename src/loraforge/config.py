@@ -53,6 +53,10 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise LoraforgeError(f"option {name!r} must be a positive integer, got {value!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise LoraforgeError(f"option 'warmup_steps' must be a whole number >= 0, got {self.warmup_steps!r}")
+        if not self.weight_decay >= 0:
+            raise LoraforgeError(f"option 'weight_decay' must be >= 0, got {self.weight_decay!r}")
         if not self.lr > 0:
             raise LoraforgeError(f"option 'lr' must be positive, got {self.lr!r}")
         if self.dtype not in ("float32", "bfloat16"):

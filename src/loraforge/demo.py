@@ -21,7 +21,7 @@ def sample_path(name: str) -> Path:
 
 
 def demo_config(steps: int, output: Path) -> TrainConfig:
-    """The demo's settings: a few minutes on 2 CPU cores (bf16 base, LoRA on every linear layer)."""
+    """The demo's settings: a few minutes on 2 CPU cores (fp32, LoRA on every linear layer)."""
     return TrainConfig(model=DEFAULT_MODEL, data=str(sample_path("e2e_demo.jsonl")), output=str(output),
                        r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", lr=1e-3,
                        warmup_steps=5, max_steps=steps, batch_size=8, max_length=128, seed=0)
@@ -35,7 +35,7 @@ def side_by_side(title: str, left: str, right: str) -> str:
     return "\n".join(lines)
 
 
-def run_demo(steps: int = 60, output: Path = Path("runs/demo")) -> None:
+def run_demo(steps: int = 40, output: Path = Path("runs/demo")) -> None:
     start = time.perf_counter()
     if output.exists():
         shutil.rmtree(output)
@@ -55,4 +55,6 @@ def run_demo(steps: int = 60, output: Path = Path("runs/demo")) -> None:
         print(side_by_side(f"[{i}] {record['input']}", base, tuned))
         print(f"  reference: {record['references'][0]}\n")
     print(f"Adapter (PEFT format) in {output}/. Demo wall time {time.perf_counter() - start:.0f} s.")
-    print(f"Try: loraforge generate --adapter {output} --chat --prompt \"...\"")
+    last = prompts[-1]
+    print(f"Try it: loraforge generate --adapter {output} --chat --greedy "
+          f"--prompt $'{last['instruction']}\\n\\n{last['input']}'")

@@ -90,7 +90,7 @@ def _parse_object(text: str, source: str, line_no: int) -> dict[str, Any]:
         value = json.loads(text.rstrip("\r\n"))
     except json.JSONDecodeError as e:
         raise LoraforgeError(
-            f"{source}:{line_no}: not valid JSON ({e.msg} at column {e.colno}); each line must be one complete "
+            f"{source}:{line_no}: not valid JSON ({e.msg}, column {e.colno}); each line must be one complete "
             "JSON object; look for a line cut short, a missing quote or comma, or an object split over lines"
         ) from None
     if not isinstance(value, dict):

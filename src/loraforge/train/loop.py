@@ -17,7 +17,7 @@ import yaml
 from tqdm import tqdm
 
 from loraforge.config import TrainConfig
-from loraforge.data import collate, count_tokens, load_examples, pad_id_for
+from loraforge.data import collate, count_tokens, load_examples, pad_id_for, read_records
 from loraforge.errors import LoraforgeError
 from loraforge.lora import LoraConfig, LoraModel, save_adapter
 from loraforge.lora.adapter import atomic_write
@@ -43,7 +43,7 @@ def peak_rss_mb() -> float:
 
 
 def lr_lambda(warmup: int, total: int):
-    """Linear warmup to the peak, then cosine decay to zero at `total` (transformers' cosine schedule)."""
+    """Linear warmup (step s of w runs at (s+1)/(w+1) of the peak), then cosine decay to zero at `total`."""
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
@@ -65,7 +65,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     """Fine-tune `cfg.model` with LoRA on `cfg.data`; write the adapter and summary to `cfg.output`."""
     if not cfg.data or not cfg.output:
         raise LoraforgeError("training needs --data FILE.jsonl and --output DIR (or data:/output: in the YAML)")
+    read_records(cfg.data)  # a missing file or unknown suffix fails now, not after the (maybe slow) model load
     output = Path(cfg.output)
+    if output.exists() and not output.is_dir():
+        raise LoraforgeError(f"--output {output} is a file; give a folder for the adapter and summary")
     torch.manual_seed(cfg.seed)
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     model, tokenizer = load_model(cfg.model, dtype=dtype)
