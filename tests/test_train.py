@@ -16,6 +16,7 @@ from loraforge.lora import LoraConfig, LoraModel, load_adapter
 from loraforge.models import load_model
 from loraforge.train import causal_lm_loss, loop, train
 from loraforge.train import loss as loss_module
+from loraforge.train.loss import token_loss_sum
 from tolerances import FP32, max_abs_diff
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_llama_losses.json"
@@ -54,11 +55,11 @@ def golden_run(llama_dir, data_file, tmp_path_factory):
 
     def spy(model, batch):
         batches.append({k: v.clone() for k, v in batch.items()})
-        return causal_lm_loss(model, batch)
+        return token_loss_sum(model, batch)
 
     cfg = _train(llama_dir, data_file, tmp_path_factory.mktemp("golden_out"))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop, "causal_lm_loss", spy)
+        mp.setattr(loop, "token_loss_sum", spy)
         result = train(cfg, progress=False)
     return cfg, result, batches
 

@@ -10,11 +10,11 @@ import logging
 import sys
 from pathlib import Path
 
-from loraforge.config import DEFAULT_MODEL, TrainConfig, build_config, load_yaml, parse_targets
+from loraforge.config import DEFAULT_MODEL, TrainConfig, build_config, load_yaml, parse_bool, parse_targets
 from loraforge.errors import LoraforgeError
 
 log = logging.getLogger("loraforge")
-_FLAG_TYPES = {"int": int, "float": float}
+_FLAG_TYPES = {"int": int, "float": float, "bool": parse_bool}
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -26,12 +26,17 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from loraforge.train import train
+    from loraforge.train import resume_config, train
 
-    options = load_yaml(args.config) if args.config else {}
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    cfg = build_config(TrainConfig, {**options, **flags}, source=args.config or "command line")
-    result = train(cfg)
+    if args.resume:
+        if args.config:
+            raise LoraforgeError("--resume takes the run's own train_config.yaml; give flags, not a config file")
+        cfg = resume_config(args.resume, flags)
+    else:
+        options = load_yaml(args.config) if args.config else {}
+        cfg = build_config(TrainConfig, {**options, **flags}, source=args.config or "command line")
+    result = train(cfg, resume=bool(args.resume), progress=not args.quiet)
     s = result.summary
     print(f"adapter written to {cfg.output}: {s['steps']} steps, final loss {s['final_loss']:.4f}, "
           f"{s['tokens_per_second']:.0f} tokens/s, peak RSS {s['peak_rss_mb']:.0f} MB")
@@ -127,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="fine-tune a LoRA adapter on a data file")
     p.add_argument("config", nargs="?", help="YAML file of options (flags override it)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest checkpoint")
     _add_config_flags(p, TrainConfig)
     p.set_defaults(func=_cmd_train)
 

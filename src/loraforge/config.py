@@ -38,18 +38,31 @@ class TrainConfig:
         None, "modules to wrap: comma-separated name suffixes, a regex, or all-linear (default: per architecture)")
     lr: float = _opt(2e-4, "peak learning rate (AdamW)")
     weight_decay: float = _opt(0.0, "AdamW weight decay on the LoRA parameters")
-    warmup_steps: int = _opt(0, "linear warmup steps before the cosine decay")
+    warmup_steps: int = _opt(0, "linear warmup steps before the schedule's decay")
+    schedule: str = _opt("cosine", "learning-rate schedule after warmup: cosine, linear or constant")
+    loraplus_lr_ratio: float = _opt(0.0, "LoRA+: the B matrices' lr is lr x this ratio (0 = off; the paper uses 16)")
+    max_grad_norm: float = _opt(1.0, "clip the adapter's gradient norm to this (0 = no clipping)")
     max_steps: int = _opt(100, "optimizer steps to run")
-    batch_size: int = _opt(8, "examples per optimizer step")
+    batch_size: int = _opt(8, "examples (or packed rows) per micro-batch")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step (gradient accumulation)")
     max_length: int = _opt(256, "tokens per example; longer ones are truncated (and counted)")
     seed: int = _opt(0, "seed for LoRA init, data order and dropout: the same seed gives the same run")
     dtype: str = _opt("float32", "compute dtype of the frozen base: float32 (exact) or bfloat16")
     on_bad_record: str = _opt("error", "what a malformed record does: error (stop) or skip (count and go on)")
     log_every: int = _opt(1, "steps between progress-bar updates")
+    val_data: str | None = _opt(None, "validation file (same format as data)")
+    val_split: float = _opt(0.0, "fraction of the training records held out for validation when no val_data")
+    eval_every: int = _opt(0, "evaluate on the validation set every N steps (0 = only at the end)")
+    early_stopping: int = _opt(0, "stop after N evaluations without a better validation loss (0 = never)")
+    save_every: int = _opt(0, "write checkpoints/step-N every N steps (0 = only on SIGINT/SIGTERM)")
+    keep_checkpoints: int = _opt(2, "how many step-N checkpoints to keep (the best one is kept apart)")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in backward: less memory, ~30% slower")
+    compile: bool = _opt(False, "torch.compile the model (slow start, can be faster on long runs)")
+    threads: int = _opt(0, "torch CPU threads (0 = torch's default: one per core)")
 
     def __post_init__(self) -> None:
         self.target_modules = parse_targets(self.target_modules)
-        for name in ("r", "max_steps", "batch_size", "max_length", "log_every"):
+        for name in ("r", "max_steps", "batch_size", "max_length", "log_every", "grad_accum", "keep_checkpoints"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise LoraforgeError(f"option {name!r} must be a positive integer, got {value!r}")
@@ -61,6 +74,16 @@ class TrainConfig:
             raise LoraforgeError(f"option 'lr' must be positive, got {self.lr!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise LoraforgeError(f"option 'dtype' must be float32 or bfloat16, got {self.dtype!r}")
+        for name in ("eval_every", "early_stopping", "save_every", "threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise LoraforgeError(f"option {name!r} must be a whole number >= 0, got {value!r}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise LoraforgeError(f"option 'schedule' must be cosine, linear or constant, got {self.schedule!r}")
+        if not 0.0 <= self.val_split < 1.0:
+            raise LoraforgeError(f"option 'val_split' must be in [0, 1), got {self.val_split!r}")
+        if not (self.loraplus_lr_ratio >= 0 and self.max_grad_norm >= 0):
+            raise LoraforgeError("options 'loraplus_lr_ratio' and 'max_grad_norm' must be >= 0")
         if self.on_bad_record not in ("error", "skip"):
             raise LoraforgeError(f"option 'on_bad_record' must be error or skip, got {self.on_bad_record!r}")
 
@@ -110,10 +133,22 @@ def build_config(cls: type, options: dict[str, Any], source: str) -> Any:
 
 def _coerce(value: Any, type_name: str, where: str) -> Any:
     # YAML 1.1 reads "2e-4" as a string, and flags arrive as strings: convert plain int/float fields.
-    caster = {"int": int, "float": float}.get(type_name)
+    caster = {"int": int, "float": float, "bool": parse_bool}.get(type_name)
     if caster is None or not isinstance(value, str):
         return value
     try:
         return caster(value)
     except ValueError:
         raise LoraforgeError(f"{where} must be {type_name}, got {value!r}") from None
+
+
+def parse_bool(value: str | bool) -> bool:
+    """`true/false/yes/no/1/0/on/off` (any case) as a bool, for flags and YAML strings."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a yes/no value: {value!r}")

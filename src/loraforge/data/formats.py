@@ -1,64 +1,88 @@
-"""Formats: a `Record` -> an `Example`, the text the model reads (`prompt`) and the text it learns (`response`).
+"""Formats: a `Record` -> an `Example`, the text the model reads and, segment by segment, what it learns.
 
-Accepted record shapes (extra keys are ignored):
+Accepted record shapes (extra keys are ignored; `columns` renames fields, e.g. `{"output": "en_output"}`):
 
-- `{"text": ...}`: plain language-model text; everything is learned (`prompt=""`).
+- `{"text": ...}` as `text`: plain language-model text, one example per record (cut at `max_length`), all learned.
+- `{"text": ...}` as `text_chunks` (never detected, ask for it): the documents of a file joined with EOS into one
+  token stream and cut into `max_length` chunks, all learned; for domain adaptation on long documents. The
+  chunking is done by `load_examples` over the whole file (`tokenize.chunk_documents`), not record by record.
 - `{"instruction": ..., "input": ... (optional), "output": ...}`: instruction tuning; only `output` is learned.
 - `{"prompt": ..., "completion": ...}`: treated like an instruction record with `prompt` as the instruction.
+- `{"messages": [{"role", "content"}...]}` and ShareGPT `{"conversations": [{"from", "value"}...]}`: chat, every
+  assistant turn learned (see `chat.py`); these need the tokenizer's chat template.
 
 Instruction prompts are rendered with the tokenizer's chat template when it has one, else with the Alpaca template.
 `render_prompt` is the one place that rendering happens, so generation can rebuild the exact training prompt.
-Later issues add chat records and task recipes here, as more names in `FORMATS`.
+Task recipes (`recipes.py`) build their prompts through it too.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-from loraforge.data.readers import Record, json_type
+from loraforge.data.chat import (
+    conversation_example,
+    end_of_turn,
+    has_chat_template,
+    messages_from_record,
+    render_chat,
+)
+from loraforge.data.example import Example, Fields
+from loraforge.data.readers import Record
 from loraforge.errors import LoraforgeError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+__all__ = [
+    "ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "CHUNKED_FORMATS", "FORMATS", "FORMAT_FIELDS", "Example",
+    "detect_format", "end_of_turn", "has_chat_template", "make_instruction_example", "render_prompt", "to_example",
+]  # fmt: skip
+
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
-FORMATS = ("text", "instruction", "prompt_completion")
+FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
+    "text": ("text",),
+    "text_chunks": ("text",),
+    "instruction": ("instruction", "input", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "messages": ("messages", "system"),
+    "sharegpt": ("conversations", "system"),
+}
+"""Format name -> the fields it reads (the names `columns` may map)."""
+FORMATS = tuple(FORMAT_FIELDS)
+CHUNKED_FORMATS = frozenset({"text_chunks"})
+"""Formats whose examples are chunks of a file-wide token stream rather than one per record."""
 
 _SHAPES = (
-    '{"text": ...}, {"instruction": ..., "input": ... (optional), "output": ...} '
-    'or {"prompt": ..., "completion": ...}'
+    '{"text": ...}, {"instruction": ..., "input": ... (optional), "output": ...}, '
+    '{"prompt": ..., "completion": ...}, {"messages": [{"role": ..., "content": ...}, ...]} '
+    'or {"conversations": [{"from": ..., "value": ...}, ...]}'
 )
 _NEEDS = {
     "text": 'text records need a non-empty "text"',
+    "text_chunks": 'text records need a non-empty "text"',
     "instruction": 'instruction records need "instruction" and "output" (optional "input")',
     "prompt_completion": 'prompt/completion records need "prompt" and "completion"',
+    "messages": 'chat records need "messages": an array of {"role": "system"|"user"|"assistant", "content": ...}',
+    "sharegpt": 'ShareGPT records need "conversations": an array of {"from": "system"|"human"|"gpt", "value": ...}',
 }
-# A marker no real answer contains; we find it in a rendered conversation to see what the template puts after it.
-_SENTINEL = "LORAFORGE-RESPONSE-SENTINEL-5f2c"
 
 
-@dataclass(frozen=True)
-class Example:
-    """One training example as text: the model reads `prompt + response` and learns only `response`."""
-
-    prompt: str
-    """Text the model is conditioned on but not trained to produce ("" for plain text)."""
-    response: str
-    """Text the model is trained to produce."""
-    add_special_tokens: bool = True
-    """True for plain text: tokenization adds the tokenizer's BOS (if it adds one by itself) and its EOS (if it has
-    one). False when a chat template rendered the text: its special tokens, end-of-turn included, are already in it."""
-
-
-def detect_format(record: Record) -> str:
-    """Name the shape of `record`, one of `FORMATS`.
+def detect_format(record: Record, columns: Mapping[str, str] | None = None) -> str:
+    """Name the shape of `record`, one of `FORMATS` (never `text_chunks`: chunking is asked for, not guessed).
 
     A complete shape wins (so the Alpaca dataset, which also carries a rendered "text" column, reads as
     instructions); otherwise a partial one is named so that `to_example` can say which field is missing.
+    `columns` (our name -> the record's) is applied first.
     """
-    keys = record.fields.keys()
+    columns = columns or {}
+    keys = (record.fields.keys() - set(columns.values())) | {k for k, v in columns.items() if v in record.fields}
+    if "messages" in keys:
+        return "messages"
+    if "conversations" in keys:
+        return "sharegpt"
     if {"instruction", "output"} <= keys:
         return "instruction"
     if {"prompt", "completion"} <= keys:
@@ -69,33 +93,39 @@ def detect_format(record: Record) -> str:
         return "instruction"
     if "prompt" in keys or "completion" in keys:
         return "prompt_completion"
-    found = ", ".join(f'"{k}"' for k in keys) or "none"
+    found = ", ".join(f'"{k}"' for k in record.fields) or "none"
     raise LoraforgeError(
         f"{record.where}: cannot tell what kind of record this is (fields: {found}); "
-        f"use one of these shapes: {_SHAPES}"
+        f"use one of these shapes: {_SHAPES}, map your field names with columns=..., or use a task recipe"
     )
 
 
 def to_example(
-    record: Record, fmt: str, *, chat_template_tokenizer: PreTrainedTokenizerBase | None = None
+    record: Record,
+    fmt: str,
+    *,
+    chat_template_tokenizer: PreTrainedTokenizerBase | None = None,
+    columns: Mapping[str, str] | None = None,
 ) -> Example:
     """Turn `record` of shape `fmt` into an `Example`, checking its fields.
 
     With `chat_template_tokenizer` set and its `chat_template` non-empty, instruction-like records are rendered as
-    a one-turn chat; otherwise with the Alpaca template. Plain text records ignore the tokenizer.
+    a one-turn chat; otherwise with the Alpaca template. Plain text records ignore the tokenizer; chat records
+    (`messages`, `sharegpt`) need it. `columns` maps our field names to the record's.
     """
-    if fmt == "text":
-        return Example(prompt="", response=_required(record, "text", fmt))
+    if fmt not in FORMAT_FIELDS:
+        raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    fields = Fields(record, _NEEDS[fmt], columns or {})
+    if fmt in ("text", "text_chunks"):
+        return Example.from_prompt("", fields.text("text"))
     if fmt == "instruction":
-        instruction = _required(record, "instruction", fmt)
-        output = _required(record, "output", fmt)
-        input_ = _optional(record, "input", fmt)
-        return make_instruction_example(instruction, input_, output, chat_template_tokenizer)
+        instruction, output = fields.text("instruction"), fields.text("output")
+        return make_instruction_example(instruction, fields.optional_text("input"), output, chat_template_tokenizer)
     if fmt == "prompt_completion":
-        prompt = _required(record, "prompt", fmt)
-        completion = _required(record, "completion", fmt)
+        prompt, completion = fields.text("prompt"), fields.text("completion")
         return make_instruction_example(prompt, "", completion, chat_template_tokenizer)
-    raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    messages = messages_from_record(fields, fmt)
+    return conversation_example(messages, chat_template_tokenizer, record.where)
 
 
 def make_instruction_example(
@@ -104,8 +134,8 @@ def make_instruction_example(
     """The `Example` for one instruction; the fields are not checked (see `to_example` for that)."""
     prompt = render_prompt(instruction, input, tokenizer)
     if has_chat_template(tokenizer):
-        return Example(prompt=prompt, response=output + end_of_turn(tokenizer), add_special_tokens=False)
-    return Example(prompt=prompt, response=output)
+        return Example.from_prompt(prompt, output + end_of_turn(tokenizer), add_special_tokens=False)
+    return Example.from_prompt(prompt, output)
 
 
 def render_prompt(instruction: str, input: str = "", tokenizer: PreTrainedTokenizerBase | None = None) -> str:
@@ -118,64 +148,7 @@ def render_prompt(instruction: str, input: str = "", tokenizer: PreTrainedTokeni
     if has_chat_template(tokenizer):
         content = instruction + ("\n\n" + input if input.strip() else "")
         messages = [{"role": "user", "content": content}]
-        return _render_chat(tokenizer, messages, add_generation_prompt=True)
+        return render_chat(tokenizer, messages, add_generation_prompt=True)
     if input.strip():
         return ALPACA_PROMPT.format(instruction=instruction, input=input)
     return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
-
-
-def has_chat_template(tokenizer: PreTrainedTokenizerBase | None) -> bool:
-    """True when `tokenizer` is given and carries a chat template."""
-    return tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
-
-
-def end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str:
-    """The text the chat template writes after an assistant message's content (ChatML: `<|im_end|>`).
-
-    Found by rendering a conversation whose answer is a marker and taking what follows the marker, so it works for
-    any template. Trailing whitespace is dropped (generation stops at the end-of-turn token, what follows is never
-    produced). A template that writes nothing there falls back to the tokenizer's EOS text.
-    """
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}]
-    text = _render_chat(tokenizer, messages, add_generation_prompt=False)
-    at = text.rfind(_SENTINEL)
-    if at < 0:
-        raise LoraforgeError(
-            "the tokenizer's chat template does not write the assistant's message, so it cannot be trained on; "
-            "use a tokenizer whose template renders assistant turns, or remove its chat_template to use Alpaca"
-        )
-    return text[at + len(_SENTINEL):].rstrip() or (tokenizer.eos_token or "")
-
-
-def _render_chat(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], *, add_generation_prompt: bool
-) -> str:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    if not isinstance(text, str):  # tokenize=False returns text in every transformers 5 release we know
-        raise TypeError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, expected str")
-    return text
-
-
-def _required(record: Record, key: str, fmt: str) -> str:
-    if key not in record.fields:
-        raise LoraforgeError(f'{record.where}: field "{key}" is missing; {_NEEDS[fmt]}')
-    value = _string(record, key, fmt)
-    if not value.strip():
-        raise LoraforgeError(f'{record.where}: field "{key}" is empty; {_NEEDS[fmt]}; fill it in or drop the record')
-    return value
-
-
-def _optional(record: Record, key: str, fmt: str) -> str:
-    if record.fields.get(key) is None:
-        return ""
-    return _string(record, key, fmt)
-
-
-def _string(record: Record, key: str, fmt: str) -> str:
-    value: Any = record.fields[key]
-    if not isinstance(value, str):
-        raise LoraforgeError(
-            f'{record.where}: field "{key}" is a JSON {json_type(value)}, not a string; '
-            f"{_NEEDS[fmt]} as strings; put the value in quotes"
-        )
-    return value

@@ -1,13 +1,23 @@
-"""The whole data path in one call: file -> records -> examples -> tokenized examples, with counts."""
+"""The whole data path in one call: file -> records -> examples (by format or task recipe) -> tokenized examples,
+with counts of what happened to every record."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from loraforge.data.formats import detect_format, to_example
+from loraforge.data.example import check_columns
+from loraforge.data.formats import CHUNKED_FORMATS, FORMAT_FIELDS, FORMATS, detect_format, to_example
 from loraforge.data.readers import Record, read_records
-from loraforge.data.tokenize import TokenizedExample, check_max_length, tokenize_example
+from loraforge.data.recipes import Recipe, get_recipe
+from loraforge.data.tokenize import (
+    TokenizedExample,
+    check_max_length,
+    chunk_documents,
+    document_ids,
+    tokenize_example,
+)
 from loraforge.errors import LoraforgeError
 
 if TYPE_CHECKING:
@@ -15,7 +25,14 @@ if TYPE_CHECKING:
 
 ON_BAD_RECORD = ("error", "skip")
 MAX_SKIP_REASONS = 20
-_PROMPT_FIELDS = {"instruction": '"instruction" and "input"', "prompt_completion": '"prompt"', "text": "none"}
+_PROMPT = {
+    "instruction": 'the prompt (from fields "instruction" and "input")',
+    "prompt_completion": 'the prompt (from field "prompt")',
+    "text": "the BOS token",
+    "messages": "the conversation before the first assistant turn",
+    "sharegpt": "the conversation before the first assistant turn",
+}
+_ALL_FORMAT_FIELDS = tuple(dict.fromkeys(f for names in FORMAT_FIELDS.values() for f in names))
 
 
 @dataclass
@@ -25,7 +42,7 @@ class DataStats:
     records_read: int = 0
     """Records the reader produced (blank lines are not records)."""
     used: int = 0
-    """Records that became training examples."""
+    """Records that became training examples (with chunking: records whose tokens are in the chunks)."""
     skipped: int = 0
     """Records left out (only with `on_bad_record="skip"`); the first reasons are in `skip_reasons`."""
     truncated: int = 0
@@ -35,15 +52,18 @@ class DataStats:
     target_tokens: int = 0
     """Of those, tokens that are learned (label is not -100)."""
     formats: dict[str, int] = field(default_factory=dict)
-    """Used examples per record shape, e.g. {"instruction": 300}."""
+    """Used records per record shape or recipe, e.g. {"instruction": 300} or {"recipe:sst2": 300}."""
+    chunks: int = 0
+    """Examples made by chunking the file's token stream (`text_chunks` format, `lm` recipe); 0 otherwise."""
     skip_reasons: list[str] = field(default_factory=list)
     """The error message of each skipped record, the first `MAX_SKIP_REASONS` of them."""
 
     def summary(self) -> str:
         """One line for the console, e.g. `300 records: 298 used, 2 skipped, 5 truncated; 21,400 tokens ...`."""
+        chunks = f" in {self.chunks:,} chunks" if self.chunks else ""
         return (
             f"{self.records_read} records: {self.used} used, {self.skipped} skipped, {self.truncated} truncated; "
-            f"{self.tokens:,} tokens, {self.target_tokens:,} of them learned"
+            f"{self.tokens:,} tokens{chunks}, {self.target_tokens:,} of them learned"
         )
 
 
@@ -53,10 +73,26 @@ def load_examples(
     max_length: int,
     *,
     on_bad_record: str = "error",
+    recipe: str | Recipe | None = None,
+    columns: Mapping[str, str] | None = None,
+    fmt: str | None = None,
+    file_format: str | None = None,
+    reader_options: Mapping[str, Any] | None = None,
 ) -> tuple[list[TokenizedExample], DataStats]:
     """Read a data file and return its tokenized examples, in file order, and counts of what happened.
 
-    Instruction-like records use the tokenizer's chat template if it has one, else Alpaca (`render_prompt`).
+    How records become examples, one of:
+    - `recipe` (a name in `RECIPES` or a `Recipe`): a task recipe, e.g. "sst2", "conll2003", "e2e";
+    - `fmt` (one of `FORMATS`): a record shape, e.g. "messages" or "text_chunks" (never detected);
+    - neither: the shape of each record is detected (`detect_format`).
+    `columns` maps the field names the format or recipe reads to the file's own, e.g.
+    `{"instruction": "en_instruction", "input": "en_input", "output": "en_output"}`.
+    `file_format` and `reader_options` go to `read_records` (`file_format="conll"` for CoNLL-2003's `eng.train`,
+    which has no suffix; `reader_options={"delimiter": ";"}`); by default the suffix picks the reader.
+
+    One example per record, cut to `max_length`, except for `text_chunks` and the `lm` recipe: those join the
+    documents with EOS and cut the stream into `max_length` chunks (`tokenize.chunk_documents`).
+    Instruction-like records and recipes use the tokenizer's chat template if it has one, else Alpaca.
     `on_bad_record="error"` (default) stops at the first record whose fields are wrong or that has nothing left
     to learn after truncation to `max_length`; `"skip"` leaves such records out and counts them. A broken file
     (bad JSON, bad bytes, no records) always stops, and so does a file where no record is usable.
@@ -64,12 +100,62 @@ def load_examples(
     if on_bad_record not in ON_BAD_RECORD:
         raise LoraforgeError(f"on_bad_record is {on_bad_record!r}; choose one of: {', '.join(ON_BAD_RECORD)}")
     check_max_length(max_length)
+    chosen = _choose(recipe, fmt, columns)
     stats = DataStats()
-    examples: list[TokenizedExample] = []
-    for record in read_records(path):
+    records = read_records(path, file_format, **dict(reader_options or {}))
+    tokenized = _tokenize_records(records, chosen, tokenizer, max_length, on_bad_record, stats)
+    if chosen.chunked:
+        examples = list(chunk_documents(tokenized, max_length))
+        stats.chunks = len(examples)
+        stats.tokens = sum(len(e.input_ids) for e in examples)
+        stats.target_tokens = sum(e.num_target_tokens for e in examples)
+    else:
+        examples = list(tokenized)
+    if not examples:
+        first = stats.skip_reasons[0] if stats.skip_reasons else "its text is too short to make a chunk of 2 tokens"
+        raise LoraforgeError(
+            f"{path}: none of its {stats.records_read} records can be used; the first problem was: {first}"
+        )
+    return examples, stats
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """How records become examples: by recipe, by a fixed format, or by detecting each record's format."""
+
+    recipe: Recipe | None
+    fmt: str | None
+    columns: dict[str, str]
+
+    @property
+    def chunked(self) -> bool:
+        return self.recipe.chunked if self.recipe is not None else self.fmt in CHUNKED_FORMATS
+
+
+def _choose(recipe: str | Recipe | None, fmt: str | None, columns: Mapping[str, str] | None) -> _Choice:
+    if recipe is not None and fmt is not None:
+        raise LoraforgeError(f"give a recipe ({recipe!r}) or a format ({fmt!r}), not both: a recipe fixes the format")
+    if recipe is not None:
+        return _Choice(get_recipe(recipe).with_columns(columns), None, {})
+    if fmt is not None and fmt not in FORMATS:
+        raise LoraforgeError(f'unknown format "{fmt}"; choose one of: {", ".join(FORMATS)}, or give a recipe')
+    known = FORMAT_FIELDS[fmt] if fmt else _ALL_FORMAT_FIELDS
+    return _Choice(None, fmt, check_columns(columns, known, f'the "{fmt}" format' if fmt else "any format"))
+
+
+def _tokenize_records(
+    records: Iterator[Record],
+    chosen: _Choice,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    on_bad_record: str,
+    stats: DataStats,
+) -> Iterator[TokenizedExample]:
+    """Tokenize each record (uncut when the result will be chunked), counting into `stats` as it goes."""
+    for record in records:
         stats.records_read += 1
         try:
-            fmt, tokenized = _tokenize_record(record, tokenizer, max_length)
+            kind, tokenized = _tokenize_record(record, chosen, tokenizer, max_length)
         except LoraforgeError as e:
             if on_bad_record == "error":
                 raise
@@ -77,30 +163,31 @@ def load_examples(
             if len(stats.skip_reasons) < MAX_SKIP_REASONS:
                 stats.skip_reasons.append(str(e))
             continue
-        examples.append(tokenized)
         stats.used += 1
         stats.truncated += tokenized.truncated
         stats.tokens += len(tokenized.input_ids)
         stats.target_tokens += tokenized.num_target_tokens
-        stats.formats[fmt] = stats.formats.get(fmt, 0) + 1
-    if not examples:
-        raise LoraforgeError(
-            f"{path}: none of its {stats.records_read} records can be used; the first problem was: "
-            f"{stats.skip_reasons[0]}"
-        )
-    return examples, stats
+        stats.formats[kind] = stats.formats.get(kind, 0) + 1
+        yield tokenized
 
 
 def _tokenize_record(
-    record: Record, tokenizer: PreTrainedTokenizerBase, max_length: int
+    record: Record, chosen: _Choice, tokenizer: PreTrainedTokenizerBase, max_length: int
 ) -> tuple[str, TokenizedExample]:
-    fmt = detect_format(record)
-    example = to_example(record, fmt, chat_template_tokenizer=tokenizer)
+    if chosen.recipe is not None:
+        kind, prompt = f"recipe:{chosen.recipe.name}", f"the {chosen.recipe.name} recipe's prompt"
+        example = chosen.recipe.to_example(record, tokenizer)
+    else:
+        kind = chosen.fmt or detect_format(record, chosen.columns)
+        prompt = _PROMPT.get(kind, "the prompt")
+        example = to_example(record, kind, chat_template_tokenizer=tokenizer, columns=chosen.columns)
+    if chosen.chunked:
+        return kind, document_ids(example.text, tokenizer)
     tokenized = tokenize_example(example, tokenizer, max_length)
     if tokenized.num_target_tokens == 0:
         raise LoraforgeError(
-            f"{record.where}: nothing left to learn: the prompt (from fields {_PROMPT_FIELDS[fmt]}) fills all "
+            f"{record.where}: nothing left to learn: {prompt} fills all "
             f"{max_length} tokens of max_length; raise max_length, shorten the record, or skip such records "
             '(on_bad_record="skip")'
         )
-    return fmt, tokenized
+    return kind, tokenized

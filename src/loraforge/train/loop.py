@@ -1,14 +1,18 @@
 """The training loop: one function you can read top to bottom.
 
-load base -> inject LoRA -> read and tokenize data -> AdamW on the adapter only -> save adapter + summary.
+load base -> inject LoRA -> read and tokenize data -> AdamW on the adapter only, step by step, with evaluation,
+checkpoints and a clean stop on SIGINT/SIGTERM -> adapter, metrics, loss curve and summary on disk.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
-import resource
+import signal
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,17 +20,27 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from loraforge.config import TrainConfig
+from loraforge.config import TrainConfig, build_config, load_yaml
 from loraforge.data import collate, count_tokens, load_examples, pad_id_for, read_records
 from loraforge.errors import LoraforgeError
 from loraforge.lora import LoraConfig, LoraModel, save_adapter
 from loraforge.lora.adapter import atomic_write
 from loraforge.models import load_model
-from loraforge.train.loss import causal_lm_loss
+from loraforge.train import checkpoint as ckpt
+from loraforge.train.loss import learned_token_count, token_loss_sum
+from loraforge.train.observe import (METRICS_FILE, PLOT_FILE, MetricsLog, measure_matmul_peak, peak_rss_mb,
+                                     plot_loss_curve, summary_screen, train_flops)
+from loraforge.train.schedule import make_optimizer
 
 log = logging.getLogger("loraforge")
 SUMMARY_FILE = "train_summary.json"
 CONFIG_FILE = "train_config.yaml"
+
+
+class TrainingInterrupted(LoraforgeError):
+    """SIGINT/SIGTERM stopped the run after a checkpoint was written; `--resume` continues it."""
+
+    exit_code = 130
 
 
 @dataclass
@@ -38,22 +52,8 @@ class TrainResult:
     summary: dict = field(default_factory=dict)
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def lr_lambda(warmup: int, total: int):
-    """Linear warmup (step s of w runs at (s+1)/(w+1) of the peak), then cosine decay to zero at `total`."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return factor
-
-
 def batch_order(n_examples: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
-    """Indices of each step's batch: seeded shuffles, epoch after epoch, so a seed fixes the data order."""
+    """Indices of each micro-batch: seeded shuffles, epoch after epoch, so a seed fixes the data order."""
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
     while len(order) < steps * batch_size:
@@ -61,77 +61,227 @@ def batch_order(n_examples: int, batch_size: int, steps: int, seed: int) -> list
     return [order[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
 
 
-def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
-    """Fine-tune `cfg.model` with LoRA on `cfg.data`; write the adapter and summary to `cfg.output`."""
-    if not cfg.data or not cfg.output:
-        raise LoraforgeError("training needs --data FILE.jsonl and --output DIR (or data:/output: in the YAML)")
-    read_records(cfg.data)  # a missing file or unknown suffix fails now, not after the (maybe slow) model load
-    output = Path(cfg.output)
-    if output.exists() and not output.is_dir():
-        raise LoraforgeError(f"--output {output} is a file; give a folder for the adapter and summary")
+def resume_config(output: str | Path, overrides: dict) -> TrainConfig:
+    """The config a run started with (its `train_config.yaml`), with flag overrides such as a larger max_steps."""
+    path = Path(output) / CONFIG_FILE
+    if not path.is_file():
+        raise LoraforgeError(f"--resume {output}: no {CONFIG_FILE} there; give the output folder of a started run")
+    return build_config(TrainConfig, {**load_yaml(path), **overrides, "output": str(output)}, source=str(path))
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Fine-tune `cfg.model` with LoRA on `cfg.data`; write adapter, metrics and summary to `cfg.output`.
+
+    With `resume`, continue from the newest complete checkpoint in `cfg.output`: same data order, RNG, optimizer
+    and scheduler state, so the loss curve is the one an uninterrupted run would have drawn.
+    """
+    output = _check_paths(cfg, resume)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    model, tokenizer = load_model(cfg.model, dtype=dtype)
-    examples, stats = load_examples(cfg.data, tokenizer, cfg.max_length, on_bad_record=cfg.on_bad_record)
-    log.info("data: %s", stats.summary())
-    for reason in stats.skip_reasons:
-        log.warning("skipped: %s", reason)
+    model, tokenizer = load_model(cfg.model, dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
+    train_set, val_set, stats = _load_data(cfg, tokenizer)
 
     torch.manual_seed(cfg.seed)  # LoRA init depends on the seed only, not on what loading consumed
-    lora_config = LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                             target_modules=cfg.target_modules, task_type="CAUSAL_LM",
-                             base_model_name_or_path=cfg.model)
-    lm = LoraModel(model, lora_config)
+    lm = LoraModel(model, LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                     target_modules=cfg.target_modules, task_type="CAUSAL_LM",
+                                     base_model_name_or_path=cfg.model))
     report = lm.report()
     log.info("%s", report)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    forward_model = torch.compile(model) if cfg.compile else model
+    optimizer, scheduler = make_optimizer(lm, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                          loraplus_lr_ratio=cfg.loraplus_lr_ratio, schedule=cfg.schedule,
+                                          warmup=cfg.warmup_steps, total=cfg.max_steps)
     params = list(lm.adapter_parameters().values())
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.max_steps))
+    state = ckpt.TrainerState()
+    if resume:
+        last = ckpt.list_checkpoints(output)
+        if not last:
+            raise LoraforgeError(f"--resume {output}: no complete checkpoint in {output / ckpt.CHECKPOINTS}")
+        state = ckpt.load_checkpoint(last[-1], lm, optimizer, scheduler)
+        log.info("resuming from %s (step %d of %d)", last[-1], state.step, cfg.max_steps)
+    else:
+        _write_text(output / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    metrics = MetricsLog(output / METRICS_FILE, resume_step=state.step if resume else None)
     pad_id = pad_id_for(tokenizer)
+    micro = batch_order(len(train_set), cfg.batch_size, cfg.max_steps * cfg.grad_accum, cfg.seed)
 
     model.train()
-    losses: list[float] = []
-    tokens = 0
-    start = time.perf_counter()
-    bar = tqdm(batch_order(len(examples), cfg.batch_size, cfg.max_steps, cfg.seed), desc="train",
-               disable=not progress, dynamic_ncols=True)
-    for step, indices in enumerate(bar, 1):
-        batch = collate([examples[i] for i in indices], pad_id)
-        loss = causal_lm_loss(model, batch)
-        if not torch.isfinite(loss):
-            raise LoraforgeError(f"step {step}: the loss is {loss.item()}; lower --lr (now {cfg.lr}) and retry")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        tokens += count_tokens(batch)
-        if step % cfg.log_every == 0:
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens / elapsed:.0f}")
-    seconds = time.perf_counter() - start
-    model.eval()
+    bar = tqdm(range(state.step + 1, cfg.max_steps + 1), desc="train", disable=not progress, dynamic_ncols=True,
+               initial=state.step, total=cfg.max_steps)
+    with _stop_on_signals() as stop:
+        for step in bar:
+            start = time.perf_counter()
+            batches = [collate([train_set[i] for i in idx], pad_id)
+                       for idx in micro[(step - 1) * cfg.grad_accum: step * cfg.grad_accum]]
+            step_learned = sum(learned_token_count(b) for b in batches)  # every token weighs the same
+            loss_sum = 0.0
+            for batch in batches:
+                total, _ = token_loss_sum(forward_model, batch)
+                (total / max(step_learned, 1)).backward()
+                loss_sum += total.item()
+            loss = loss_sum / max(step_learned, 1)
+            if not math.isfinite(loss):
+                raise LoraforgeError(f"step {step}: the loss is {loss}; lower --lr (now {cfg.lr}) and retry")
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
 
-    save_adapter(lm, output)
+            state.step, state.losses = step, [*state.losses, loss]
+            state.tokens += sum(count_tokens(b) for b in batches)
+            state.learned_tokens += step_learned
+            state.train_seconds += time.perf_counter() - start
+            tps = state.tokens / state.train_seconds
+            metrics.write(step=step, loss=loss, lr=scheduler.get_last_lr()[0], tokens=state.tokens,
+                          tokens_per_second=round(tps, 2), seconds=round(state.train_seconds, 3))
+            if step % cfg.log_every == 0:
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{tps:.0f}")
+
+            stop_early = False
+            if val_set and (step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+                val_loss = evaluate(model, val_set, cfg.batch_size, pad_id)
+                metrics.write(step=step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
+                bar.write(f"step {step}: val loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
+                if state.best_val_loss is None or val_loss < state.best_val_loss:
+                    state.best_val_loss, state.best_step, state.evals_without_improvement = val_loss, step, 0
+                    ckpt.save_best(output, lm)
+                else:
+                    state.evals_without_improvement += 1
+                    stop_early = 0 < cfg.early_stopping <= state.evals_without_improvement
+            if (cfg.save_every and step % cfg.save_every == 0) or stop.signal:
+                ckpt.save_checkpoint(output, lm, optimizer, scheduler, state, cfg.keep_checkpoints)
+            if stop.signal:
+                raise TrainingInterrupted(
+                    f"stopped by {signal.Signals(stop.signal).name} after step {step}; checkpoint written to "
+                    f"{output / ckpt.CHECKPOINTS}/step-{step}. Continue with: loraforge train --resume {output}")
+            if stop_early:
+                log.info("early stopping: %d evaluations without improvement", cfg.early_stopping)
+                break
+    model.eval()
+    summary = _finish(cfg, output, lm, model, state, stats)
+    if progress:
+        tqdm.write(summary_screen(summary), file=sys.stderr)
+    return TrainResult(lora=lm, tokenizer=tokenizer, summary=summary)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, examples: list, batch_size: int, pad_id: int) -> float:
+    """Mean cross-entropy per learned token over `examples` (eval mode, no dropout)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        loss_sum, n = token_loss_sum(model, collate(examples[start:start + batch_size], pad_id))
+        total, count = total + loss_sum.item(), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _finish(cfg: TrainConfig, output: Path, lm: LoraModel, model, state: ckpt.TrainerState, stats) -> dict:
+    """Final adapter (the best one when there was validation), loss curve, and train_summary.json."""
+    best = output / ckpt.CHECKPOINTS / "best"
+    if state.best_step is not None and best.is_dir():
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            data = (best / name).read_bytes()
+            atomic_write(output / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
+    else:
+        save_adapter(lm, output)
+    rows = MetricsLog(output / METRICS_FILE, resume_step=state.step).rows()
+    plot_loss_curve(rows, output / PLOT_FILE, f"{cfg.model}: LoRA r={cfg.r}")
+    seconds = max(state.train_seconds, 1e-9)
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    report = lm.report()
+    flops = train_flops(model, report.trainable, state.tokens, state.learned_tokens)
+    peak = measure_matmul_peak(dtype)
     summary = {
         "model": cfg.model,
-        "steps": cfg.max_steps,
-        "train_tokens": tokens,
-        "train_seconds": round(seconds, 3),
-        "tokens_per_second": round(tokens / seconds, 2),
-        "final_loss": losses[-1],
-        "losses": losses,
+        "steps": state.step,
+        "train_tokens": state.tokens,
+        "train_seconds": round(state.train_seconds, 3),
+        "tokens_per_second": round(state.tokens / seconds, 2),
+        "final_loss": state.losses[-1],
+        "losses": state.losses,
+        "best_val_loss": state.best_val_loss,
+        "best_step": state.best_step,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "trainable_params": report.trainable,
         "total_params": report.total,
         "trainable_percent": round(100 * report.trainable / report.total, 4),
+        "dtype": cfg.dtype,
+        "achieved_tflops": flops / seconds / 1e12,
+        "peak_tflops": peak / 1e12,
+        "mfu": flops / seconds / peak,
         "data": {"records_read": stats.records_read, "used": stats.used, "skipped": stats.skipped,
                  "truncated": stats.truncated},
     }
     _write_text(output / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
-    _write_text(output / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return TrainResult(lora=lm, tokenizer=tokenizer, summary=summary)
+    return summary
+
+
+def _check_paths(cfg: TrainConfig, resume: bool) -> Path:
+    if not cfg.data or not cfg.output:
+        raise LoraforgeError("training needs --data FILE.jsonl and --output DIR (or data:/output: in the YAML)")
+    output = Path(cfg.output)
+    if output.exists() and not output.is_dir():
+        raise LoraforgeError(f"--output {output} is a file; give a folder for the adapter")
+    if not resume and ckpt.list_checkpoints(output):
+        raise LoraforgeError(f"--output {output} holds checkpoints of an earlier run; continue it with --resume "
+                             f"{output}, or choose a new folder")
+    for name in ("data", "val_data"):
+        path = getattr(cfg, name)
+        if path:
+            next(iter(read_records(path)), None)  # a missing or unsupported file fails before the model loads
+    output.mkdir(parents=True, exist_ok=True)
+    return output
+
+
+def _load_data(cfg: TrainConfig, tokenizer) -> tuple[list, list, object]:
+    examples, stats = load_examples(cfg.data, tokenizer, cfg.max_length, on_bad_record=cfg.on_bad_record)
+    log.info("data: %s", stats.summary())
+    for reason in stats.skip_reasons:
+        log.warning("skipped: %s", reason)
+    if cfg.val_data:
+        val, val_stats = load_examples(cfg.val_data, tokenizer, cfg.max_length, on_bad_record=cfg.on_bad_record)
+        log.info("validation: %s", val_stats.summary())
+        return examples, val, stats
+    if cfg.val_split:
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        n_val = max(1, round(cfg.val_split * len(examples)))
+        if n_val >= len(examples):
+            raise LoraforgeError(f"val_split {cfg.val_split} leaves no training examples of {len(examples)}")
+        return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]], stats
+    return examples, [], stats
+
+
+class _StopFlag:
+    signal: int | None = None
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[_StopFlag]:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the step and stops. A second signal kills."""
+    flag = _StopFlag()
+    previous = {}
+
+    def handler(signum, frame):
+        if flag.signal is not None:
+            raise KeyboardInterrupt
+        flag.signal = signum
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: no signal handling
+            pass
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _write_text(path: Path, text: str) -> None:

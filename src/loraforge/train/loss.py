@@ -2,13 +2,14 @@
 
 transformers' `model(labels=...)` builds the full (B, T, vocab) logits tensor: 2048 tokens x 49,152 vocab is 400 MB
 in fp32, mostly for prompt and padding positions whose loss is thrown away. Here the decoder body runs once, the
-hidden states of learned positions are gathered, and the output head runs on those only.
+hidden states of learned positions are gathered, and the output head runs on those only, a chunk at a time.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from loraforge.data import IGNORE_INDEX
 
@@ -28,18 +29,49 @@ def has_plain_head(model: nn.Module) -> bool:
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy over learned tokens: the number transformers' `model(**batch).loss` gives."""
+    total, count = token_loss_sum(model, batch)
+    return total / max(count, 1)
+
+
+def learned_token_count(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens the loss is taken over: labels after the one-position shift that are not IGNORE_INDEX."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of cross-entropy over learned tokens, their count). Summing lets gradient accumulation weight every
+    token equally across micro-batches of different sizes.
+
+    A packed batch carries `position_ids` (restarting at each example) and no attention_mask: transformers then
+    builds a block-diagonal causal mask, so examples sharing a row never attend to each other.
+    """
     labels = batch["labels"]  # (B, T)
+    count = learned_token_count(batch)
     if not has_plain_head(model):
-        return model(**batch).loss
+        inputs = {k: v for k, v in batch.items() if k in _MODEL_INPUTS}
+        return model(**inputs, use_cache=False).loss * count, count
     body = getattr(model, model.base_model_prefix)
-    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
+    inputs = {k: v for k, v in batch.items() if k in _MODEL_INPUTS and k != "labels"}
+    hidden = body(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
     targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
     keep = targets != IGNORE_INDEX
     hidden = hidden[:, :-1][keep]  # (N, H), N learned tokens
     targets = targets[keep]  # (N,)
     head = model.get_output_embeddings()
+    if hidden.shape[0] <= CHUNK_ROWS:
+        return _head_ce_sum(head, hidden, targets), count
+    # Several chunks: each chunk's logits are recomputed in backward instead of kept, so at most one
+    # (CHUNK_ROWS, vocab) block exists at a time. Costs one extra head forward per learned token.
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], CHUNK_ROWS):
-        logits = head(hidden[start:start + CHUNK_ROWS]).float()  # (chunk, vocab)
-        total = total + F.cross_entropy(logits, targets[start:start + CHUNK_ROWS], reduction="sum")
-    return total / max(int(keep.sum()), 1)
+        total = total + checkpoint(_head_ce_sum, head, hidden[start:start + CHUNK_ROWS],
+                                   targets[start:start + CHUNK_ROWS], use_reentrant=False)
+    return total, count
+
+
+def _head_ce_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()  # (chunk, vocab)
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+_MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")

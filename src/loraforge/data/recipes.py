@@ -1,0 +1,349 @@
+"""Task recipes: how a record of a known task becomes a prompt, what the model learns to answer, and how an answer
+the model generates is read back for the task's metric.
+
+| recipe | reads (default columns) | learns | metric | `parse_prediction` gives |
+|---|---|---|---|---|
+| sst2 | sentence, label (0/1) | "negative" / "positive" | accuracy_macro_f1 | a label name ("" if none) |
+| pubmedqa | question, context, label | "yes" / "no" / "maybe" | accuracy_macro_f1 | a label name ("" if none) |
+| conll2003 | tokens, ner_tags (IOB1 or BIO) | "EU: ORG; German: MISC" | seqeval | one BIO tag per token |
+| dialogsum, scitldr | dialogue/source, summary/target | the (first) summary | rouge | the first paragraph |
+| squad, cmrc2018 | context, question, answers | the first answer | squad_em_f1 | the first line |
+| e2e | mr, ref | the reference, whitespace collapsed | bleu_nist | the first line |
+| lm | text | all of it, chunked | perplexity | the text |
+
+`reference(record)` gives what a parsed prediction is scored against: the label name, the BIO tags, or the list of
+reference texts. Prompts go through `render_prompt` (the chat template when the tokenizer has one, else Alpaca),
+with the recipe's instruction as the instruction and the record's text as the input. Change a recipe with
+`dataclasses.replace(RECIPES["sst2"], labels={...})` or `recipe.with_columns({...})`; pass the result to
+`load_examples(..., recipe=...)`. Feed `parse_prediction` the generated continuation decoded without special tokens.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from loraforge.data.example import Example, Fields, check_columns
+from loraforge.data.formats import make_instruction_example
+from loraforge.data.ner import parse_entities, render_entities, spans_to_bio, tag_problem, tag_spans
+from loraforge.data.readers import Record
+from loraforge.data.tokenize import encode_prompt
+from loraforge.errors import LoraforgeError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+METRICS = ("accuracy_macro_f1", "seqeval", "rouge", "bleu_nist", "squad_em_f1", "perplexity")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """A task: prompt, target, reference and parser for records with the fields in `FIELDS` (renamed by `columns`)."""
+
+    name: str
+    instruction: str
+    """The task instruction at the top of every prompt."""
+    columns: Mapping[str, str] = field(default_factory=dict)
+    """Our field name -> the record's, e.g. {"text": "sentence"}; unmapped names are read as they are."""
+
+    FIELDS: ClassVar[tuple[str, ...]] = ()
+    metric: ClassVar[str] = ""
+    chunked: ClassVar[bool] = False
+    """True when `load_examples` makes the examples by chunking a token stream instead of one per record."""
+
+    def prompt(self, record: Record) -> tuple[str, str]:
+        """(instruction, input) for `render_prompt`."""
+        raise NotImplementedError
+
+    def target(self, record: Record) -> str:
+        """The text the model learns to write."""
+        raise NotImplementedError
+
+    def reference(self, record: Record) -> Any:
+        """What the metric compares a parsed prediction with."""
+        raise NotImplementedError
+
+    def parse_prediction(self, text: str, record: Record) -> Any:
+        """Turn generated text into what the metric scores; `parse_prediction(target(r), r)` matches `reference(r)`."""
+        raise NotImplementedError
+
+    def to_example(self, record: Record, tokenizer: PreTrainedTokenizerBase | None = None) -> Example:
+        """The training example: the prompt read, the target (and end-of-turn or EOS) learned."""
+        instruction, input_ = self.prompt(record)
+        return make_instruction_example(instruction, input_, self.target(record), tokenizer)
+
+    def encode_prompt(self, record: Record, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        """The prompt ids exactly as in training, to generate an answer from."""
+        instruction, input_ = self.prompt(record)
+        return encode_prompt(instruction, input_, tokenizer)
+
+    def with_columns(self, columns: Mapping[str, str] | None) -> Recipe:
+        """This recipe reading its fields from other columns (merged over the recipe's own mapping)."""
+        columns = check_columns(columns, self.FIELDS, f"the {self.name} recipe")
+        return replace(self, columns={**self.columns, **columns}) if columns else self
+
+    def fields(self, record: Record) -> Fields:
+        names = ", ".join(f'"{self.columns.get(k, k)}"' for k in self.FIELDS)
+        return Fields(record, f"the {self.name} recipe reads {names} (rename with columns=...)", self.columns)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Classification(Recipe):
+    """Pick one label. `labels` maps a value in the data (as text: "0") to the name the model writes."""
+
+    labels: Mapping[str, str]
+    """Data value -> label name, e.g. {"0": "negative", "1": "positive"}. A record may also carry the name itself."""
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("text", "label")
+    metric: ClassVar[str] = "accuracy_macro_f1"
+
+    def __post_init__(self) -> None:
+        labels = {str(k): v for k, v in self.labels.items()}
+        names = list(labels.values())
+        if not names or any(not isinstance(n, str) or not n.strip() for n in names) or len(set(names)) < len(names):
+            raise LoraforgeError(f"{self.name}: labels must map each value to a distinct, non-empty name: {labels}")
+        object.__setattr__(self, "labels", labels)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.labels.values())
+
+    def prompt(self, record: Record) -> tuple[str, str]:
+        return self._instruction(), self.fields(record).text("text").strip()
+
+    def target(self, record: Record) -> str:
+        f = self.fields(record)
+        value = f.value("label")
+        key = str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+        if key in self.labels:
+            return self.labels[key]
+        if key in self.names:
+            return key
+        allowed = ", ".join(f"{k} ({v})" if k != v else k for k, v in self.labels.items())
+        raise f.error("label", f"is {value!r}, not a known label", f"allowed: {allowed}; or set labels={{...}}")
+
+    def reference(self, record: Record) -> str:
+        return self.target(record)
+
+    def parse_prediction(self, text: str, record: Record) -> str:
+        return parse_label(text, self.names)
+
+    def _instruction(self) -> str:
+        names = self.names
+        either = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+        return self.instruction.replace("{labels}", either)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PubMedQA(Classification):
+    """Yes/no/maybe question about an abstract (its `context`: a string or a list of paragraphs)."""
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("question", "context", "label")
+
+    def prompt(self, record: Record) -> tuple[str, str]:
+        f = self.fields(record)
+        context = "\n".join(f.texts("context"))
+        return self._instruction(), f"Context: {context}\n\nQuestion: {f.text('question')}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ner(Recipe):
+    """Named entities of a tokenized sentence, learned as an entity list (see `ner.py`), scored per token in BIO.
+
+    The data's tags may be IOB1 (CoNLL-2003 as released) or BIO: both read into the same entities. References and
+    parsed predictions are BIO (what seqeval expects).
+    """
+
+    types: Mapping[str, str] = field(
+        default_factory=lambda: {"PER": "person", "ORG": "organisation", "LOC": "location", "MISC": "other name"}
+    )
+    """Entity type -> how the instruction describes it."""
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("tokens", "ner_tags")
+    metric: ClassVar[str] = "seqeval"
+
+    def prompt(self, record: Record) -> tuple[str, str]:
+        types = ", ".join(f"{t} ({d})" for t, d in self.types.items())
+        return self.instruction.replace("{types}", types), " ".join(self.sentence(record)[0])
+
+    def target(self, record: Record) -> str:
+        tokens, tags = self.sentence(record)
+        return render_entities(tokens, tag_spans(tags))
+
+    def reference(self, record: Record) -> list[str]:
+        tokens, tags = self.sentence(record)
+        return spans_to_bio(tag_spans(tags), len(tokens))
+
+    def parse_prediction(self, text: str, record: Record) -> list[str]:
+        return parse_entities(text, self.sentence(record)[0], list(self.types))
+
+    def sentence(self, record: Record) -> tuple[list[str], list[str]]:
+        """The checked tokens and tags."""
+        f = self.fields(record)
+        tokens, tags = f.array("tokens"), f.array("ner_tags")
+        for i, token in enumerate(tokens):
+            if not isinstance(token, str) or not token or token != "".join(token.split()):
+                raise f.error("tokens", f"item {i} is {token!r}", "each token must be a non-empty string without spaces")
+        if not all(isinstance(t, str) for t in tags):
+            raise f.error("ner_tags", "holds a non-string", 'tags must be strings such as "O" or "B-PER"')
+        if len(tags) != len(tokens):
+            raise f.error("ner_tags", f"has {len(tags)} tags for {len(tokens)} tokens", "give one tag per token")
+        problem = tag_problem(tags, list(self.types))
+        if problem:
+            raise f.error("ner_tags", problem)
+        return tokens, tags
+
+
+@dataclass(frozen=True, kw_only=True)
+class Summarization(Recipe):
+    """Source text (a string, or a list of sentences joined by spaces) -> its summary (the first of a list)."""
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("source", "target")
+    metric: ClassVar[str] = "rouge"
+
+    def prompt(self, record: Record) -> tuple[str, str]:
+        return self.instruction, " ".join(s.strip() for s in self.fields(record).texts("source"))
+
+    def target(self, record: Record) -> str:
+        return self.reference(record)[0]
+
+    def reference(self, record: Record) -> list[str]:
+        return [t.strip() for t in self.fields(record).texts("target")]
+
+    def parse_prediction(self, text: str, record: Record) -> str:
+        return re.split(r"\n\s*\n", text.strip(), maxsplit=1)[0].strip()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExtractiveQA(Recipe):
+    """SQuAD-style question on a context; learns the first answer; `answers` are strings or {"text": ...} objects."""
+
+    context_label: str = "Context: "
+    question_label: str = "Question: "
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("context", "question", "answers")
+    metric: ClassVar[str] = "squad_em_f1"
+
+    def prompt(self, record: Record) -> tuple[str, str]:
+        f = self.fields(record)
+        return self.instruction, f"{self.context_label}{f.text('context')}\n\n{self.question_label}{f.text('question')}"
+
+    def target(self, record: Record) -> str:
+        return self.reference(record)[0]
+
+    def reference(self, record: Record) -> list[str]:
+        f = self.fields(record)
+        value = f.value("answers")
+        items = value if isinstance(value, list) else [value]
+        texts = [a.get("text") if isinstance(a, dict) else a for a in items]
+        if not all(isinstance(t, str) for t in texts):
+            raise f.error("answers", "is not a list of strings or of {\"text\": ...} objects")
+        texts = [t.strip() for t in texts if t.strip()]
+        if not texts:
+            raise f.error("answers", "has no non-empty answer", "fill it in or drop the record")
+        return texts
+
+    def parse_prediction(self, text: str, record: Record) -> str:
+        return _first_line(text)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataToText(Recipe):
+    """A meaning representation -> one reference text (E2E: `name[The Vaults], eatType[pub]` -> a sentence)."""
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("mr", "ref")
+    metric: ClassVar[str] = "bleu_nist"
+
+    def prompt(self, record: Record) -> tuple[str, str]:
+        return self.instruction, self.fields(record).text("mr")
+
+    def target(self, record: Record) -> str:
+        return " ".join(self.fields(record).text("ref").split())  # 2 of 42,061 E2E refs hold a line break
+
+    def reference(self, record: Record) -> list[str]:
+        return [self.target(record)]
+
+    def parse_prediction(self, text: str, record: Record) -> str:
+        return _first_line(text)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LanguageModeling(Recipe):
+    """Raw documents, every token learned; `load_examples` chunks the file's token stream (`text_chunks`)."""
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("text",)
+    metric: ClassVar[str] = "perplexity"
+    chunked: ClassVar[bool] = True
+
+    def prompt(self, record: Record) -> tuple[str, str]:
+        return "", ""
+
+    def target(self, record: Record) -> str:
+        return self.fields(record).text("text")
+
+    def reference(self, record: Record) -> str:
+        return self.target(record)
+
+    def parse_prediction(self, text: str, record: Record) -> str:
+        return text.strip()
+
+    def to_example(self, record: Record, tokenizer: PreTrainedTokenizerBase | None = None) -> Example:
+        return Example.from_prompt("", self.target(record))
+
+
+def parse_label(text: str, names: list[str]) -> str:
+    """The label an answer gives: the name it starts with, else the one name it mentions; "" if neither."""
+    words = " ".join(re.findall(r"\w+", text.lower()))
+    normal = {n: " ".join(re.findall(r"\w+", n.lower())) for n in names}
+    for name in sorted(names, key=lambda n: len(normal[n]), reverse=True):
+        if words == normal[name] or words.startswith(normal[name] + " "):
+            return name
+    mentioned = [n for n in names if re.search(rf"(?<!\w){re.escape(normal[n])}(?!\w)", words)]
+    return mentioned[0] if len(mentioned) == 1 else ""
+
+
+def _first_line(text: str) -> str:
+    return text.strip().split("\n", 1)[0].strip()
+
+
+RECIPES: dict[str, Recipe] = {
+    "sst2": Classification(
+        name="sst2", labels={"0": "negative", "1": "positive"}, columns={"text": "sentence"},
+        instruction="Is the sentiment of this movie review {labels}? Answer with one word.",
+    ),
+    "pubmedqa": PubMedQA(
+        name="pubmedqa", labels={"yes": "yes", "no": "no", "maybe": "maybe"},
+        instruction="Answer the research question from the abstract with one word: {labels}.",
+    ),
+    "conll2003": Ner(
+        name="conll2003",
+        instruction=(
+            "List the named entities in the sentence in order, as `words: TYPE` separated by `; `, with TYPE one "
+            "of {types}. Answer `none` if there are none."
+        ),
+    ),
+    "dialogsum": Summarization(
+        name="dialogsum", columns={"source": "dialogue", "target": "summary"},
+        instruction="Summarize the dialogue in a few sentences.",
+    ),
+    "scitldr": Summarization(name="scitldr", instruction="Write a one-sentence TL;DR of this paper abstract."),
+    "squad": ExtractiveQA(
+        name="squad", instruction="Answer the question with a short span copied from the context."
+    ),
+    "cmrc2018": ExtractiveQA(
+        name="cmrc2018", instruction="根据文章回答问题，答案是文章中的一段原文。", context_label="文章：", question_label="问题：",
+    ),
+    "e2e": DataToText(name="e2e", instruction="Describe the restaurant in one or two sentences from its attributes."),
+    "lm": LanguageModeling(name="lm", instruction=""),
+}  # fmt: skip
+"""The built-in recipes by name (`load_examples(..., recipe="sst2")`)."""
+
+
+def get_recipe(recipe: str | Recipe) -> Recipe:
+    """A recipe by name (or the recipe itself)."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if recipe not in RECIPES:
+        raise LoraforgeError(f'unknown recipe "{recipe}"; choose one of: {", ".join(RECIPES)}')
+    return RECIPES[recipe]

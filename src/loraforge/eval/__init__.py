@@ -1,0 +1,36 @@
+"""Evaluation: task metrics as small functions returning `dict[str, float]`, and `METRICS`, their names for recipes."""
+from __future__ import annotations
+
+from loraforge.eval.inputs import Scores
+from loraforge.eval.metrics import (
+    METRICS,
+    PUBMEDQA_LABELS,
+    ROUGE_TYPES,
+    accuracy_macro_f1,
+    bleu_nist,
+    entity_f1,
+    get_metric,
+    perplexity,
+    perplexity_from_token_losses,
+    pubmedqa,
+    rouge,
+)
+from loraforge.eval.qa import normalize_answer, squad_em_f1, squad_zh_em_f1
+
+__all__ = [
+    "METRICS",
+    "PUBMEDQA_LABELS",
+    "ROUGE_TYPES",
+    "Scores",
+    "accuracy_macro_f1",
+    "bleu_nist",
+    "entity_f1",
+    "get_metric",
+    "normalize_answer",
+    "perplexity",
+    "perplexity_from_token_losses",
+    "pubmedqa",
+    "rouge",
+    "squad_em_f1",
+    "squad_zh_em_f1",
+]
