@@ -20,7 +20,7 @@ from loraforge.train.loss import token_loss_sum
 from tolerances import FP32, max_abs_diff
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_llama_losses.json"
-GOLDEN_OPTIONS = dict(max_steps=5, batch_size=2, lr=1e-2, seed=0, r=4, lora_alpha=8, lora_dropout=0.0)
+GOLDEN_OPTIONS = dict(max_steps=5, batch_size=2, lr=1e-2, seed=0, r=4, lora_alpha=8, lora_dropout=0.0, packing=False)
 RECORD_TOKENS = 9 + 13 + 8 + 30 + 14  # the 5 RECORDS with the BOS-adding tokenizer, EOS included (by hand)
 
 
@@ -108,6 +108,14 @@ def test_golden_loss_list(golden_run):
     losses = golden_run[1].summary["losses"]
     assert len(losses) == 5
     assert losses == pytest.approx(golden["losses"], rel=1e-5)
+
+
+def test_golden_packed_loss_list(llama_dir, data_file, tmp_path):
+    golden = json.loads(GOLDEN.read_text(encoding="utf-8"))
+    assert golden["packed_options"] == {**GOLDEN_OPTIONS, "packing": True, "max_length": 32}
+    losses = train(_train(llama_dir, data_file, tmp_path, packing=True, max_length=32), progress=False).summary
+    assert losses["losses"] == pytest.approx(golden["packed_losses"], rel=1e-5)
+    assert losses["losses"] != pytest.approx(golden["losses"], rel=1e-3)  # packing really changed the batches
 
 
 def test_same_seed_same_losses_other_seed_other_losses(golden_run, llama_dir, data_file, tmp_path):

@@ -46,6 +46,7 @@ class TrainConfig:
     batch_size: int = _opt(8, "examples (or packed rows) per micro-batch")
     grad_accum: int = _opt(1, "micro-batches per optimizer step (gradient accumulation)")
     max_length: int = _opt(256, "tokens per example; longer ones are truncated (and counted)")
+    packing: bool = _opt(True, "pack several examples into each row (attention stays within each example)")
     seed: int = _opt(0, "seed for LoRA init, data order and dropout: the same seed gives the same run")
     dtype: str = _opt("float32", "compute dtype of the frozen base: float32 (exact) or bfloat16")
     on_bad_record: str = _opt("error", "what a malformed record does: error (stop) or skip (count and go on)")

@@ -25,20 +25,23 @@ from loraforge.train import train  # noqa: E402
 GOLDEN_FILE = HERE / "tiny_llama_losses.json"
 MODEL_SEED = 0
 # The options of the golden run, besides model/data/output (temporary folders).
-OPTIONS = dict(max_steps=5, batch_size=2, lr=1e-2, seed=0, r=4, lora_alpha=8, lora_dropout=0.0)
+# The padded path (packing off) and the default packed path (rows of at most 32 tokens: several rows).
+OPTIONS = dict(max_steps=5, batch_size=2, lr=1e-2, seed=0, r=4, lora_alpha=8, lora_dropout=0.0, packing=False)
+PACKED_OPTIONS = {**OPTIONS, "packing": True, "max_length": 32}
 
 
-def run(folder: Path) -> list[float]:
+def run(folder: Path, options: dict) -> list[float]:
     model = save_tiny_llama(folder / "model", seed=MODEL_SEED)
     data = write_jsonl(folder / "data.jsonl")
-    cfg = TrainConfig(model=str(model), data=str(data), output=str(folder / "out"), **OPTIONS)
+    cfg = TrainConfig(model=str(model), data=str(data), output=str(folder / "out"), **options)
     return train(cfg, progress=False).summary["losses"]
 
 
 def main() -> None:
     torch.set_num_threads(1)  # as the test runs it
     with tempfile.TemporaryDirectory() as tmp:
-        losses = run(Path(tmp))
+        losses = run(Path(tmp) / "padded", OPTIONS)
+        packed_losses = run(Path(tmp) / "packed", PACKED_OPTIONS)
     golden = {
         "command": "python tests/golden/make_golden.py",
         "what": "train() on fixtures.tiny_models.save_tiny_llama(seed=0) and RECORDS; summary['losses']",
@@ -48,6 +51,8 @@ def main() -> None:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "losses": losses,
+        "packed_options": PACKED_OPTIONS,
+        "packed_losses": packed_losses,
     }
     GOLDEN_FILE.write_text(json.dumps(golden, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {GOLDEN_FILE}: {losses}")

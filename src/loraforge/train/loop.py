@@ -22,6 +22,8 @@ from tqdm import tqdm
 
 from loraforge.config import TrainConfig, build_config, load_yaml
 from loraforge.data import collate, count_tokens, load_examples, pad_id_for, read_records
+from loraforge.data.packing import collate_packed, pack, packing_supported
+from loraforge.data.split import train_val_split
 from loraforge.errors import LoraforgeError
 from loraforge.lora import LoraConfig, LoraModel, save_adapter
 from loraforge.lora.adapter import atomic_write
@@ -106,7 +108,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
         _write_text(output / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     metrics = MetricsLog(output / METRICS_FILE, resume_step=state.step if resume else None)
     pad_id = pad_id_for(tokenizer)
-    micro = batch_order(len(train_set), cfg.batch_size, cfg.max_steps * cfg.grad_accum, cfg.seed)
+    packed = cfg.packing and packing_supported(model)
+    if cfg.packing and not packed:
+        log.warning("%s ignores packed position ids; training on padded batches", model.config.model_type)
+    rows = pack(train_set, cfg.max_length, seed=cfg.seed) if packed else train_set
+    if packed:
+        log.info("packing: %d examples in %d rows of up to %d tokens", len(train_set), len(rows), cfg.max_length)
+    micro = batch_order(len(rows), cfg.batch_size, cfg.max_steps * cfg.grad_accum, cfg.seed)
 
     model.train()
     bar = tqdm(range(state.step + 1, cfg.max_steps + 1), desc="train", disable=not progress, dynamic_ncols=True,
@@ -114,7 +122,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
     with _stop_on_signals() as stop:
         for step in bar:
             start = time.perf_counter()
-            batches = [collate([train_set[i] for i in idx], pad_id)
+            batches = [(collate_packed if packed else collate)([rows[i] for i in idx], pad_id)
                        for idx in micro[(step - 1) * cfg.grad_accum: step * cfg.grad_accum]]
             step_learned = sum(learned_token_count(b) for b in batches)  # every token weighs the same
             loss_sum = 0.0
@@ -132,7 +140,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
             optimizer.zero_grad(set_to_none=True)
 
             state.step, state.losses = step, [*state.losses, loss]
-            state.tokens += sum(count_tokens(b) for b in batches)
+            state.tokens += sum(_real_tokens(b) for b in batches)
             state.learned_tokens += step_learned
             state.train_seconds += time.perf_counter() - start
             tps = state.tokens / state.train_seconds
@@ -249,11 +257,8 @@ def _load_data(cfg: TrainConfig, tokenizer) -> tuple[list, list, object]:
         log.info("validation: %s", val_stats.summary())
         return examples, val, stats
     if cfg.val_split:
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        n_val = max(1, round(cfg.val_split * len(examples)))
-        if n_val >= len(examples):
-            raise LoraforgeError(f"val_split {cfg.val_split} leaves no training examples of {len(examples)}")
-        return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]], stats
+        train_set, val_set = train_val_split(examples, cfg.val_split, cfg.seed)
+        return train_set, val_set, stats
     return examples, [], stats
 
 
@@ -282,6 +287,10 @@ def _stop_on_signals() -> Iterator[_StopFlag]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def _real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int(batch["num_tokens"]) if "num_tokens" in batch else count_tokens(batch)
 
 
 def _write_text(path: Path, text: str) -> None:
