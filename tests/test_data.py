@@ -111,8 +111,9 @@ def test_missing_file_is_named_at_call_time(tmp_path: Path) -> None:
 
 
 def test_other_extensions_say_what_is_supported(tmp_path: Path) -> None:
-    path = write(tmp_path, b"mr,ref\n", "data.csv")
-    with pytest.raises(LoraforgeError, match=r'data\.csv: cannot read "\.csv" files yet; supported now: \.jsonl'):
+    path = write(tmp_path, b"mr,ref\n", "data.parquet")
+    with pytest.raises(LoraforgeError,
+                       match=r'data\.parquet: cannot tell the format of "\.parquet" files; known suffixes: \.jsonl'):
         load_examples(path, tiny_tokenizer(), 64)
 
 

@@ -1,4 +1,5 @@
-"""The data path: file --reader--> Record --format or recipe--> Example --tokenize--> TokenizedExample --collate--> batch.
+"""The data path: file --reader--> Record --format or recipe--> Example --tokenize--> TokenizedExample --collate-->
+batch.
 
 Each arrow is one small function in its own module; `load_examples` chains the first three for a whole file.
 `Example` holds text segments, each learned or not (a prompt/response pair, or a chat with several assistant

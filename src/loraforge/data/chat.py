@@ -79,19 +79,23 @@ def messages_from_record(fields: Fields, fmt: str) -> list[dict[str, str]]:
     A top-level `system` string becomes the first message unless the conversation already starts with one.
     At least one assistant message is needed, and no assistant message may be blank.
     """
-    key, role_key, text_key = ("messages", "role", "content") if fmt == "messages" else ("conversations", "from", "value")
-    roles = {r: r for r in ROLES} if fmt == "messages" else SHAREGPT_ROLES
+    if fmt == "messages":
+        key, role_key, text_key, roles = "messages", "role", "content", {r: r for r in ROLES}
+    else:
+        key, role_key, text_key, roles = "conversations", "from", "value", SHAREGPT_ROLES
     messages = []
     for n, item in enumerate(fields.array(key)):
         if not isinstance(item, dict):
-            raise fields.error(key, f"item {n} is a JSON {json_type(item)}", f'each item must be {{"{role_key}": ..., "{text_key}": ...}}')
+            shape = f'each item must be {{"{role_key}": ..., "{text_key}": ...}}'
+            raise fields.error(key, f"item {n} is a JSON {json_type(item)}", shape)
         role, text = item.get(role_key), item.get(text_key)
         if role not in roles:
             raise fields.error(key, f'item {n} has "{role_key}": {role!r}', f"use one of: {', '.join(roles)}")
         if not isinstance(text, str):
             raise fields.error(key, f'item {n} has no string "{text_key}" (found a JSON {json_type(text)})')
         if roles[role] == "assistant" and not text.strip():
-            raise fields.error(key, f'item {n} is an assistant turn with an empty "{text_key}"', "fill it in or drop it")
+            problem = f'item {n} is an assistant turn with an empty "{text_key}"'
+            raise fields.error(key, problem, "fill it in or drop it")
         messages.append({"role": roles[role], "content": text})
     system = fields.optional_text("system")
     if system.strip() and messages[0]["role"] != "system":

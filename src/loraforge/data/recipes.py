@@ -4,10 +4,10 @@ the model generates is read back for the task's metric.
 | recipe | reads (default columns) | learns | metric | `parse_prediction` gives |
 |---|---|---|---|---|
 | sst2 | sentence, label (0/1) | "negative" / "positive" | accuracy_macro_f1 | a label name ("" if none) |
-| pubmedqa | question, context, label | "yes" / "no" / "maybe" | accuracy_macro_f1 | a label name ("" if none) |
+| pubmedqa | question, context, label | "yes" / "no" / "maybe" | pubmedqa (accuracy, macro-F1) | a label name |
 | conll2003 | tokens, ner_tags (IOB1 or BIO) | "EU: ORG; German: MISC" | seqeval | one BIO tag per token |
 | dialogsum, scitldr | dialogue/source, summary/target | the (first) summary | rouge | the first paragraph |
-| squad, cmrc2018 | context, question, answers | the first answer | squad_em_f1 | the first line |
+| squad, cmrc2018 | context, question, answers | the first answer | squad_em_f1, squad_zh_em_f1 | the first line |
 | e2e | mr, ref | the reference, whitespace collapsed | bleu_nist | the first line |
 | lm | text | all of it, chunked | perplexity | the text |
 
@@ -34,7 +34,10 @@ from loraforge.errors import LoraforgeError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-METRICS = ("accuracy_macro_f1", "seqeval", "rouge", "bleu_nist", "squad_em_f1", "perplexity")
+METRICS = (
+    "accuracy_macro_f1", "pubmedqa", "seqeval", "rouge", "bleu_nist", "squad_em_f1", "squad_zh_em_f1", "perplexity",
+)
+"""The metric names recipes use: keys of `loraforge.eval.metrics.METRICS`."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,9 +49,10 @@ class Recipe:
     """The task instruction at the top of every prompt."""
     columns: Mapping[str, str] = field(default_factory=dict)
     """Our field name -> the record's, e.g. {"text": "sentence"}; unmapped names are read as they are."""
+    metric: str = ""
+    """The name of the metric that scores it (one of `METRICS`)."""
 
     FIELDS: ClassVar[tuple[str, ...]] = ()
-    metric: ClassVar[str] = ""
     chunked: ClassVar[bool] = False
     """True when `load_examples` makes the examples by chunking a token stream instead of one per record."""
 
@@ -95,8 +99,9 @@ class Classification(Recipe):
     labels: Mapping[str, str]
     """Data value -> label name, e.g. {"0": "negative", "1": "positive"}. A record may also carry the name itself."""
 
+    metric: str = "accuracy_macro_f1"
+
     FIELDS: ClassVar[tuple[str, ...]] = ("text", "label")
-    metric: ClassVar[str] = "accuracy_macro_f1"
 
     def __post_init__(self) -> None:
         labels = {str(k): v for k, v in self.labels.items()}
@@ -160,8 +165,9 @@ class Ner(Recipe):
     )
     """Entity type -> how the instruction describes it."""
 
+    metric: str = "seqeval"
+
     FIELDS: ClassVar[tuple[str, ...]] = ("tokens", "ner_tags")
-    metric: ClassVar[str] = "seqeval"
 
     def prompt(self, record: Record) -> tuple[str, str]:
         types = ", ".join(f"{t} ({d})" for t, d in self.types.items())
@@ -184,7 +190,8 @@ class Ner(Recipe):
         tokens, tags = f.array("tokens"), f.array("ner_tags")
         for i, token in enumerate(tokens):
             if not isinstance(token, str) or not token or token != "".join(token.split()):
-                raise f.error("tokens", f"item {i} is {token!r}", "each token must be a non-empty string without spaces")
+                fix = "each token must be a non-empty string without spaces"
+                raise f.error("tokens", f"item {i} is {token!r}", fix)
         if not all(isinstance(t, str) for t in tags):
             raise f.error("ner_tags", "holds a non-string", 'tags must be strings such as "O" or "B-PER"')
         if len(tags) != len(tokens):
@@ -199,8 +206,9 @@ class Ner(Recipe):
 class Summarization(Recipe):
     """Source text (a string, or a list of sentences joined by spaces) -> its summary (the first of a list)."""
 
+    metric: str = "rouge"
+
     FIELDS: ClassVar[tuple[str, ...]] = ("source", "target")
-    metric: ClassVar[str] = "rouge"
 
     def prompt(self, record: Record) -> tuple[str, str]:
         return self.instruction, " ".join(s.strip() for s in self.fields(record).texts("source"))
@@ -221,9 +229,9 @@ class ExtractiveQA(Recipe):
 
     context_label: str = "Context: "
     question_label: str = "Question: "
+    metric: str = "squad_em_f1"
 
     FIELDS: ClassVar[tuple[str, ...]] = ("context", "question", "answers")
-    metric: ClassVar[str] = "squad_em_f1"
 
     def prompt(self, record: Record) -> tuple[str, str]:
         f = self.fields(record)
@@ -252,8 +260,9 @@ class ExtractiveQA(Recipe):
 class DataToText(Recipe):
     """A meaning representation -> one reference text (E2E: `name[The Vaults], eatType[pub]` -> a sentence)."""
 
+    metric: str = "bleu_nist"
+
     FIELDS: ClassVar[tuple[str, ...]] = ("mr", "ref")
-    metric: ClassVar[str] = "bleu_nist"
 
     def prompt(self, record: Record) -> tuple[str, str]:
         return self.instruction, self.fields(record).text("mr")
@@ -272,8 +281,9 @@ class DataToText(Recipe):
 class LanguageModeling(Recipe):
     """Raw documents, every token learned; `load_examples` chunks the file's token stream (`text_chunks`)."""
 
+    metric: str = "perplexity"
+
     FIELDS: ClassVar[tuple[str, ...]] = ("text",)
-    metric: ClassVar[str] = "perplexity"
     chunked: ClassVar[bool] = True
 
     def prompt(self, record: Record) -> tuple[str, str]:
@@ -313,7 +323,7 @@ RECIPES: dict[str, Recipe] = {
         instruction="Is the sentiment of this movie review {labels}? Answer with one word.",
     ),
     "pubmedqa": PubMedQA(
-        name="pubmedqa", labels={"yes": "yes", "no": "no", "maybe": "maybe"},
+        name="pubmedqa", labels={"yes": "yes", "no": "no", "maybe": "maybe"}, metric="pubmedqa",
         instruction="Answer the research question from the abstract with one word: {labels}.",
     ),
     "conll2003": Ner(
@@ -332,7 +342,8 @@ RECIPES: dict[str, Recipe] = {
         name="squad", instruction="Answer the question with a short span copied from the context."
     ),
     "cmrc2018": ExtractiveQA(
-        name="cmrc2018", instruction="根据文章回答问题，答案是文章中的一段原文。", context_label="文章：", question_label="问题：",
+        name="cmrc2018", context_label="文章：", question_label="问题：", metric="squad_zh_em_f1",
+        instruction="根据文章回答问题，答案是文章中的一段原文。",  # "Answer from the text; the answer is a span of it."
     ),
     "e2e": DataToText(name="e2e", instruction="Describe the restaurant in one or two sentences from its attributes."),
     "lm": LanguageModeling(name="lm", instruction=""),

@@ -105,7 +105,9 @@ RECIPE_RECORDS: dict[str, dict[str, Any]] = {
         "id": "TRIAL_800_QUERY_0", "title": "泡泡堂", "context": "生命数耗完即算为踢爆。",
         "question": "生命数耗完即算为什么？", "answers": ["踢爆"], "answer_starts": [8],
     },
-    "e2e": {"mr": "name[The Vaults], eatType[pub], near[Café Adriatic]", "ref": "The Vaults is a pub near Café Adriatic."},
+    "e2e": {
+        "mr": "name[The Vaults], eatType[pub], near[Café Adriatic]", "ref": "The Vaults is a pub near Café Adriatic.",
+    },
 }  # fmt: skip
 
 

@@ -7,11 +7,13 @@ streams: the first record comes out before the file is read whole (see each read
 | format | suffix | one record per | fields |
 |---|---|---|---|
 | jsonl | .jsonl | line | the object's own |
-| json | .json | array element / SQuAD question / PubMedQA PMID | own / id, title, context, question, answers, answer_starts / id, question, context, long_answer, label |
-| csv, tsv | .csv, .tsv | row after the header | the header's column names |
-| text | .txt, a folder | file (or ~1 MiB piece of a big one) | text |
+| json | .json | array element | the object's own |
+| json | .json | SQuAD question | id, title, context, question, answers, answer_starts (+ is_impossible) |
+| json | .json | PubMedQA PMID | id, question, context, long_answer, label |
+| csv, tsv | .csv, .tsv | row after the header | the header's column names (values are strings) |
+| text | .txt, a folder | file (or ~1 MiB piece of a bigger one) | text |
 | conll | .conll | sentence | tokens, ner_tags (+ pos_tags, chunk_tags) |
-"""  # noqa: E501
+"""
 from __future__ import annotations
 
 import os

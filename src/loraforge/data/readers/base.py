@@ -81,8 +81,8 @@ def not_utf8(source: str, line_no: int, column: int, byte: int) -> LoraforgeErro
 
 
 def no_records(source: str, what: str) -> LoraforgeError:
-    """The error for a file that holds nothing to train on; `what` says what a record looks like in it."""
-    return LoraforgeError(f"{source}: no records found (the file is empty or has only blank lines); {what}")
+    """The error for a file that holds nothing to train on; `what` says what is there and what a record looks like."""
+    return LoraforgeError(f"{source}: no records found: {what}")
 
 
 def json_type(value: Any) -> str:

@@ -59,8 +59,10 @@ def _iter_conll(p: Path, source: str, tag_column: int) -> Iterator[Record]:
         n_records += 1
         yield _record(sentence, source, start, tag_column)
     if n_records == 0:
-        raise no_records(source, "a CoNLL file has one token and its tags per line and a blank line after each "
-                                 "sentence, e.g. `EU NNP I-NP I-ORG`")
+        raise no_records(
+            source, "the file is empty or has only blank and -DOCSTART- lines; a CoNLL file has one token and its "
+            "tags per line (e.g. `EU NNP I-NP I-ORG`) and a blank line after each sentence"
+        )
 
 
 def _check_tag_column(source: str, line_no: int, width: int, tag_column: int) -> None:

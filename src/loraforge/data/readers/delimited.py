@@ -73,8 +73,8 @@ def _iter_rows(p: Path, source: str, delimiter: str, quoted: bool) -> Iterator[R
         n_records += 1
         yield Record(fields=dict(zip(columns, row)), source=source, line=start)
     if n_records == 0:
-        what = "only a header" if columns else "nothing"
-        raise no_records(source, f"it holds {what}; put the column names on line 1 and one record per row after it")
+        what = "the file holds only a header" if columns else "the file is empty or has only blank lines"
+        raise no_records(source, f"{what}; put the column names on line 1 and one record per row after it")
 
 
 def _check_header(row: list[str], source: str, line: int, delimiter: str) -> list[str]:

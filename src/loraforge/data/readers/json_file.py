@@ -49,7 +49,7 @@ def _iter_json(p: Path, source: str) -> Iterator[Record]:
         elif first == "{":
             records = _object_records(cur)
         elif not first:
-            raise no_records(source, f"a .json file holds {_SHAPES}")
+            raise no_records(source, f"the file is empty; a .json file holds {_SHAPES}")
         else:
             raise cur.error(f"the file starts with {first!r}; a .json file must hold {_SHAPES}")
         for record in records:
@@ -57,7 +57,7 @@ def _iter_json(p: Path, source: str) -> Iterator[Record]:
             yield record
         cur.expect_end()
     if n_records == 0:
-        raise no_records(source, f"a .json file holds {_SHAPES}")
+        raise no_records(source, f"its array or object is empty; a .json file holds {_SHAPES}")
 
 
 def _array_records(cur: JsonCursor) -> Iterator[Record]:

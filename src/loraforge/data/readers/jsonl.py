@@ -31,7 +31,9 @@ def _iter_jsonl(p: Path, source: str) -> Iterator[Record]:
         yield Record(fields=_parse_object(text, source, line_no), source=source, line=line_no)
         n_records += 1
     if n_records == 0:
-        raise no_records(source, 'put one JSON object per line, e.g. {"text": "..."}')
+        raise no_records(
+            source, 'the file is empty or has only blank lines; put one JSON object per line, e.g. {"text": "..."}'
+        )
 
 
 def _parse_object(text: str, source: str, line_no: int) -> dict[str, Any]:
