@@ -29,7 +29,14 @@ class TrainConfig:
     """Everything `loraforge train` needs. Validated on creation."""
 
     model: str = _opt(DEFAULT_MODEL, "base model: a built-in name, a transformers folder or a .gguf file")
-    data: str | None = _opt(None, "training data: a .jsonl file of {text} or {instruction, input, output} records")
+    data: str | None = _opt(None, "training data: .jsonl/.json/.csv/.tsv/.txt file (or folder of .txt), or CoNLL")
+    recipe: str | None = _opt(None, "task recipe: sst2, pubmedqa, conll2003, dialogsum, scitldr, squad, cmrc2018, "
+                                    "e2e, lm (default: detect text/instruction/chat records)")
+    data_format: str | None = _opt(None, "record shape when not detected: text, text_chunks, instruction, "
+                                         "prompt_completion, messages, sharegpt")
+    columns: dict[str, str] | None = _opt(None, "field renames, ours=theirs: instruction=en_instruction,output=en_output")
+    file_format: str | None = _opt(None, "reader when the suffix does not say: jsonl, json, csv, tsv, text, conll")
+    max_examples: int = _opt(0, "train on a seeded sample of N records (few-shot; stratified for classification)")
     output: str | None = _opt(None, "folder for the adapter, resolved config and train_summary.json")
     r: int = _opt(16, "LoRA rank")
     lora_alpha: float = _opt(32.0, "LoRA alpha; the update is scaled by lora_alpha / r")
@@ -75,7 +82,9 @@ class TrainConfig:
             raise LoraforgeError(f"option 'lr' must be positive, got {self.lr!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise LoraforgeError(f"option 'dtype' must be float32 or bfloat16, got {self.dtype!r}")
-        for name in ("eval_every", "early_stopping", "save_every", "threads"):
+        if isinstance(self.columns, str):
+            self.columns = parse_mapping(self.columns)
+        for name in ("eval_every", "early_stopping", "save_every", "threads", "max_examples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise LoraforgeError(f"option {name!r} must be a whole number >= 0, got {value!r}")
@@ -153,3 +162,11 @@ def parse_bool(value: str | bool) -> bool:
     if text in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"not a yes/no value: {value!r}")
+
+
+def parse_mapping(value: str) -> dict[str, str]:
+    """`a=b,c=d` as {"a": "b", "c": "d"}: the CLI form of a mapping option."""
+    pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
+    if any(len(pair) != 2 or not pair[0].strip() or not pair[1].strip() for pair in pairs):
+        raise LoraforgeError(f"expected name=value pairs separated by commas, got {value!r}")
+    return {k.strip(): v.strip() for k, v in pairs}

@@ -11,6 +11,7 @@ from loraforge.data.example import check_columns
 from loraforge.data.formats import CHUNKED_FORMATS, FORMAT_FIELDS, FORMATS, detect_format, to_example
 from loraforge.data.readers import Record, read_records
 from loraforge.data.recipes import Recipe, get_recipe
+from loraforge.data.split import sample_few_shot
 from loraforge.data.tokenize import (
     TokenizedExample,
     check_max_length,
@@ -78,6 +79,8 @@ def load_examples(
     fmt: str | None = None,
     file_format: str | None = None,
     reader_options: Mapping[str, Any] | None = None,
+    max_examples: int | None = None,
+    seed: int = 0,
 ) -> tuple[list[TokenizedExample], DataStats]:
     """Read a data file and return its tokenized examples, in file order, and counts of what happened.
 
@@ -89,6 +92,8 @@ def load_examples(
     `{"instruction": "en_instruction", "input": "en_input", "output": "en_output"}`.
     `file_format` and `reader_options` go to `read_records` (`file_format="conll"` for CoNLL-2003's `eng.train`,
     which has no suffix; `reader_options={"delimiter": ";"}`); by default the suffix picks the reader.
+    `max_examples` keeps a seeded sample of that many records (few-shot), drawn as the file streams by;
+    stratified by label for classification recipes (`split.sample_few_shot`).
 
     One example per record, cut to `max_length`, except for `text_chunks` and the `lm` recipe: those join the
     documents with EOS and cut the stream into `max_length` chunks (`tokenize.chunk_documents`).
@@ -103,6 +108,10 @@ def load_examples(
     chosen = _choose(recipe, fmt, columns)
     stats = DataStats()
     records = read_records(path, file_format, **dict(reader_options or {}))
+    if max_examples:
+        label = chosen.recipe.columns.get("label", "label") if chosen.recipe and "label" in chosen.recipe.FIELDS \
+            else None
+        records = iter(sample_few_shot(records, max_examples, seed, label_key=label))
     tokenized = _tokenize_records(records, chosen, tokenizer, max_length, on_bad_record, stats)
     if chosen.chunked:
         examples = list(chunk_documents(tokenized, max_length))

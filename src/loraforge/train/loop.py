@@ -242,18 +242,22 @@ def _check_paths(cfg: TrainConfig, resume: bool) -> Path:
     for name in ("data", "val_data"):
         path = getattr(cfg, name)
         if path:
-            next(iter(read_records(path)), None)  # a missing or unsupported file fails before the model loads
+            # a missing or unreadable file fails before the model loads
+            next(iter(read_records(path, cfg.file_format)), None)
     output.mkdir(parents=True, exist_ok=True)
     return output
 
 
 def _load_data(cfg: TrainConfig, tokenizer) -> tuple[list, list, object]:
-    examples, stats = load_examples(cfg.data, tokenizer, cfg.max_length, on_bad_record=cfg.on_bad_record)
+    options = dict(on_bad_record=cfg.on_bad_record, recipe=cfg.recipe, columns=cfg.columns, fmt=cfg.data_format,
+                   file_format=cfg.file_format)
+    examples, stats = load_examples(cfg.data, tokenizer, cfg.max_length, max_examples=cfg.max_examples or None,
+                                    seed=cfg.seed, **options)
     log.info("data: %s", stats.summary())
     for reason in stats.skip_reasons:
         log.warning("skipped: %s", reason)
     if cfg.val_data:
-        val, val_stats = load_examples(cfg.val_data, tokenizer, cfg.max_length, on_bad_record=cfg.on_bad_record)
+        val, val_stats = load_examples(cfg.val_data, tokenizer, cfg.max_length, **options)
         log.info("validation: %s", val_stats.summary())
         return examples, val, stats
     if cfg.val_split:
