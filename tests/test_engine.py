@@ -25,7 +25,8 @@ from loraforge.train import loop, train
 from loraforge.train.loss import causal_lm_loss, token_loss_sum
 from loraforge.train.schedule import lr_factor, make_optimizer
 
-OPTIONS = dict(batch_size=2, lr=1e-2, seed=0, r=4, lora_alpha=8, lora_dropout=0.1, target_modules="q_proj,v_proj")
+OPTIONS = dict(batch_size=2, lr=1e-2, seed=0, r=4, lora_alpha=8, lora_dropout=0.1, target_modules="q_proj,v_proj",
+               dtype="float32")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -112,7 +113,7 @@ def _cli(*args: str) -> list[str]:
 def _train_flags(llama_dir, data_file, output, steps) -> list[str]:
     return ["train", "--model", str(llama_dir), "--data", str(data_file), "--output", str(output),
             "--max-steps", str(steps), "--batch-size", "2", "--lr", "1e-2", "--r", "4", "--lora-alpha", "8",
-            "--lora-dropout", "0.1", "--target-modules", "q_proj,v_proj", "--threads", "1"]
+            "--lora-dropout", "0.1", "--target-modules", "q_proj,v_proj", "--threads", "1", "--dtype", "float32"]
 
 
 def _wait_for_checkpoint(output: Path, proc: subprocess.Popen, timeout: float = 120) -> None:

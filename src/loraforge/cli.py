@@ -10,7 +10,8 @@ import logging
 import sys
 from pathlib import Path
 
-from loraforge.config import DEFAULT_MODEL, TrainConfig, build_config, load_yaml, parse_bool, parse_targets
+from loraforge.config import (DEFAULT_MODEL, TrainConfig, build_config, load_yaml, parse_bool, parse_mapping,
+                              parse_targets)
 from loraforge.errors import LoraforgeError
 
 log = logging.getLogger("loraforge")
@@ -36,6 +37,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         options = load_yaml(args.config) if args.config else {}
         cfg = build_config(TrainConfig, {**options, **flags}, source=args.config or "command line")
+    if cfg.task != "causal-lm":
+        from loraforge.train.heads import train_head as train
     result = train(cfg, resume=bool(args.resume), progress=not args.quiet)
     s = result.summary
     print(f"adapter written to {cfg.output}: {s['steps']} steps, final loss {s['final_loss']:.4f}, "
@@ -118,6 +121,39 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from loraforge.infer.predict import predict_file
+
+    columns = parse_mapping(args.columns) if args.columns else None
+    result = predict_file(args.data, model=args.model, adapter=args.adapter, recipe=args.recipe, task=args.task,
+                          columns=columns, file_format=args.file_format, max_examples=args.max_examples,
+                          batch_size=args.batch_size, max_length=args.max_length,
+                          max_new_tokens=args.max_new_tokens, output=args.output)
+    where = f", written to {args.output}" if args.output else ""
+    print(f"{len(result.predictions)} predictions{where}")
+    if result.scores is None:
+        print("no record has a reference, so nothing is scored")
+    else:
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in result.scores.items())
+        print(f"{result.metric} on {result.scored} records: {scores}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from loraforge.eval.report import comparison_table
+    from loraforge.eval.run import EvalConfig, run_eval
+
+    options = {k: getattr(args, k) for k in ("data", "recipe", "model", "task", "file_format", "data_format",
+                                             "max_examples", "few_shot", "few_shot_data", "seed", "num_beams",
+                                             "max_new_tokens", "batch_size", "max_length", "dtype", "samples",
+                                             "output")}
+    columns = parse_mapping(args.columns) if args.columns else None
+    result = run_eval(EvalConfig(**options, adapters=tuple(args.adapter), columns=columns))
+    print(comparison_table(result.models))
+    print(f"written to {args.output}: " + ", ".join(path.name for path in result.files.values()))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from loraforge.demo import run_demo
 
@@ -160,6 +196,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True)
     p.add_argument("--output", required=True)
     p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("predict", help="predict a data file with an encoder head or a decoder recipe, and score it")
+    p.add_argument("--model", help="base model (default: the adapter's base)")
+    p.add_argument("--adapter", help="adapter folder; one with labels.json is a seq-cls/token-cls head")
+    p.add_argument("--data", required=True, help="records to predict (any format `train` reads)")
+    p.add_argument("--recipe", help="decoder: the task recipe (sst2, conll2003, squad, e2e, ...); head: reads records")
+    p.add_argument("--task", choices=("seq-cls", "token-cls", "causal-lm"),
+                   help="default: the adapter's (labels.json), else causal-lm")
+    p.add_argument("--columns", help="field renames, ours=theirs: text=sentence")
+    p.add_argument("--file-format", help="reader when the suffix does not say: jsonl, json, csv, tsv, text, conll")
+    p.add_argument("--output", help="write one JSON line per record: prediction, reference, generated text")
+    p.add_argument("--max-examples", type=int, default=0, help="predict only the first N records (0 = all)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=512, help="head: tokens per record; longer ones are cut")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="decoder: tokens generated per answer")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("eval", help="score a base model, few-shot prompts and adapters on the same records; report")
+    p.add_argument("--model", help=f"base model (default: the first adapter's base, else {DEFAULT_MODEL})")
+    p.add_argument("--adapter", action="append", default=[], metavar="DIR",
+                   help="adapter folder to compare; repeat for several (each on its own base unless --model)")
+    p.add_argument("--data", required=True, help="records to score, e.g. a dev split (never the official test)")
+    p.add_argument("--recipe", help="task recipe (e2e, sst2, conll2003, squad, ...); lm or none: perplexity")
+    p.add_argument("--task", choices=("generate", "text"),
+                   help="generate and score with the recipe's metric, or text: perplexity (default: by recipe)")
+    p.add_argument("--columns", help="field renames, ours=theirs: text=sentence")
+    p.add_argument("--file-format", help="reader when the suffix does not say: jsonl, json, csv, tsv, text, conll")
+    p.add_argument("--data-format", help="record shape for --task text without a recipe (default: detected)")
+    p.add_argument("--max-examples", type=int, default=0,
+                   help="score the first N examples (records sharing an input count once for BLEU/ROUGE/QA)")
+    p.add_argument("--few-shot", type=int, default=0, metavar="K",
+                   help="also score the base model with K in-context examples from --few-shot-data")
+    p.add_argument("--few-shot-data", metavar="FILE",
+                   help="where the K examples come from, e.g. the training file (scored prompts are skipped)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the few-shot draw")
+    p.add_argument("--num-beams", type=int, default=1, help="1 = greedy; more = beam search")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (left-padded)")
+    p.add_argument("--max-length", type=int, default=512, help="text task: tokens per example or chunk")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--samples", type=int, default=8, help="examples shown side by side in the report")
+    p.add_argument("--output", default="runs/eval",
+                   help="folder for results.json, predictions.jsonl, report.md, report.html and plots")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("demo", help="fine-tune the default model on the bundled sample and compare answers")
     p.add_argument("--steps", type=int, default=40)

@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from loraforge.errors import LoraforgeError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+TASKS = ("causal-lm", "seq-cls", "token-cls")
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -29,6 +31,10 @@ class TrainConfig:
     """Everything `loraforge train` needs. Validated on creation."""
 
     model: str = _opt(DEFAULT_MODEL, "base model: a built-in name, a transformers folder or a .gguf file")
+    task: str = _opt("causal-lm", "what to train: causal-lm (a decoder writes the answer), seq-cls (an encoder's "
+                                  "classifier head: one label per text) or token-cls (one tag per word)")
+    labels: list[str] | None = _opt(None, "seq-cls/token-cls: the label names in id order, comma-separated "
+                                          "(default: those in the data, sorted)")
     data: str | None = _opt(None, "training data: .jsonl/.json/.csv/.tsv/.txt file (or folder of .txt), or CoNLL")
     recipe: str | None = _opt(None, "task recipe: sst2, pubmedqa, conll2003, dialogsum, scitldr, squad, cmrc2018, "
                                     "e2e, lm (default: detect text/instruction/chat records)")
@@ -55,7 +61,8 @@ class TrainConfig:
     max_length: int = _opt(256, "tokens per example; longer ones are truncated (and counted)")
     packing: bool = _opt(True, "pack several examples into each row (attention stays within each example)")
     seed: int = _opt(0, "seed for LoRA init, data order and dropout: the same seed gives the same run")
-    dtype: str = _opt("float32", "compute dtype of the frozen base: float32 (exact) or bfloat16")
+    dtype: str = _opt("auto", "compute dtype of the frozen base: bfloat16 (fast; LoRA weights and optimizer stay "
+                              "float32), float32 (exact), or auto: bfloat16 where the hardware has it")
     on_bad_record: str = _opt("error", "what a malformed record does: error (stop) or skip (count and go on)")
     log_every: int = _opt(1, "steps between progress-bar updates")
     val_data: str | None = _opt(None, "validation file (same format as data)")
@@ -70,6 +77,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.target_modules = parse_targets(self.target_modules)
+        if self.task not in TASKS:
+            raise LoraforgeError(f"option 'task' must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if isinstance(self.labels, str):
+            self.labels = [name.strip() for name in self.labels.split(",") if name.strip()]
+        if self.labels is not None and (self.task == "causal-lm" or len(set(self.labels)) != len(self.labels)
+                                        or len(self.labels) < 2):
+            raise LoraforgeError(f"option 'labels' ({self.labels}) takes two or more distinct names, and only with "
+                                 "task seq-cls or token-cls")
         for name in ("r", "max_steps", "batch_size", "max_length", "log_every", "grad_accum", "keep_checkpoints"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -80,8 +95,8 @@ class TrainConfig:
             raise LoraforgeError(f"option 'weight_decay' must be >= 0, got {self.weight_decay!r}")
         if not self.lr > 0:
             raise LoraforgeError(f"option 'lr' must be positive, got {self.lr!r}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise LoraforgeError(f"option 'dtype' must be float32 or bfloat16, got {self.dtype!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise LoraforgeError(f"option 'dtype' must be auto, float32 or bfloat16, got {self.dtype!r}")
         if isinstance(self.columns, str):
             self.columns = parse_mapping(self.columns)
         for name in ("eval_every", "early_stopping", "save_every", "threads", "max_examples"):
@@ -170,3 +185,13 @@ def parse_mapping(value: str) -> dict[str, str]:
     if any(len(pair) != 2 or not pair[0].strip() or not pair[1].strip() for pair in pairs):
         raise LoraforgeError(f"expected name=value pairs separated by commas, got {value!r}")
     return {k.strip(): v.strip() for k, v in pairs}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto` is bfloat16 where matmuls run natively in it (a CUDA GPU with bf16, or a CPU with AVX512-BF16/AMX
+    through oneDNN), else float32: emulated bf16 is slower than fp32."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]

@@ -26,7 +26,8 @@ GOLDEN_FILE = HERE / "tiny_llama_losses.json"
 MODEL_SEED = 0
 # The options of the golden run, besides model/data/output (temporary folders).
 # The padded path (packing off) and the default packed path (rows of at most 32 tokens: several rows).
-OPTIONS = dict(max_steps=5, batch_size=2, lr=1e-2, seed=0, r=4, lora_alpha=8, lora_dropout=0.0, packing=False)
+OPTIONS = dict(max_steps=5, batch_size=2, lr=1e-2, seed=0, r=4, lora_alpha=8, lora_dropout=0.0, packing=False,
+               dtype="float32")
 PACKED_OPTIONS = {**OPTIONS, "packing": True, "max_length": 32}
 
 

@@ -120,9 +120,13 @@ class LoraLinear(_LoraBase):
         result = self.base_layer(x)  # (B, T, out)
         if self.disabled or self.merged:
             return result
-        x = x.to(self.lora_A.weight.dtype)
         if not self.use_dora:
-            return result + (self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling).to(result.dtype)
+            # In the activations' dtype, like autocast: the fp32 A and B are cast (r x in, out x r: cheap), the
+            # (B, T, in) activations never are, and the scaling is folded into B instead of a pass over (B, T, out).
+            a = self.lora_A.weight.to(x.dtype)  # (r, in)
+            b = (self.lora_B.weight * self.scaling).to(x.dtype)  # (out, r)
+            return result + F.linear(F.linear(self.lora_dropout(x), a), b).to(result.dtype)
+        x = x.to(self.lora_A.weight.dtype)
         return result + self._dora_extra(x, result).to(result.dtype)
 
     def _dora_extra(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ save_pretrained all work on it), with LoRA layers swapped in place of the target
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +20,10 @@ from loraforge.lora.layer import _LoraBase, wrap
 from loraforge.lora.targets import find_targets
 
 PEFT_PREFIX = "base_model.model."
+# PeftModelForSequenceClassification / ...ForTokenClassification add these to modules_to_save whatever the user gave
+# (peft 0.21.2, peft_model.py), so the new head trains and is saved with the adapter.
+CLASSIFIER_HEAD_NAMES = ("classifier", "score")
+_HEAD_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS")
 
 
 class ModulesToSave(nn.Module):
@@ -57,6 +62,9 @@ class LoraModel:
     """A transformers model with one LoRA adapter injected, and the config that made it."""
 
     def __init__(self, model: nn.Module, config: LoraConfig):
+        if config.task_type in _HEAD_TASK_TYPES:  # as PEFT does; PEFT also repeats names, we keep each once
+            names = list(dict.fromkeys([*(config.modules_to_save or []), *CLASSIFIER_HEAD_NAMES]))
+            config = dataclasses.replace(config, modules_to_save=names)
         self.model = model
         self.config = config
         self.layers: dict[str, _LoraBase] = {}

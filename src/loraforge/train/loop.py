@@ -20,7 +20,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from loraforge.config import TrainConfig, build_config, load_yaml
+from loraforge.config import TrainConfig, build_config, load_yaml, resolve_dtype
 from loraforge.data import collate, count_tokens, load_examples, pad_id_for, read_records
 from loraforge.data.packing import collate_packed, pack, packing_supported
 from loraforge.data.split import train_val_split
@@ -81,7 +81,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(cfg.model, dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
+    dtype = resolve_dtype(cfg.dtype)
+    model, tokenizer = load_model(cfg.model, dtype=dtype)
     train_set, val_set, stats = _load_data(cfg, tokenizer)
 
     torch.manual_seed(cfg.seed)  # LoRA init depends on the seed only, not on what loading consumed
@@ -201,7 +202,7 @@ def _finish(cfg: TrainConfig, output: Path, lm: LoraModel, model, state: ckpt.Tr
     rows = MetricsLog(output / METRICS_FILE, resume_step=state.step).rows()
     plot_loss_curve(rows, output / PLOT_FILE, f"{cfg.model}: LoRA r={cfg.r}")
     seconds = max(state.train_seconds, 1e-9)
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    dtype = next(model.parameters()).dtype
     report = lm.report()
     flops = train_flops(model, report.trainable, state.tokens, state.learned_tokens)
     peak = measure_matmul_peak(dtype)
@@ -219,7 +220,7 @@ def _finish(cfg: TrainConfig, output: Path, lm: LoraModel, model, state: ckpt.Tr
         "trainable_params": report.trainable,
         "total_params": report.total,
         "trainable_percent": round(100 * report.trainable / report.total, 4),
-        "dtype": cfg.dtype,
+        "dtype": str(dtype).removeprefix("torch."),
         "achieved_tflops": flops / seconds / 1e12,
         "peak_tflops": peak / 1e12,
         "mfu": flops / seconds / peak,

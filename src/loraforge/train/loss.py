@@ -3,6 +3,11 @@
 transformers' `model(labels=...)` builds the full (B, T, vocab) logits tensor: 2048 tokens x 49,152 vocab is 400 MB
 in fp32, mostly for prompt and padding positions whose loss is thrown away. Here the decoder body runs once, the
 hidden states of learned positions are gathered, and the output head runs on those only, a chunk at a time.
+
+With a frozen head (the usual LoRA case) the chunks are fused with their gradient (`LinearCrossEntropy`): the
+gradient of cross-entropy with respect to the logits is softmax - onehot, known in the forward pass, so each chunk's
+contribution to d(loss)/d(hidden) is computed there and its logits are dropped at once. Nothing of size
+(tokens, vocab) is kept for backward and nothing is recomputed: peak memory is one (CHUNK_ROWS, vocab) block.
 """
 from __future__ import annotations
 
@@ -14,6 +19,39 @@ from torch.utils.checkpoint import checkpoint
 from loraforge.data import IGNORE_INDEX
 
 CHUNK_ROWS = 1024
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight.T + bias, target_i) for a frozen head, gradient computed chunk by chunk in forward.
+
+    Shapes: hidden (N, H), weight (V, H), bias (V,) or None, targets (N,). Returns a 0-d fp32 sum.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows):
+        grad_hidden = torch.empty_like(hidden)  # (N, H)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            logits = F.linear(hidden[rows], weight, bias).float()  # (c, V)
+            target = targets[rows]
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            total += (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (c, V)
+            probs[torch.arange(target.shape[0], device=probs.device), target] -= 1.0  # d CE / d logits
+            grad_hidden[rows] = probs.to(weight.dtype) @ weight  # (c, V) @ (V, H)
+        ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None
+
+
+def _frozen_linear(head: nn.Module) -> bool:
+    return type(head) is nn.Linear and not head.weight.requires_grad and \
+        (head.bias is None or not head.bias.requires_grad)
 
 
 def has_plain_head(model: nn.Module) -> bool:
@@ -58,6 +96,8 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     hidden = hidden[:, :-1][keep]  # (N, H), N learned tokens
     targets = targets[keep]  # (N,)
     head = model.get_output_embeddings()
+    if _frozen_linear(head):
+        return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, CHUNK_ROWS), count
     if hidden.shape[0] <= CHUNK_ROWS:
         return _head_ce_sum(head, hidden, targets), count
     # Several chunks: each chunk's logits are recomputed in backward instead of kept, so at most one
