@@ -101,6 +101,27 @@ def test_causal_lm_loss_equals_transformers_loss_and_gradients(builder, chunk_ro
         assert max_abs_diff(our_grads[key], p.grad) <= 1e-6, key
 
 
+@pytest.mark.parametrize("chunk_rows", [1024, 3], ids=["one_chunk", "chunks_of_3"])
+def test_loss_with_a_trainable_head_equals_transformers(chunk_rows, tmp_path, monkeypatch):
+    """lm_head in modules_to_save takes the autograd path (checkpointed chunks), not the fused frozen-head one."""
+    monkeypatch.setattr(loss_module, "CHUNK_ROWS", chunk_rows)
+    batch = _padded_batch(tmp_path)
+    torch.manual_seed(0)
+    lm = LoraModel(tiny_llama(), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, modules_to_save=["lm_head"]))
+    params = lm.adapter_parameters()
+    assert "lm_head.weight" in params and not loss_module._frozen_linear(lm.model.get_output_embeddings())
+    ours = causal_lm_loss(lm.model, batch)
+    ours.backward()
+    our_grads = {k: p.grad.clone() for k, p in params.items()}
+    lm.model.zero_grad(set_to_none=True)
+    theirs = lm.model(**batch).loss
+    theirs.backward()
+    assert abs(ours.item() - theirs.item()) <= 1e-6
+    for key, p in params.items():
+        assert p.grad.abs().max() > 1e-4, key
+        assert max_abs_diff(our_grads[key], p.grad) <= 1e-6, key
+
+
 # ---- golden numbers and seeds -----------------------------------------------------------------------------------
 def test_golden_loss_list(golden_run):
     golden = json.loads(GOLDEN.read_text(encoding="utf-8"))
