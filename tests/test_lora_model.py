@@ -259,6 +259,14 @@ def test_nan_merge_raises_and_changes_nothing():
     assert all(torch.equal(lm.layers[p].base_layer.weight, before[p]) for p in before)
 
 
+def test_new_lora_layers_follow_the_model_train_eval_mode():
+    lm = LoraModel(tiny_llama().eval(), LoraConfig(r=2, lora_dropout=0.5, target_modules=["q_proj"],
+                                                  modules_to_save=["lm_head"]))
+    assert not any(m.training for m in lm.model.modules())  # dropout off after loading an adapter for inference
+    ids = token_ids()
+    assert torch.equal(logits(lm.model, ids), logits(lm.model, ids))
+
+
 def test_merge_refuses_tied_embedding_and_changes_nothing():
     lm = _lora("gpt2", target_modules=["wte", "c_attn"])  # GPT-2 ties lm_head to wte
     assert lm.model.lm_head.weight is lm.layers["transformer.wte"].base_layer.weight

@@ -137,7 +137,10 @@ def test_our_config_reads_in_peft(name, tmp_path):
     assert config.use_dora == options.get("use_dora", False)
     assert config.rank_pattern == options.get("rank_pattern", {})
     assert config.alpha_pattern == options.get("alpha_pattern", {})
-    assert config.modules_to_save == options.get("modules_to_save")
+    expected = options.get("modules_to_save")
+    if options["task_type"] in ("SEQ_CLS", "TOKEN_CLS"):  # both add their head names, as PeftModelForSeq...Cls does
+        expected = list(dict.fromkeys([*(expected or []), "classifier", "score"]))
+    assert config.modules_to_save == expected
 
 
 @pytest.mark.parametrize("name", ["dora", "dora_conv1d", "linear", "embedding"])

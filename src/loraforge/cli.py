@@ -37,8 +37,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         options = load_yaml(args.config) if args.config else {}
         cfg = build_config(TrainConfig, {**options, **flags}, source=args.config or "command line")
-    if cfg.task != "causal-lm":
-        from loraforge.train.heads import train_head as train
     result = train(cfg, resume=bool(args.resume), progress=not args.quiet)
     s = result.summary
     print(f"adapter written to {cfg.output}: {s['steps']} steps, final loss {s['final_loss']:.4f}, "
@@ -145,8 +143,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     options = {k: getattr(args, k) for k in ("data", "recipe", "model", "task", "file_format", "data_format",
                                              "max_examples", "few_shot", "few_shot_data", "seed", "num_beams",
-                                             "max_new_tokens", "batch_size", "max_length", "dtype", "samples",
-                                             "output")}
+                                             "max_new_tokens", "batch_size", "max_length", "dtype", "threads",
+                                             "samples", "output")}
     columns = parse_mapping(args.columns) if args.columns else None
     result = run_eval(EvalConfig(**options, adapters=tuple(args.adapter), columns=columns))
     print(comparison_table(result.models))
@@ -236,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (left-padded)")
     p.add_argument("--max-length", type=int, default=512, help="text task: tokens per example or chunk")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = one per core)")
     p.add_argument("--samples", type=int, default=8, help="examples shown side by side in the report")
     p.add_argument("--output", default="runs/eval",
                    help="folder for results.json, predictions.jsonl, report.md, report.html and plots")

@@ -81,6 +81,8 @@ class TrainConfig:
             raise LoraforgeError(f"option 'task' must be one of {', '.join(TASKS)}, got {self.task!r}")
         if isinstance(self.labels, str):
             self.labels = [name.strip() for name in self.labels.split(",") if name.strip()]
+        elif isinstance(self.labels, (list, tuple)):  # YAML may give numbers: labels: [0, 1]
+            self.labels = [str(name).strip() for name in self.labels]
         if self.labels is not None and (self.task == "causal-lm" or len(set(self.labels)) != len(self.labels)
                                         or len(self.labels) < 2):
             raise LoraforgeError(f"option 'labels' ({self.labels}) takes two or more distinct names, and only with "

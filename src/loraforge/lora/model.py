@@ -71,12 +71,13 @@ class LoraModel:
         self.saved_modules: dict[str, ModulesToSave] = {}
         for path in find_targets(model, config):
             r, alpha = config.rank_and_alpha(path)
-            self.layers[path] = wrap(model.get_submodule(path), r, alpha, config.lora_dropout,
-                                     config.use_rslora, config.use_dora, config.init_lora_weights)
+            base = model.get_submodule(path)
+            self.layers[path] = wrap(base, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora,
+                                     config.init_lora_weights).train(base.training)  # a model in eval stays in eval
             _replace(model, path, self.layers[path])
         for path, module in list(model.named_modules()):
             if any(path == m or path.endswith("." + m) for m in config.modules_to_save or []):
-                self.saved_modules[path] = ModulesToSave(module)
+                self.saved_modules[path] = ModulesToSave(module).train(module.training)
                 _replace(model, path, self.saved_modules[path])
         self.set_trainable(True)
 

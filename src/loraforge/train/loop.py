@@ -76,7 +76,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
 
     With `resume`, continue from the newest complete checkpoint in `cfg.output`: same data order, RNG, optimizer
     and scheduler state, so the loss curve is the one an uninterrupted run would have drawn.
+    Encoder tasks (`cfg.task` seq-cls / token-cls) train a head instead: see `train.heads.train_head`.
     """
+    if cfg.task != "causal-lm":
+        from loraforge.train.heads import train_head  # heads builds on this module's helpers
+
+        return train_head(cfg, resume=resume, progress=progress)
     output = _check_paths(cfg, resume)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
