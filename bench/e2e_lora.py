@@ -5,7 +5,7 @@
 
 Train: LoRA on the E2E train split (../shared/data/e2e/trainset.csv) through `loraforge.train`. Evaluate: beam
 search on the dev split's distinct MRs, each scored against all of its references (grouped as the E2E scripts do),
-lowercased. BLEU and NIST: sacrebleu / nltk (loraforge.eval.metrics.bleu_nist). METEOR, ROUGE-L and CIDEr:
+lowercased. BLEU and NIST: sacrebleu / nltk (loraforge.metrics.bleu_nist). METEOR, ROUGE-L and CIDEr:
 pycocoevalcap, the implementations the official e2e-metrics script calls (METEOR needs Java; `pip install
 '.[bench]'`). Any metric that cannot be computed here is printed as "n/a" with the reason.
 
@@ -70,7 +70,7 @@ def decode(model, tokenizer, records: list, beams: int, batch_size: int) -> list
 def score(predictions: list[str], references: list[list[str]]) -> dict[str, float | str]:
     from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
-    from loraforge.eval.metrics import bleu_nist
+    from loraforge.metrics import bleu_nist
 
     scores: dict[str, float | str] = {}
     bn = bleu_nist(predictions, references)

@@ -10,7 +10,7 @@ import math
 import pytest
 
 from loraforge.errors import LoraforgeError
-from loraforge.eval import (
+from loraforge.metrics import (
     METRICS,
     accuracy_macro_f1,
     bleu_nist,
@@ -24,7 +24,7 @@ from loraforge.eval import (
     squad_em_f1,
     squad_zh_em_f1,
 )
-from loraforge.eval.qa import cmrc_em, cmrc_f1, cmrc_segments
+from loraforge.metrics.qa import cmrc_em, cmrc_f1, cmrc_segments
 
 TOL = 1e-4  # the expected values below are written to 4-6 decimals
 

@@ -16,7 +16,7 @@ from fixtures.tiny_models import save_tiny_llama
 from loraforge.cli import main
 from loraforge.config import TrainConfig
 from loraforge.data import get_recipe, read_records
-from loraforge.eval import METRICS, accuracy_macro_f1, entity_f1
+from loraforge.metrics import METRICS, accuracy_macro_f1, entity_f1
 from loraforge.infer.predict import predict_file, predict_generative
 from loraforge.lora import LoraConfig, LoraModel, save_adapter
 from loraforge.models import load_model

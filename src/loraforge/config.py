@@ -17,6 +17,8 @@ import yaml
 from loraforge.errors import LoraforgeError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+METRICS_FILE = "metrics.jsonl"
+"""Per-step training metrics in a run folder, one JSON object per line (train writes it, eval plots it)."""
 TASKS = ("causal-lm", "seq-cls", "token-cls")
 
 

@@ -279,3 +279,14 @@ def describe_modules(model: nn.Module) -> list[tuple[str, str, tuple[int, ...]]]
         if next(module.children(), None) is None and isinstance(weight, torch.Tensor):
             rows.append((path, type(module).__name__, tuple(weight.shape)))
     return rows
+
+
+def has_plain_head(model: nn.Module) -> bool:
+    """True when logits are exactly `lm_head(last_hidden_state)`: no soft-capping or logit scaling."""
+    config = getattr(model, "config", None)
+    return (
+        getattr(model, "base_model_prefix", None) is not None
+        and model.get_output_embeddings() is not None
+        and getattr(config, "final_logit_softcapping", None) is None
+        and getattr(config, "logit_scale", None) is None
+    )

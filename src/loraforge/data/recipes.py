@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 METRICS = (
     "accuracy_macro_f1", "pubmedqa", "seqeval", "rouge", "bleu_nist", "squad_em_f1", "squad_zh_em_f1", "perplexity",
 )
-"""The metric names recipes use: keys of `loraforge.eval.metrics.METRICS`."""
+"""The metric names recipes use: keys of `loraforge.metrics.METRICS`."""
 
 
 @dataclass(frozen=True, kw_only=True)

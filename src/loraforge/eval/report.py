@@ -120,7 +120,7 @@ def plot_metrics(models: list[ModelResult], png: Path) -> Path:
 
 def loss_curves(models: list[ModelResult]) -> dict[str, list[dict]]:
     """Each adapter's metrics.jsonl rows (written by `loraforge train`), by model name; adapters without one skipped."""
-    from loraforge.train.observe import METRICS_FILE
+    from loraforge.config import METRICS_FILE
 
     curves = {}
     for m in models:

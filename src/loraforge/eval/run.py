@@ -35,7 +35,7 @@ from loraforge.config import DEFAULT_MODEL
 from loraforge.data import IGNORE_INDEX, Record, Recipe, collate, get_recipe, load_examples, pad_id_for, read_records
 from loraforge.errors import LoraforgeError
 from loraforge.eval.fewshot import encode_few_shot, pick_shots
-from loraforge.eval.metrics import get_metric, perplexity
+from loraforge.metrics import get_metric, perplexity
 from loraforge.infer.batch import BatchOptions, generate_batch
 
 log = logging.getLogger("loraforge")
@@ -319,7 +319,7 @@ def _evaluate_text(spec: ModelSpec, model, tokenizer, recipe: Recipe | None, cfg
 def token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of a right-padded batch: summed cross-entropy (natural log, float64) over its learned tokens, and
     their count. The output head runs only on learned positions, a chunk at a time (no (B, T, vocab) tensor)."""
-    from loraforge.train.loss import has_plain_head
+    from loraforge.models import has_plain_head
 
     labels = batch["labels"]  # (B, T)
     targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1

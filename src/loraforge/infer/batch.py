@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from loraforge.errors import LoraforgeError
-from loraforge.infer.generate import _stop_ids
+from loraforge.infer.generate import stop_ids
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
 
 def _generate_rows(model: nn.Module, tokenizer, prompts: list[Sequence[int]], options: BatchOptions
                    ) -> list[list[int]]:
-    stops = _stop_ids(tokenizer, model)
+    stops = stop_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
     input_ids, attention_mask = left_pad(prompts, pad_id)  # (B, T)
     out = model.generate(

@@ -35,7 +35,7 @@ def generate(model: nn.Module, tokenizer, prompt_ids: list[int], options: Genera
         raise LoraforgeError("the prompt is empty: give some text to continue")
     input_ids = torch.tensor([prompt_ids], dtype=torch.long)  # (1, T)
     kwargs = dict(max_new_tokens=options.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                  eos_token_id=_stop_ids(tokenizer, model))
+                  eos_token_id=stop_ids(tokenizer, model))
     if options.greedy:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     else:
@@ -49,7 +49,7 @@ def generate(model: nn.Module, tokenizer, prompt_ids: list[int], options: Genera
     return new_ids, tokenizer.decode(new_ids, skip_special_tokens=True).strip()
 
 
-def _stop_ids(tokenizer, model: nn.Module) -> list[int]:
+def stop_ids(tokenizer, model: nn.Module) -> list[int]:
     """EOS ids from the generation config and tokenizer (chat models stop at their end-of-turn token)."""
     ids: set[int] = set()
     for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):

@@ -36,7 +36,7 @@ from loraforge.data.encode import (
 )
 from loraforge.data.recipes import Classification, Recipe
 from loraforge.errors import LoraforgeError
-from loraforge.eval import accuracy_macro_f1, entity_f1, get_metric
+from loraforge.metrics import accuracy_macro_f1, entity_f1, get_metric
 from loraforge.infer.batch import BatchOptions, generate_batch
 from loraforge.lora import LoraModel, load_adapter, read_adapter_config
 from loraforge.models import BUILTIN_MODELS, load_model, resolve_model

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from loraforge.data import IGNORE_INDEX
+from loraforge.models import has_plain_head
 
 CHUNK_ROWS = 1024
 
@@ -52,17 +53,6 @@ class LinearCrossEntropy(torch.autograd.Function):
 def _frozen_linear(head: nn.Module) -> bool:
     return type(head) is nn.Linear and not head.weight.requires_grad and \
         (head.bias is None or not head.bias.requires_grad)
-
-
-def has_plain_head(model: nn.Module) -> bool:
-    """True when logits are exactly `lm_head(last_hidden_state)`: no soft-capping or logit scaling."""
-    config = getattr(model, "config", None)
-    return (
-        getattr(model, "base_model_prefix", None) is not None
-        and model.get_output_embeddings() is not None
-        and getattr(config, "final_logit_softcapping", None) is None
-        and getattr(config, "logit_scale", None) is None
-    )
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

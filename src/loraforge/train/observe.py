@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-METRICS_FILE = "metrics.jsonl"
+from loraforge.config import METRICS_FILE  # noqa: F401  (re-exported: train writes it)
 PLOT_FILE = "loss_curve.png"
 
 

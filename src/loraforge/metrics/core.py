@@ -17,8 +17,8 @@ import string
 from collections.abc import Callable, Sequence
 
 from loraforge.errors import LoraforgeError
-from loraforge.eval.inputs import Scores, reference_lists, same_length
-from loraforge.eval.qa import squad_em_f1, squad_zh_em_f1
+from loraforge.metrics.inputs import Scores, reference_lists, same_length
+from loraforge.metrics.qa import squad_em_f1, squad_zh_em_f1
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 PUBMEDQA_LABELS = ("yes", "no", "maybe")

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Sequence
 from difflib import SequenceMatcher
 
-from loraforge.eval.inputs import Scores, reference_lists
+from loraforge.metrics.inputs import Scores, reference_lists
 
 # CMRC 2018's `sp_char` list. The official list also holds '……', two characters that a single character never
 # equals, so '…' is not removed there and is not here.

@@ -1,0 +1,37 @@
+"""Task metrics from the standard libraries, as small functions returning `dict[str, float]`, and `METRICS`, their
+names for recipes. A leaf layer: train, infer and eval all score with it."""
+from __future__ import annotations
+
+from loraforge.metrics.inputs import Scores
+from loraforge.metrics.core import (
+    METRICS,
+    PUBMEDQA_LABELS,
+    ROUGE_TYPES,
+    accuracy_macro_f1,
+    bleu_nist,
+    entity_f1,
+    get_metric,
+    perplexity,
+    perplexity_from_token_losses,
+    pubmedqa,
+    rouge,
+)
+from loraforge.metrics.qa import normalize_answer, squad_em_f1, squad_zh_em_f1
+
+__all__ = [
+    "METRICS",
+    "PUBMEDQA_LABELS",
+    "ROUGE_TYPES",
+    "Scores",
+    "accuracy_macro_f1",
+    "bleu_nist",
+    "entity_f1",
+    "get_metric",
+    "normalize_answer",
+    "perplexity",
+    "perplexity_from_token_losses",
+    "pubmedqa",
+    "rouge",
+    "squad_em_f1",
+    "squad_zh_em_f1",
+]
