@@ -134,12 +134,13 @@ def eval_loss(adapter: Path, eval_file: Path, max_length: int) -> float:
 
 
 def model_flops(tokens: int, trainable_targets: str) -> float:
+    from loraforge.config import parse_targets
     from loraforge.lora import LoraConfig, LoraModel
     from loraforge.models import DEFAULT_MODEL, load_model
     from loraforge.train.observe import train_flops
 
     model, _ = load_model(DEFAULT_MODEL)
-    lm = LoraModel(model, LoraConfig(r=16, lora_alpha=32, target_modules=trainable_targets))
+    lm = LoraModel(model, LoraConfig(r=16, lora_alpha=32, target_modules=parse_targets(trainable_targets)))
     # every real token counted as passing the head: an upper bound that favours neither side
     return train_flops(model, lm.report().trainable, tokens, tokens)
 
