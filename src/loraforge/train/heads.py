@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import signal
 import sys
 import time
 
@@ -28,8 +27,8 @@ from loraforge.errors import LoraforgeError
 from loraforge.infer.predict import load_encoder_with_head, require_encoder, run_head, score_head
 from loraforge.lora import LoraConfig, LoraModel
 from loraforge.train import checkpoint as ckpt
-from loraforge.train.loop import (CONFIG_FILE, SUMMARY_FILE, TrainingInterrupted, TrainResult, _check_paths, _finish,
-                                  _stop_on_signals, _write_text, batch_order)
+from loraforge.train.loop import (CONFIG_FILE, SUMMARY_FILE, TrainResult, _check_paths, _finish, _stop_on_signals,
+                                  _write_text, batch_order, checkpoint_or_stop, track_best)
 from loraforge.train.observe import METRICS_FILE, MetricsLog, summary_screen
 from loraforge.train.schedule import make_optimizer
 
@@ -152,19 +151,9 @@ def train_head(cfg: TrainConfig, *, resume: bool = False, progress: bool = True)
                 metrics.write(step=step, val_loss=val_loss, **{f"val_{k}": v for k, v in scores.items()})
                 bar.write(f"step {step}: val loss {val_loss:.4f}, "
                           + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k != "invalid"))
-                if state.best_val_loss is None or val_loss < state.best_val_loss:
-                    state.best_val_loss, state.best_step, state.evals_without_improvement = val_loss, step, 0
-                    val_scores = scores
-                    ckpt.save_best(output, lm)
-                else:
-                    state.evals_without_improvement += 1
-                    stop_early = 0 < cfg.early_stopping <= state.evals_without_improvement
-            if (cfg.save_every and step % cfg.save_every == 0) or stop.signal:
-                ckpt.save_checkpoint(output, lm, optimizer, scheduler, state, cfg.keep_checkpoints)
-            if stop.signal:
-                raise TrainingInterrupted(
-                    f"stopped by {signal.Signals(stop.signal).name} after step {step}; checkpoint written to "
-                    f"{output / ckpt.CHECKPOINTS}/step-{step}. Continue with: loraforge train --resume {output}")
+                improved, stop_early = track_best(cfg, output, lm, state, val_loss)
+                val_scores = scores if improved else val_scores
+            checkpoint_or_stop(cfg, output, lm, optimizer, scheduler, state, stop.signal)
             if stop_early:
                 log.info("early stopping: %d evaluations without improvement", cfg.early_stopping)
                 break

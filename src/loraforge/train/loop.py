@@ -160,18 +160,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
                 val_loss = evaluate(model, val_set, cfg.batch_size, pad_id)
                 metrics.write(step=step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
                 bar.write(f"step {step}: val loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
-                if state.best_val_loss is None or val_loss < state.best_val_loss:
-                    state.best_val_loss, state.best_step, state.evals_without_improvement = val_loss, step, 0
-                    ckpt.save_best(output, lm)
-                else:
-                    state.evals_without_improvement += 1
-                    stop_early = 0 < cfg.early_stopping <= state.evals_without_improvement
-            if (cfg.save_every and step % cfg.save_every == 0) or stop.signal:
-                ckpt.save_checkpoint(output, lm, optimizer, scheduler, state, cfg.keep_checkpoints)
-            if stop.signal:
-                raise TrainingInterrupted(
-                    f"stopped by {signal.Signals(stop.signal).name} after step {step}; checkpoint written to "
-                    f"{output / ckpt.CHECKPOINTS}/step-{step}. Continue with: loraforge train --resume {output}")
+                _, stop_early = track_best(cfg, output, lm, state, val_loss)
+            checkpoint_or_stop(cfg, output, lm, optimizer, scheduler, state, stop.signal)
             if stop_early:
                 log.info("early stopping: %d evaluations without improvement", cfg.early_stopping)
                 break
@@ -180,6 +170,28 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
     if progress:
         tqdm.write(summary_screen(summary), file=sys.stderr)
     return TrainResult(lora=lm, tokenizer=tokenizer, summary=summary)
+
+
+def track_best(cfg: TrainConfig, output: Path, lm: LoraModel, state: ckpt.TrainerState, val_loss: float
+               ) -> tuple[bool, bool]:
+    """Record an evaluation: keep the adapter in checkpoints/best when it improved. Returns (improved, stop early)."""
+    if state.best_val_loss is None or val_loss < state.best_val_loss:
+        state.best_val_loss, state.best_step, state.evals_without_improvement = val_loss, state.step, 0
+        ckpt.save_best(output, lm)
+        return True, False
+    state.evals_without_improvement += 1
+    return False, 0 < cfg.early_stopping <= state.evals_without_improvement
+
+
+def checkpoint_or_stop(cfg: TrainConfig, output: Path, lm: LoraModel, optimizer, scheduler,
+                       state: ckpt.TrainerState, signum: int | None) -> None:
+    """After a step: write checkpoints/step-N when due or when a signal came; on a signal, stop with a message."""
+    if (cfg.save_every and state.step % cfg.save_every == 0) or signum:
+        ckpt.save_checkpoint(output, lm, optimizer, scheduler, state, cfg.keep_checkpoints)
+    if signum:
+        raise TrainingInterrupted(
+            f"stopped by {signal.Signals(signum).name} after step {state.step}; checkpoint written to "
+            f"{output / ckpt.CHECKPOINTS}/step-{state.step}. Continue with: loraforge train --resume {output}")
 
 
 @torch.no_grad()
