@@ -16,7 +16,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-import yaml
 from tqdm import tqdm
 
 from loraforge.config import TrainConfig
@@ -26,11 +25,9 @@ from loraforge.data.split import sample_few_shot, train_val_split
 from loraforge.errors import LoraforgeError
 from loraforge.infer.predict import load_encoder_with_head, require_encoder, run_head, score_head
 from loraforge.lora import LoraConfig, LoraModel
-from loraforge.train import checkpoint as ckpt
-from loraforge.train.loop import (CONFIG_FILE, SUMMARY_FILE, TrainResult, _check_paths, _finish, _stop_on_signals,
-                                  _write_text, batch_order, checkpoint_or_stop, track_best)
-from loraforge.train.observe import METRICS_FILE, MetricsLog, summary_screen
-from loraforge.train.schedule import make_optimizer
+from loraforge.train.loop import (SUMMARY_FILE, TrainResult, _check_paths, _finish, _stop_on_signals, _write_text,
+                                  batch_order, checkpoint_or_stop, start_or_resume, track_best)
+from loraforge.train.observe import summary_screen
 
 log = logging.getLogger("loraforge")
 
@@ -87,21 +84,10 @@ def train_head(cfg: TrainConfig, *, resume: bool = False, progress: bool = True)
     log.info("%s", report)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer, scheduler = make_optimizer(lm, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                          loraplus_lr_ratio=cfg.loraplus_lr_ratio, schedule=cfg.schedule,
-                                          warmup=cfg.warmup_steps, total=cfg.max_steps)
-    params = list(lm.adapter_parameters().values())
-    state = ckpt.TrainerState()
-    if resume:
-        last = ckpt.list_checkpoints(output)
-        if not last:
-            raise LoraforgeError(f"--resume {output}: no complete checkpoint in {output / ckpt.CHECKPOINTS}")
-        state = ckpt.load_checkpoint(last[-1], lm, optimizer, scheduler)
-        log.info("resuming from %s (step %d of %d)", last[-1], state.step, cfg.max_steps)
-    else:
-        _write_text(output / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    optimizer, scheduler, state, metrics = start_or_resume(cfg, output, lm, resume)
+    if not resume:
         spec.save(output)
-    metrics = MetricsLog(output / METRICS_FILE, resume_step=state.step if resume else None)
+    params = list(lm.adapter_parameters().values())
     pad_id = pad_id_for(tokenizer)
     micro = batch_order(len(train_set), cfg.batch_size, cfg.max_steps * cfg.grad_accum, cfg.seed)
     val_scores: dict[str, float] = {}

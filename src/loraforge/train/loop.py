@@ -99,20 +99,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     forward_model = torch.compile(model) if cfg.compile else model
-    optimizer, scheduler = make_optimizer(lm, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                          loraplus_lr_ratio=cfg.loraplus_lr_ratio, schedule=cfg.schedule,
-                                          warmup=cfg.warmup_steps, total=cfg.max_steps)
+    optimizer, scheduler, state, metrics = start_or_resume(cfg, output, lm, resume)
     params = list(lm.adapter_parameters().values())
-    state = ckpt.TrainerState()
-    if resume:
-        last = ckpt.list_checkpoints(output)
-        if not last:
-            raise LoraforgeError(f"--resume {output}: no complete checkpoint in {output / ckpt.CHECKPOINTS}")
-        state = ckpt.load_checkpoint(last[-1], lm, optimizer, scheduler)
-        log.info("resuming from %s (step %d of %d)", last[-1], state.step, cfg.max_steps)
-    else:
-        _write_text(output / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    metrics = MetricsLog(output / METRICS_FILE, resume_step=state.step if resume else None)
     pad_id = pad_id_for(tokenizer)
     packed = cfg.packing and packing_supported(model)
     if cfg.packing and not packed:
@@ -170,6 +158,25 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
     if progress:
         tqdm.write(summary_screen(summary), file=sys.stderr)
     return TrainResult(lora=lm, tokenizer=tokenizer, summary=summary)
+
+
+def start_or_resume(cfg: TrainConfig, output: Path, lm: LoraModel, resume: bool):
+    """AdamW + schedule, and the trainer state: fresh (writing train_config.yaml) or from the newest checkpoint.
+    Returns (optimizer, scheduler, state, metrics log)."""
+    optimizer, scheduler = make_optimizer(lm, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                          loraplus_lr_ratio=cfg.loraplus_lr_ratio, schedule=cfg.schedule,
+                                          warmup=cfg.warmup_steps, total=cfg.max_steps)
+    state = ckpt.TrainerState()
+    if resume:
+        last = ckpt.list_checkpoints(output)
+        if not last:
+            raise LoraforgeError(f"--resume {output}: no complete checkpoint in {output / ckpt.CHECKPOINTS}")
+        state = ckpt.load_checkpoint(last[-1], lm, optimizer, scheduler)
+        log.info("resuming from %s (step %d of %d)", last[-1], state.step, cfg.max_steps)
+    else:
+        _write_text(output / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    metrics = MetricsLog(output / METRICS_FILE, resume_step=state.step if resume else None)
+    return optimizer, scheduler, state, metrics
 
 
 def track_best(cfg: TrainConfig, output: Path, lm: LoraModel, state: ckpt.TrainerState, val_loss: float
