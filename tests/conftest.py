@@ -29,3 +29,32 @@ def default_model_dir(loraforge_home: Path) -> Path:
     from loraforge.models import DEFAULT_MODEL, resolve_model
 
     return resolve_model(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a module of tiny-model tests (use with `pytestmark = usefixtures("one_thread")`):
+    tiny models gain nothing from threads, a shared CPU makes OpenMP threads ~100x slower, and one thread makes
+    runs bit-exact against each other. Restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny seeded Llama and its tokenizer saved as a transformers folder (fixtures.tiny_models)."""
+    from fixtures.tiny_models import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 5 fixture records (3 text, 2 instruction) as JSONL."""
+    from fixtures.tiny_models import write_jsonl
+
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl")

@@ -12,7 +12,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from fixtures.tiny_models import LAYERS, save_tiny_gpt2, save_tiny_llama, tiny_llama, write_jsonl
+from fixtures.tiny_models import LAYERS, save_tiny_gpt2, tiny_llama
 from loraforge.cli import main
 from loraforge.config import TrainConfig
 from loraforge.infer import GenerationOptions, generate
@@ -25,28 +25,12 @@ IDS = torch.tensor([[1, 4, 14, 15, 7, 12, 4, 25], [1, 35, 36, 39, 32, 5, 24, 2]]
 TINY_LORA_PARAMS = 896  # r=4 on q_proj (32 -> 32) and v_proj (32 -> 16), 2 layers: 2 x 4 x (64 + 48)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP threads make each op ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), seed=0)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory) -> Path:
     return save_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"), seed=0)
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl")
 
 
 def _flags(llama_dir: Path, data_file: Path, output: Path) -> list[str]:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fixtures.tiny_models import save_tiny_llama, tiny_tokenizer, write_jsonl
+from fixtures.tiny_models import tiny_tokenizer, write_jsonl
 from helpers import tiny_llama
 from loraforge.config import TrainConfig
 from loraforge.data import IGNORE_INDEX, collate, load_examples
@@ -29,22 +29,7 @@ OPTIONS = dict(batch_size=2, lr=1e-2, seed=0, r=4, lora_alpha=8, lora_dropout=0.
                dtype="float32")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # bit-exact comparisons between runs, and no OpenMP thrash on a busy machine
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), seed=0)
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(llama_dir, data_file, output, **overrides) -> TrainConfig:

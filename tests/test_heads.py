@@ -29,12 +29,7 @@ X = IGNORE_INDEX
 OPTIONS = dict(r=4, lora_alpha=8, lora_dropout=0.0, lr=1e-2, batch_size=2, max_steps=4, seed=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models gain nothing from threads; the machine is shared
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from fixtures.tiny_bert import CONLL, SST2, save_tiny_bert
-from fixtures.tiny_models import save_tiny_llama
 from loraforge.cli import main
 from loraforge.config import TrainConfig
 from loraforge.data import get_recipe, read_records
@@ -27,22 +26,12 @@ E2E = READERS / "e2e_train_head.csv"
 HEAD_OPTIONS = dict(r=4, lora_alpha=8, lora_dropout=0.0, lr=1e-2, batch_size=2, max_steps=3, seed=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models gain nothing from threads; the machine is shared
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory) -> Path:
     return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from fixtures.tiny_models import HEAD_DIM, HEADS, HIDDEN, KV_HEADS, LAYERS, save_tiny_llama, tiny_tokenizer, write_jsonl
+from fixtures.tiny_models import HEAD_DIM, HEADS, HIDDEN, KV_HEADS, LAYERS, tiny_tokenizer, write_jsonl
 from helpers import tiny_gpt2, tiny_llama  # initializer_range 0.3: O(1) logits make 1e-6 a real check
 from loraforge.config import TrainConfig, build_config, load_yaml
 from loraforge.data import IGNORE_INDEX, collate, load_examples
@@ -25,23 +25,7 @@ GOLDEN_OPTIONS = dict(max_steps=5, batch_size=2, lr=1e-2, seed=0, r=4, lora_alph
 RECORD_TOKENS = 9 + 13 + 8 + 30 + 14  # the 5 RECORDS with the BOS-adding tokenizer, EOS included (by hand)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP threads make each op ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), seed=0)
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(llama_dir: Path, data_file: Path, output: Path, **overrides) -> TrainConfig:
