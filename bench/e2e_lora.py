@@ -145,6 +145,9 @@ def main() -> None:
         cells = [f"{m[k]:.2f}" if isinstance(m[k], float) else str(m[k]) for k in
                  ("BLEU", "NIST", "METEOR", "ROUGE-L", "CIDEr")]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    with open(Path(a.output) / "predictions.jsonl", "w", encoding="utf-8") as fh:  # every MR, for rescoring
+        for r, p, refs in zip(records, predictions, references):
+            fh.write(json.dumps({"mr": r.fields["mr"], "prediction": p, "references": refs}, ensure_ascii=False) + "\n")
     out = Path(a.output) / "e2e_scores.json"
     out.write_text(json.dumps({"scores": rows, "paper": PAPER, "train_summary": {k: s[k] for k in (
         "steps", "train_tokens", "tokens_per_second", "final_loss")}, "minutes": {"train": train_minutes,

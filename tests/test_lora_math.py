@@ -11,6 +11,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from loraforge.lora import LoraEmbedding, LoraLinear
+from loraforge.lora.layer import DroppedLowRank, dropout_keep
 from tolerances import FP32, max_abs_diff
 
 # Shared integer values: W (out=2, in=3), b (2,), A (r=2, in=3), B (out=2, r=2), x (2 rows, in=3).
@@ -184,6 +185,60 @@ def test_dropout_no_effect_in_eval_and_effect_in_train():
     with torch.no_grad():
         layer.lora_B.weight.zero_()
     assert torch.equal(layer(x), layer.base_layer(x))
+
+
+def test_dropped_low_rank_matches_autograd_on_the_same_mask():
+    # the fused branch (bool mask kept, rescale folded into A) == autograd through x * keep * scale
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 32, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(4, 32, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(1234)
+    keep, scale = dropout_keep(x, 0.3)
+    reference = ((x * keep * scale) @ a.T @ b.T)
+    grad = torch.randn_like(reference)
+    ref_grads = torch.autograd.grad(reference, (x, a, b), grad)
+    torch.manual_seed(1234)  # the same mask
+    fused = DroppedLowRank.apply(x, a, b, 0.3)
+    fused_grads = torch.autograd.grad(fused, (x, a, b), grad)
+    assert max_abs_diff(fused, reference) < 1e-12
+    for ours, ref in zip(fused_grads, ref_grads):
+        assert max_abs_diff(ours, ref) < 1e-12
+
+    def seeded(x, a, b):
+        torch.manual_seed(99)
+        return DroppedLowRank.apply(x, a, b, 0.3)
+    assert torch.autograd.gradcheck(seeded, (x, a, b))
+
+
+def test_dropout_keep_rate_and_rescale():
+    x = torch.empty(1000, 1000)
+    torch.manual_seed(7)
+    keep, scale = dropout_keep(x, 0.05)
+    # cut = round(0.05 * 32768) = 1638: P(drop) = 1638 / 32768 = 0.049987..., rescale 32768 / 31130
+    assert scale == 32768 / 31130
+    dropped = 1 - keep.float().mean().item()
+    assert abs(dropped - 1638 / 32768) < 5 * math.sqrt(0.05 * 0.95 / 1e6), dropped  # 5 sigma
+    torch.manual_seed(7)
+    assert torch.equal(keep, dropout_keep(x, 0.05)[0])  # the global seed fixes the mask
+    assert not torch.equal(keep, dropout_keep(x, 0.05)[0])
+    torch.manual_seed(1)
+    odd = dropout_keep(torch.empty(3, 7), 0.5)[0]  # odd element count: shape kept
+    assert odd.shape == (3, 7) and 0 < odd.sum() < 21
+
+
+def test_train_mode_dropout_is_seeded_and_unbiased():
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(16, 4), r=4, lora_alpha=8, lora_dropout=0.5, init_lora_weights=False).train()
+    x = torch.randn(2, 16)
+    torch.manual_seed(5)
+    first = layer(x)
+    torch.manual_seed(5)
+    assert torch.equal(layer(x), first)  # the global seed fixes the masks
+    # averaged over many masks the branch is the undropped one (E[keep * scale] = 1)
+    mean = torch.stack([layer(x).detach() for _ in range(4000)]).mean(0)  # grad on: the fused branch
+    layer.eval()
+    assert max_abs_diff(mean, layer(x)) < 0.1 * layer(x).abs().max().item()
 
 
 # ---- init ---------------------------------------------------------------------------------------------------------

@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (left-padded)")
     p.add_argument("--max-length", type=int, default=512, help="text task: tokens per example or chunk")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default="float32",
+                   help="auto: bfloat16 where this CPU/GPU runs it natively (much faster), else float32")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = one per core)")
     p.add_argument("--samples", type=int, default=8, help="examples shown side by side in the report")
     p.add_argument("--output", default="runs/eval",

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from loraforge.config import DEFAULT_MODEL
+from loraforge.config import DEFAULT_MODEL, resolve_dtype
 from loraforge.data import IGNORE_INDEX, Record, Recipe, collate, get_recipe, load_examples, pad_id_for, read_records
 from loraforge.errors import LoraforgeError
 from loraforge.eval.fewshot import encode_few_shot, pick_shots
@@ -43,7 +43,7 @@ log = logging.getLogger("loraforge")
 TASKS = ("generate", "text")
 MULTI_REFERENCE_METRICS = frozenset({"bleu_nist", "rouge", "squad_em_f1", "squad_zh_em_f1"})
 """Metrics that take several references per example, so records sharing an input are grouped into one example."""
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "bfloat16", "auto")  # auto: config.resolve_dtype (bfloat16 where the CPU/GPU runs it natively)
 HEAD_CHUNK_ROWS = 1024
 
 
@@ -255,7 +255,7 @@ def _models(specs: list[ModelSpec], dtype: str) -> Iterator[tuple[ModelSpec, Any
             _, model, tokenizer = plain
         else:
             plain = None  # free the previous base before loading the next one
-            model, tokenizer = load_model(spec.base, dtype=DTYPES[dtype])
+            model, tokenizer = load_model(spec.base, dtype=resolve_dtype(dtype))
             if spec.adapter is None:
                 plain = (spec.base, model, tokenizer)
             else:

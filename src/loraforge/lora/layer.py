@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -125,6 +126,9 @@ class LoraLinear(_LoraBase):
             # (B, T, in) activations never are, and the scaling is folded into B instead of a pass over (B, T, out).
             a = self.lora_A.weight.to(x.dtype)  # (r, in)
             b = (self.lora_B.weight * self.scaling).to(x.dtype)  # (out, r)
+            p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+            if p > 0 and self.training and torch.is_grad_enabled():
+                return result + DroppedLowRank.apply(x, a, b, p).to(result.dtype)
             return result + F.linear(F.linear(self.lora_dropout(x), a), b).to(result.dtype)
         x = x.to(self.lora_A.weight.dtype)
         return result + self._dora_extra(x, result).to(result.dtype)
@@ -144,6 +148,52 @@ class LoraLinear(_LoraBase):
             base_result = F.linear(x, weight)
         lora_result = self.lora_B(self.lora_A(x))
         return (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * self.scaling
+
+
+def dropout_keep(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """A keep-mask (bool, x's shape) and the 1 / P(keep) rescale. Seeded by torch's global generator, so seeded runs
+    repeat and a resumed run (which restores that generator) draws the same masks.
+
+    Each element gets 15 random bits and is dropped with probability round(p * 32768) / 32768, within 1.6e-5 of p;
+    the rescale uses that exact probability, so E[dropout(x)] = x as with nn.Dropout. On CPU the bits come from
+    numpy's PCG64 (one 64-bit draw per 4 elements, ~3.5x faster than torch's mt19937 `random_`, which is ~10x
+    faster than nn.Dropout's float-per-element bernoulli draw); elsewhere from torch's generator.
+    """
+    n, cut = x.numel(), round(p * 32768)
+    if x.device.type == "cpu":
+        seed = int(torch.randint(0, 2**62, ()))
+        bits = torch.from_numpy(np.random.PCG64(seed).random_raw((n + 3) // 4).view(np.int16)[:n])
+    else:
+        bits = torch.empty((n + 1) // 2, dtype=torch.int32, device=x.device).random_().view(torch.int16)[:n]
+    keep = (bits.view(x.shape) & 0x7FFF) >= cut
+    return keep, 32768 / (32768 - cut)
+
+
+class DroppedLowRank(torch.autograd.Function):
+    """dropout(x) @ a.T @ b.T, keeping for backward x (usually kept already) and a bool mask instead of nn.Dropout's
+    mask and dropped copy in x's dtype: 1 byte per element instead of 4 in bf16. The rescale is folded into a
+    (r x in) rather than applied to (..., in).
+
+    Shapes: x (..., in), a (r, in), b (out, r), all one dtype. Returns (..., out).
+    """
+
+    @staticmethod
+    def forward(ctx, x, a, b, p):
+        keep, scale = dropout_keep(x, p)
+        a_scaled = a * scale
+        h = F.linear(torch.where(keep, x, 0), a_scaled)  # (..., r)
+        ctx.save_for_backward(x, keep, a_scaled, b, h)
+        ctx.scale = scale
+        return F.linear(h, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, keep, a_scaled, b, h = ctx.saved_tensors
+        grad_h = grad @ b  # (..., r)
+        grad_b = grad.flatten(0, -2).T @ h.flatten(0, -2)  # (out, r)
+        grad_a = (grad_h.flatten(0, -2).T @ torch.where(keep, x, 0).flatten(0, -2)) * ctx.scale  # (r, in)
+        grad_x = torch.where(keep, grad_h @ a_scaled, 0) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_a, grad_b, None
 
 
 class LoraEmbedding(_LoraBase):

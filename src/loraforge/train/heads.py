@@ -28,6 +28,7 @@ from loraforge.lora import LoraConfig, LoraModel
 from loraforge.train.loop import (SUMMARY_FILE, TrainResult, _check_paths, _finish, _stop_on_signals, _write_text,
                                   batch_order, checkpoint_or_stop, start_or_resume, track_best)
 from loraforge.train.observe import summary_screen
+from loraforge.train.runtime import release_free_memory
 
 log = logging.getLogger("loraforge")
 
@@ -118,6 +119,7 @@ def train_head(cfg: TrainConfig, *, resume: bool = False, progress: bool = True)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            release_free_memory()
 
             state.step, state.losses = step, [*state.losses, loss]
             state.tokens += sum(int(b["attention_mask"].sum()) for b in batches)

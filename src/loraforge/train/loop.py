@@ -5,6 +5,7 @@ checkpoints and a clean stop on SIGINT/SIGTERM -> adapter, metrics, loss curve a
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -29,9 +30,11 @@ from loraforge.lora import LoraConfig, LoraModel, save_adapter
 from loraforge.lora.adapter import atomic_write
 from loraforge.models import load_model
 from loraforge.train import checkpoint as ckpt
+from loraforge.train.kernels import packed_attention_on, packed_attention_supported, patched_for_training
 from loraforge.train.loss import learned_token_count, token_loss_sum
 from loraforge.train.observe import (METRICS_FILE, PLOT_FILE, MetricsLog, measure_matmul_peak, peak_rss_mb,
-                                     plot_loss_curve, summary_screen, train_flops)
+                                     plot_loss_curve, rss_mb, summary_screen, train_flops)
+from loraforge.train.runtime import release_free_memory
 from loraforge.train.schedule import make_optimizer
 
 log = logging.getLogger("loraforge")
@@ -108,12 +111,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
     rows = pack(train_set, cfg.max_length, seed=cfg.seed) if packed else train_set
     if packed:
         log.info("packing: %d examples in %d rows of up to %d tokens", len(train_set), len(rows), cfg.max_length)
+    per_example_attention = packed and packed_attention_supported(model)
     micro = batch_order(len(rows), cfg.batch_size, cfg.max_steps * cfg.grad_accum, cfg.seed)
 
     model.train()
     bar = tqdm(range(state.step + 1, cfg.max_steps + 1), desc="train", disable=not progress, dynamic_ncols=True,
                initial=state.step, total=cfg.max_steps)
-    with _stop_on_signals() as stop:
+    with _stop_on_signals() as stop, patched_for_training(model) as n_patched:
+        log.debug("lean training forwards on %d modules", n_patched)
         for step in bar:
             start = time.perf_counter()
             batches = [(collate_packed if packed else collate)([rows[i] for i in idx], pad_id)
@@ -121,7 +126,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
             step_learned = sum(learned_token_count(b) for b in batches)  # every token weighs the same
             loss_sum = 0.0
             for batch in batches:
-                total, _ = token_loss_sum(forward_model, batch)
+                with packed_attention_on(model) if per_example_attention else contextlib.nullcontext():
+                    total, _ = token_loss_sum(forward_model, batch)
                 (total / max(step_learned, 1)).backward()
                 loss_sum += total.item()
             loss = loss_sum / max(step_learned, 1)
@@ -132,6 +138,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            release_free_memory()
 
             state.step, state.losses = step, [*state.losses, loss]
             state.tokens += sum(_real_tokens(b) for b in batches)
@@ -139,7 +146,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
             state.train_seconds += time.perf_counter() - start
             tps = state.tokens / state.train_seconds
             metrics.write(step=step, loss=loss, lr=scheduler.get_last_lr()[0], tokens=state.tokens,
-                          tokens_per_second=round(tps, 2), seconds=round(state.train_seconds, 3))
+                          tokens_per_second=round(tps, 2), seconds=round(state.train_seconds, 3), rss_mb=round(rss_mb()),
+                          peak_rss_mb=round(peak_rss_mb()))
             if step % cfg.log_every == 0:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{tps:.0f}")
 

@@ -17,6 +17,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def rss_mb() -> float:
+    """Resident memory now (Linux /proc; elsewhere the peak so far)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:
+        return peak_rss_mb()
+
+
 class MetricsLog:
     """Append-only JSON lines. On resume, lines past the checkpoint's step are dropped so the curve has no repeats."""
 

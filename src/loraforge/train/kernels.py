@@ -1,0 +1,213 @@
+"""Training forwards for two Llama-family blocks that keep less for backward than transformers' versions.
+
+Most of a LoRA step's memory is activations saved for backward (`python bench/profile_step.py`). Two blocks keep
+more than they need:
+
+- RMSNorm upcasts its input to fp32 and autograd keeps that fp32 copy (4 bytes per element). `rms_norm` keeps the
+  input in its own dtype and one fp32 scale per row, and redoes the fp32 arithmetic in backward.
+- The SwiGLU MLP keeps silu(gate) next to gate and up. `swiglu` keeps gate and up only and recomputes silu (an
+  elementwise op) in backward.
+
+The forward values are the same numbers transformers computes, op for op. `patched_for_training(model)` swaps
+these forwards in for the length of a `with` block, on modules that pass a numerical probe against their own
+forward (so a model whose norm or MLP differs, e.g. Gemma's (1 + weight) norm, keeps its own code).
+"""
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """weight * (x / sqrt(mean(x^2) + eps)), computed in fp32 and cast back, as LlamaRMSNorm. Saves x and 1/rms."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1) fp32
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (xf * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.float() * rstd
+        grad_normed = (grad * weight).float()
+        # d/dx of x * rstd(x): rstd * (g - normed * mean(g * normed))
+        grad_x = rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad * normed.to(x.dtype)).flatten(0, -2).sum(0).to(weight.dtype)
+        return grad_x.to(x.dtype), grad_w, None
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """silu(gate) * up. Saves gate and up; silu is recomputed in backward (aten's own silu_backward kernel)."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        return grad_gate, grad_up
+
+
+def _rms_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _swiglu_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(SwiGLUFunction.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+def _candidates(module: nn.Module):
+    """The replacement forward this module might take, judged by its shape only; the probe decides."""
+    if isinstance(getattr(module, "weight", None), torch.Tensor) and hasattr(module, "variance_epsilon") \
+            and module.weight.dim() == 1 and type(module).__name__.endswith("RMSNorm"):
+        return _rms_norm_forward
+    if all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")) and \
+            isinstance(getattr(module, "act_fn", None), _silu_types()):
+        return _swiglu_mlp_forward
+    return None
+
+
+def _silu_types() -> tuple[type, ...]:
+    try:
+        from transformers.activations import SiLUActivation  # transformers' own SiLU class, where it has one
+    except ImportError:
+        return (nn.SiLU,)
+    return (nn.SiLU, SiLUActivation)
+
+
+@torch.no_grad()
+def _same_function(module: nn.Module, forward, width: int) -> bool:
+    """Does `forward` give the module's own output on a seeded random input? Run in eval mode (no dropout inside)
+    and with a private generator, so the probe draws nothing from the global RNG."""
+    param = next(module.parameters())
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(2, 3, width, generator=generator).to(device=param.device, dtype=param.dtype)
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        return torch.equal(forward(module, x), module(x))
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+PACKED_ATTENTION = "loraforge_packed"
+
+
+def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                     position_ids: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """Causal attention over packed rows, one unmasked SDPA call per packed example. A transformers attention
+    function: query (B, H, T, D), key and value (B, Hkv, T, D); returns (B, T, H, D).
+
+    For packed rows transformers builds a block-diagonal (B, 1, T, T) mask, repeats the key/value heads, and SDPA
+    takes its masked path over all T x T scores (a third of a step's time on the default model). Cut where
+    `position_ids` restart, each example is a plain causal attention: only sum(L_i^2) scores, no mask, GQA native.
+    """
+    if position_ids is None or attention_mask is not None or query.shape[2] != key.shape[2]:
+        raise RuntimeError("packed_attention needs packed rows: position_ids, no attention mask, no cache")
+    B, H, T, D = query.shape
+    lengths = segment_lengths(position_ids.expand(B, -1))
+    q = query.transpose(0, 1).reshape(H, B * T, D)  # every row's examples end to end
+    k = key.transpose(0, 1).reshape(key.shape[1], B * T, D)
+    v = value.transpose(0, 1).reshape(value.shape[1], B * T, D)
+    gqa = k.shape[0] != H
+    out = torch.cat([F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, is_causal=True, scale=scaling,
+                                                    enable_gqa=gqa)
+                     for qs, ks, vs in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1))], dim=1)
+    return out.view(H, B, T, D).permute(1, 2, 0, 3), None
+
+
+def segment_lengths(position_ids: torch.Tensor) -> list[int]:
+    """Lengths of the packed examples in (B, T) position ids, row after row: one starts at each 0 and at each row
+    start."""
+    flat = position_ids.reshape(-1)
+    T = position_ids.shape[-1]
+    starts = sorted(set((flat == 0).nonzero().flatten().tolist()) | set(range(0, flat.numel(), T)))
+    return [b - a for a, b in zip(starts, [*starts[1:], flat.numel()])]
+
+
+@torch.no_grad()
+def _packed_attention_agrees(model: nn.Module) -> bool:
+    """Does the model give the same logits on two packed examples with `packed_attention` as with its own
+    attention? (A model that does not hand position_ids to its attention function fails and keeps its own.)"""
+    param = next(model.parameters())
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (1, 9), generator=torch.Generator().manual_seed(0)).to(param.device)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]], device=param.device)
+    config = model.config
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        expected = model(input_ids=ids, position_ids=positions, use_cache=False).logits.float()
+        original, config._attn_implementation = config._attn_implementation, PACKED_ATTENTION
+        try:
+            ours = model(input_ids=ids, position_ids=positions, use_cache=False).logits.float()
+        except (RuntimeError, TypeError, ValueError):
+            return False
+        finally:
+            config._attn_implementation = original
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    tol = 1e-4 if param.dtype == torch.float32 else 5e-2
+    return bool(((ours - expected).abs().max() <= tol * expected.abs().max().clamp(min=1.0)).item())
+
+
+def packed_attention_supported(model: nn.Module) -> bool:
+    """Can `packed_attention` stand in for this model's attention? Registers it with transformers and probes."""
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
+    from transformers import AttentionInterface
+    AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+    return _packed_attention_agrees(model)
+
+
+@contextlib.contextmanager
+def packed_attention_on(model: nn.Module) -> Iterator[None]:
+    """Within the block the model attends per packed example (check `packed_attention_supported` first). Only for
+    packed batches: transformers builds no mask for a custom attention, so a padded batch would be read unmasked."""
+    config = model.config
+    original, config._attn_implementation = config._attn_implementation, PACKED_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = original
+
+
+@contextlib.contextmanager
+def patched_for_training(model: nn.Module) -> Iterator[int]:
+    """Within the block, RMSNorm and SwiGLU-MLP modules that pass the probe run the lean forwards. Yields how many
+    modules were patched; the originals are back on exit."""
+    verdicts: dict[tuple[type, object], bool] = {}
+    patched: list[nn.Module] = []
+    for module in model.modules():
+        forward = _candidates(module)
+        if forward is None or "forward" in vars(module):
+            continue
+        width = module.weight.shape[0] if forward is _rms_norm_forward else module.gate_proj.in_features
+        key = (type(module), forward)
+        if key not in verdicts:  # one probe per module class: same class, same code
+            verdicts[key] = _same_function(module, forward, width)
+        if verdicts[key]:
+            module.forward = types.MethodType(forward, module)
+            patched.append(module)
+    try:
+        yield len(patched)
+    finally:
+        for module in patched:
+            del module.forward
