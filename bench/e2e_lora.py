@@ -2,6 +2,7 @@
 
     python bench/e2e_lora.py                         # the recorded run (bench/RESULTS.md), within 60 minutes
     python bench/e2e_lora.py --steps 20 --eval-mrs 20 --beams 1   # a quick look
+    python bench/e2e_lora.py --adapter runs/e2e_lora --eval-mrs 80 --beams 1   # rescore a trained adapter
 
 Train: LoRA on the E2E train split (../shared/data/e2e/trainset.csv) through `loraforge.train`. Evaluate: beam
 search on the dev split's distinct MRs, each scored against all of its references (grouped as the E2E scripts do),
@@ -93,6 +94,20 @@ def score(predictions: list[str], references: list[list[str]]) -> dict[str, floa
     return scores
 
 
+def train_adapter(a: argparse.Namespace):
+    import shutil
+
+    from loraforge.config import TrainConfig
+    from loraforge.train import train
+
+    cfg = TrainConfig(recipe="e2e", data=str(DATA / "trainset.csv"), output=a.output, r=a.r, lora_alpha=2 * a.r,
+                      lora_dropout=0.1, target_modules="all-linear", lr=a.lr, warmup_steps=a.steps // 20,
+                      max_steps=a.steps, batch_size=a.batch_size, max_length=a.max_length, seed=0)
+    if Path(a.output).exists():
+        shutil.rmtree(a.output)
+    return train(cfg, progress=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=300)
@@ -105,19 +120,20 @@ def main() -> None:
     p.add_argument("--eval-batch", type=int, default=16)
     p.add_argument("--base", action="store_true", help="also score the base model (greedy) on the same MRs")
     p.add_argument("--output", default="runs/e2e_lora")
+    p.add_argument("--adapter", help="score this saved adapter instead of training one (e.g. a previous --output)")
     a = p.parse_args()
 
-    from loraforge.config import TrainConfig
-    from loraforge.train import train
-
     start = time.perf_counter()
-    cfg = TrainConfig(recipe="e2e", data=str(DATA / "trainset.csv"), output=a.output, r=a.r, lora_alpha=2 * a.r,
-                      lora_dropout=0.1, target_modules="all-linear", lr=a.lr, warmup_steps=a.steps // 20,
-                      max_steps=a.steps, batch_size=a.batch_size, max_length=a.max_length, seed=0)
-    if Path(a.output).exists():
-        import shutil
-        shutil.rmtree(a.output)
-    result = train(cfg, progress=True)
+    if a.adapter:  # no training: the adapter's train_summary.json says how it was made
+        from loraforge.lora import load_adapter
+        from loraforge.models import DEFAULT_MODEL, load_model
+
+        model, tokenizer = load_model(DEFAULT_MODEL, dtype=torch.bfloat16)
+        result = argparse.Namespace(lora=load_adapter(model, a.adapter), tokenizer=tokenizer,
+                                    summary=json.loads((Path(a.adapter) / "train_summary.json").read_text()))
+        a.output = a.adapter
+    else:
+        result = train_adapter(a)
     s = result.summary
     train_minutes = (time.perf_counter() - start) / 60
     model, tokenizer = result.lora.model, result.tokenizer
@@ -129,7 +145,7 @@ def main() -> None:
     predictions = decode(model, tokenizer, records, a.beams, a.eval_batch)
     eval_minutes = (time.perf_counter() - t0) / 60
     ours = score(predictions, references)
-    rows = {f"SmolLM2-135M LoRA (loraforge, {a.steps} steps)": ours}
+    rows = {f"SmolLM2-135M LoRA (loraforge, {s['steps']} steps)": ours}
     if a.base:
         with result.lora.disable_adapter():
             rows["SmolLM2-135M, no fine-tuning (greedy)"] = score(decode(model, tokenizer, records, 1,
@@ -145,10 +161,11 @@ def main() -> None:
         cells = [f"{m[k]:.2f}" if isinstance(m[k], float) else str(m[k]) for k in
                  ("BLEU", "NIST", "METEOR", "ROUGE-L", "CIDEr")]
         print(f"| {name} | " + " | ".join(cells) + " |")
-    with open(Path(a.output) / "predictions.jsonl", "w", encoding="utf-8") as fh:  # every MR, for rescoring
+    tag = f"{len(records)}mrs_beam{a.beams}"  # a rescoring run (--adapter) does not overwrite the recorded one
+    with open(Path(a.output) / f"predictions_{tag}.jsonl", "w", encoding="utf-8") as fh:  # every MR, for rescoring
         for r, p, refs in zip(records, predictions, references):
             fh.write(json.dumps({"mr": r.fields["mr"], "prediction": p, "references": refs}, ensure_ascii=False) + "\n")
-    out = Path(a.output) / "e2e_scores.json"
+    out = Path(a.output) / f"e2e_scores_{tag}.json"
     out.write_text(json.dumps({"scores": rows, "paper": PAPER, "train_summary": {k: s[k] for k in (
         "steps", "train_tokens", "tokens_per_second", "final_loss")}, "minutes": {"train": train_minutes,
         "eval": eval_minutes, "total": total}, "samples": [{"mr": r.fields["mr"], "prediction": p, "references": refs}

@@ -22,7 +22,7 @@ from loraforge.data import load_examples, pad_id_for
 from loraforge.data.packing import collate_packed, pack
 from loraforge.lora import LoraConfig, LoraModel
 from loraforge.models import DEFAULT_MODEL, load_model
-from loraforge.train.kernels import patched_for_training
+from loraforge.train.kernels import packed_attention_on, packed_attention_supported, patched_for_training
 from loraforge.train.loss import token_loss_sum
 
 
@@ -84,8 +84,9 @@ def main() -> None:
     print(f"peak RSS after two steps: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     if a.time:
         from torch.profiler import ProfilerActivity, profile
-        with patched_for_training(model), profile(activities=[ProfilerActivity.CPU]) as prof:
-            token_loss_sum(model, batch)[0].backward()
+        attention = packed_attention_on(model) if packed_attention_supported(model) else contextlib.nullcontext()
+        with patched_for_training(model), attention, profile(activities=[ProfilerActivity.CPU]) as prof:
+            token_loss_sum(model, batch)[0].backward()  # as `loraforge train` runs a packed step
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 

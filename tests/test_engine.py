@@ -225,6 +225,16 @@ def test_validation_best_checkpoint_and_run_files(llama_dir, data_file, tmp_path
     _assert_same_adapter(tmp_path / "checkpoints" / "best", tmp_path)  # the final adapter is the best one
     assert (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert 0 < s["mfu"] < 1 and s["peak_tflops"] > 0 and s["achieved_tflops"] > 0
+    steps = [r for r in rows if "loss" in r]
+    assert all(0 < r["rss_mb"] <= r["peak_rss_mb"] <= s["peak_rss_mb"] + 1 for r in steps)  # memory per step
+
+
+def test_release_free_memory_where_glibc():
+    import platform
+
+    from loraforge.train.runtime import release_free_memory
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert release_free_memory() is glibc  # the call exists exactly where glibc does (CI: Linux, glibc)
 
 
 def test_early_stopping_stops_when_validation_gets_worse(llama_dir, data_file, tmp_path):

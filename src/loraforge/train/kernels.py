@@ -1,16 +1,19 @@
-"""Training forwards for two Llama-family blocks that keep less for backward than transformers' versions.
+"""Training forwards for Llama-family blocks: less kept for backward, and attention without the packed mask.
 
-Most of a LoRA step's memory is activations saved for backward (`python bench/profile_step.py`). Two blocks keep
-more than they need:
+Profile of one step on the default model (`python bench/profile_step.py --time`): activations saved for backward
+are most of the memory, and masked attention is a third of the time. Three replacements:
 
-- RMSNorm upcasts its input to fp32 and autograd keeps that fp32 copy (4 bytes per element). `rms_norm` keeps the
-  input in its own dtype and one fp32 scale per row, and redoes the fp32 arithmetic in backward.
-- The SwiGLU MLP keeps silu(gate) next to gate and up. `swiglu` keeps gate and up only and recomputes silu (an
-  elementwise op) in backward.
+- RMSNorm upcasts its input to fp32 and autograd keeps that fp32 copy (4 bytes per element). `RMSNormFunction`
+  keeps the input in its own dtype and one fp32 scale per row, and redoes the fp32 arithmetic in backward.
+- The SwiGLU MLP keeps silu(gate) next to gate and up. `SwiGLUFunction` keeps gate and up only and recomputes silu
+  (one elementwise op) in backward.
+- Packed rows get a block-diagonal mask from transformers, and SDPA's masked path scores all T x T pairs.
+  `packed_attention` runs one unmasked causal SDPA per packed example instead.
 
-The forward values are the same numbers transformers computes, op for op. `patched_for_training(model)` swaps
-these forwards in for the length of a `with` block, on modules that pass a numerical probe against their own
-forward (so a model whose norm or MLP differs, e.g. Gemma's (1 + weight) norm, keeps its own code).
+The forward values of the first two are the numbers transformers computes, op for op. `patched_for_training(model)`
+swaps them in for the length of a `with` block, on modules that pass a numerical probe against their own forward
+(so a model whose norm or MLP differs, e.g. Gemma's (1 + weight) norm, keeps its own code). The attention is
+switched on per packed batch with `packed_attention_on`, after `packed_attention_supported` probed the model.
 """
 from __future__ import annotations
 

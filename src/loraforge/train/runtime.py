@@ -32,6 +32,10 @@ def _malloc_trim():
 
 
 def release_free_memory() -> bool:
-    """Give the allocator's free pages back to the OS (glibc's malloc_trim); False where there is no such call."""
+    """Give the allocator's free pages back to the OS (glibc's malloc_trim). True if the call was made (whether or
+    not there was anything to give back), False where there is no such call."""
     trim = _malloc_trim()
-    return bool(trim(0)) if trim is not None else False
+    if trim is None:
+        return False
+    trim(0)
+    return True
