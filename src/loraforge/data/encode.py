@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from loraforge.data.example import Fields, check_columns
-from loraforge.data.load import MAX_SKIP_REASONS, DataStats
+from loraforge.data.load import DataStats
 from loraforge.data.ner import iob1_to_bio
 from loraforge.data.readers import Record
 from loraforge.data.recipes import RECIPES, Classification, Ner, Recipe, get_recipe
@@ -166,17 +166,10 @@ class HeadSpec:
             try:
                 example = self.encode(record, tokenizer, max_length)
             except LoraforgeError as err:
-                if on_bad_record == "error":
-                    raise
-                stats.skipped += 1
-                if len(stats.skip_reasons) < MAX_SKIP_REASONS:
-                    stats.skip_reasons.append(str(err))
+                stats.skip(err, on_bad_record)
                 continue
             examples.append(example)
-            stats.used += 1
-            stats.truncated += example.truncated
-            stats.tokens += len(example.input_ids)
-            stats.target_tokens += sum(t != IGNORE_INDEX for t in example.target)
+            stats.use(example.truncated, len(example.input_ids), sum(t != IGNORE_INDEX for t in example.target))
         stats.formats = {self.task: stats.used}
         return examples, stats
 

@@ -59,6 +59,21 @@ class DataStats:
     skip_reasons: list[str] = field(default_factory=list)
     """The error message of each skipped record, the first `MAX_SKIP_REASONS` of them."""
 
+    def skip(self, err: LoraforgeError, on_bad_record: str) -> None:
+        """A bad record: re-raise with `on_bad_record="error"`, else count it and keep the first reasons."""
+        if on_bad_record == "error":
+            raise err
+        self.skipped += 1
+        if len(self.skip_reasons) < MAX_SKIP_REASONS:
+            self.skip_reasons.append(str(err))
+
+    def use(self, truncated: bool, tokens: int, target_tokens: int) -> None:
+        """Count one record that became an example."""
+        self.used += 1
+        self.truncated += truncated
+        self.tokens += tokens
+        self.target_tokens += target_tokens
+
     def summary(self) -> str:
         """One line for the console, e.g. `300 records: 298 used, 2 skipped, 5 truncated; 21,400 tokens ...`."""
         chunks = f" in {self.chunks:,} chunks" if self.chunks else ""
@@ -166,16 +181,9 @@ def _tokenize_records(
         try:
             kind, tokenized = _tokenize_record(record, chosen, tokenizer, max_length)
         except LoraforgeError as e:
-            if on_bad_record == "error":
-                raise
-            stats.skipped += 1
-            if len(stats.skip_reasons) < MAX_SKIP_REASONS:
-                stats.skip_reasons.append(str(e))
+            stats.skip(e, on_bad_record)
             continue
-        stats.used += 1
-        stats.truncated += tokenized.truncated
-        stats.tokens += len(tokenized.input_ids)
-        stats.target_tokens += tokenized.num_target_tokens
+        stats.use(tokenized.truncated, len(tokenized.input_ids), tokenized.num_target_tokens)
         stats.formats[kind] = stats.formats.get(kind, 0) + 1
         yield tokenized
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
 
@@ -26,9 +25,8 @@ from loraforge.errors import LoraforgeError
 from loraforge.infer.predict import load_encoder_with_head, require_encoder, run_head, score_head
 from loraforge.lora import LoraConfig, LoraModel
 from loraforge.train.loop import (SUMMARY_FILE, TrainResult, _check_paths, _finish, _stop_on_signals, _write_text,
-                                  batch_order, checkpoint_or_stop, start_or_resume, track_best)
+                                  batch_order, checkpoint_or_stop, finish_step, start_or_resume, track_best)
 from loraforge.train.observe import summary_screen
-from loraforge.train.runtime import release_free_memory
 
 log = logging.getLogger("loraforge")
 
@@ -111,25 +109,8 @@ def train_head(cfg: TrainConfig, *, resume: bool = False, progress: bool = True)
                                         ignore_index=IGNORE_INDEX, reduction="sum")
                 (total / max(step_labels, 1)).backward()
                 loss_sum += total.item()
-            loss = loss_sum / max(step_labels, 1)
-            if not math.isfinite(loss):
-                raise LoraforgeError(f"step {step}: the loss is {loss}; lower --lr (now {cfg.lr}) and retry")
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            release_free_memory()
-
-            state.step, state.losses = step, [*state.losses, loss]
-            state.tokens += sum(int(b["attention_mask"].sum()) for b in batches)
-            state.learned_tokens += step_labels
-            state.train_seconds += time.perf_counter() - start
-            tps = state.tokens / state.train_seconds
-            metrics.write(step=step, loss=loss, lr=scheduler.get_last_lr()[0], tokens=state.tokens,
-                          tokens_per_second=round(tps, 2), seconds=round(state.train_seconds, 3))
-            if step % cfg.log_every == 0:
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{tps:.0f}")
+            finish_step(cfg, step, loss_sum / max(step_labels, 1), params, optimizer, scheduler, state, metrics, bar,
+                        tokens=sum(int(b["attention_mask"].sum()) for b in batches), learned=step_labels, start=start)
 
             stop_early = False
             if val_set and (step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0)):

@@ -99,10 +99,17 @@ def _same_function(module: nn.Module, forward, width: int) -> bool:
     param = next(module.parameters())
     generator = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(2, 3, width, generator=generator).to(device=param.device, dtype=param.dtype)
+    with _eval_mode(module):
+        return torch.equal(forward(module, x), module(x))
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """eval() for the block (no dropout in a probe); every submodule's own train/eval flag is back after it."""
     modes = {m: m.training for m in module.modules()}
     module.eval()
     try:
-        return torch.equal(forward(module, x), module(x))
+        yield
     finally:
         for m, training in modes.items():
             m.training = training
@@ -152,21 +159,13 @@ def _packed_attention_agrees(model: nn.Module) -> bool:
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = torch.randint(0, vocab, (1, 9), generator=torch.Generator().manual_seed(0)).to(param.device)
     positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]], device=param.device)
-    config = model.config
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    with _eval_mode(model):
         expected = model(input_ids=ids, position_ids=positions, use_cache=False).logits.float()
-        original, config._attn_implementation = config._attn_implementation, PACKED_ATTENTION
         try:
-            ours = model(input_ids=ids, position_ids=positions, use_cache=False).logits.float()
+            with packed_attention_on(model):
+                ours = model(input_ids=ids, position_ids=positions, use_cache=False).logits.float()
         except (RuntimeError, TypeError, ValueError):
             return False
-        finally:
-            config._attn_implementation = original
-    finally:
-        for m, training in modes.items():
-            m.training = training
     tol = 1e-4 if param.dtype == torch.float32 else 5e-2
     return bool(((ours - expected).abs().max() <= tol * expected.abs().max().clamp(min=1.0)).item())
 

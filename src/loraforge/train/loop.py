@@ -130,26 +130,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
                     total, _ = token_loss_sum(forward_model, batch)
                 (total / max(step_learned, 1)).backward()
                 loss_sum += total.item()
-            loss = loss_sum / max(step_learned, 1)
-            if not math.isfinite(loss):
-                raise LoraforgeError(f"step {step}: the loss is {loss}; lower --lr (now {cfg.lr}) and retry")
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            release_free_memory()
-
-            state.step, state.losses = step, [*state.losses, loss]
-            state.tokens += sum(_real_tokens(b) for b in batches)
-            state.learned_tokens += step_learned
-            state.train_seconds += time.perf_counter() - start
-            tps = state.tokens / state.train_seconds
-            metrics.write(step=step, loss=loss, lr=scheduler.get_last_lr()[0], tokens=state.tokens,
-                          tokens_per_second=round(tps, 2), seconds=round(state.train_seconds, 3), rss_mb=round(rss_mb()),
-                          peak_rss_mb=round(peak_rss_mb()))
-            if step % cfg.log_every == 0:
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", tok_s=f"{tps:.0f}")
+            finish_step(cfg, step, loss_sum / max(step_learned, 1), params, optimizer, scheduler, state, metrics, bar,
+                        tokens=sum(_real_tokens(b) for b in batches), learned=step_learned, start=start)
 
             stop_early = False
             if val_set and (step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
@@ -166,6 +148,33 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
     if progress:
         tqdm.write(summary_screen(summary), file=sys.stderr)
     return TrainResult(lora=lm, tokenizer=tokenizer, summary=summary)
+
+
+def finish_step(cfg: TrainConfig, step: int, loss: float, params: list, optimizer, scheduler,
+                state: ckpt.TrainerState, metrics: MetricsLog, bar, *, tokens: int, learned: int,
+                start: float) -> None:
+    """What ends every optimizer step, in both loops (this one and heads.py's): stop on a non-finite loss, clip,
+    step the optimizer and schedule, hand freed memory back, count into `state`, write metrics.jsonl, update the
+    progress bar. `loss` is the step's mean over its `learned` tokens (or labels); `start` its perf_counter start."""
+    if not math.isfinite(loss):
+        raise LoraforgeError(f"step {step}: the loss is {loss}; lower --lr (now {cfg.lr}) and retry")
+    if cfg.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    release_free_memory()
+
+    state.step, state.losses = step, [*state.losses, loss]
+    state.tokens += tokens
+    state.learned_tokens += learned
+    state.train_seconds += time.perf_counter() - start
+    tps = state.tokens / state.train_seconds
+    lr = scheduler.get_last_lr()[0]
+    metrics.write(step=step, loss=loss, lr=lr, tokens=state.tokens, tokens_per_second=round(tps, 2),
+                  seconds=round(state.train_seconds, 3), rss_mb=round(rss_mb()), peak_rss_mb=round(peak_rss_mb()))
+    if step % cfg.log_every == 0:
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
 
 
 def start_or_resume(cfg: TrainConfig, output: Path, lm: LoraModel, resume: bool):
