@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -102,7 +103,7 @@ def test_each_row_is_its_model_alone(setup, result) -> None:
 
 
 def test_few_shot_prompt_has_k_examples_and_no_scored_record(setup) -> None:
-    recipe = RECIPES["e2e"]
+    recipe = replace(RECIPES["e2e"], prompt_style="instruction")  # Alpaca with this tokenizer
     examples = load_eval_examples(str(setup["dev"]), recipe)
     scored = [recipe.prompt(ex.record) for ex in examples]
     pool = [Record(r, "pool", i + 1) for i, r in enumerate(POOL)]
@@ -122,6 +123,9 @@ def test_few_shot_prompt_has_k_examples_and_no_scored_record(setup) -> None:
         pick_shots(pool, recipe, 5, seed=0, exclude=scored)
     ids = encode_few_shot(recipe, shots, examples[1].record, tiny_tokenizer())
     assert ids[0] == tiny_tokenizer().bos_token_id and ids.count(tiny_tokenizer().bos_token_id) == 1
+    plain = RECIPES["e2e"]  # the "plain" style: input, newline, target; shots apart by a blank line
+    text = few_shot_text(plain, shots, examples[1].record, tiny_tokenizer())
+    assert text == "".join(f"{s.fields['mr']}\n{plain.target(s)}\n\n" for s in shots) + f"{B}\n"
 
 
 def test_few_shot_with_chat_template_has_k_turn_pairs(setup) -> None:
@@ -129,11 +133,13 @@ def test_few_shot_with_chat_template_has_k_turn_pairs(setup) -> None:
 
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = CHATML_TEMPLATE
-    recipe = RECIPES["e2e"]
+    recipe = replace(RECIPES["e2e"], prompt_style="instruction")
     shots = pick_shots([Record(r, "pool", i + 1) for i, r in enumerate(POOL)], recipe, 3, seed=1, exclude=[])
     text = few_shot_text(recipe, shots, Record(DEV[0], "dev", 1), tokenizer)
     assert text.count("<|im_start|>user") == 4 and text.count("<|im_start|>assistant") == 4
     assert text.endswith(f"{A}<|im_end|>\n<|im_start|>assistant\n")
+    plain = few_shot_text(RECIPES["e2e"], shots, Record(DEV[0], "dev", 1), tokenizer)  # a plain recipe: no turns
+    assert "<|im_start|>" not in plain and plain.endswith(f"\n\n{A}\n")
 
 
 def test_perplexity_is_token_weighted_and_matches_transformers(setup, tmp_path) -> None:

@@ -96,12 +96,28 @@ def test_recipe_learns_exactly_the_target_and_its_end(name: str) -> None:
     case = G.recipe_cases()[name]
     recipe, record, t = RECIPES[case["recipe"]], rec(case["fields"]), tok(case["template"])
     got = tokenize_example(recipe.to_example(record, t), t, 512)
-    end = [t.convert_tokens_to_ids(end_of_turn(t))] if case["template"] != "none" else [t.eos_token_id]
+    chat = case["template"] != "none" and recipe.prompt_style != "plain"  # a plain recipe never uses the template
+    end = [t.convert_tokens_to_ids(end_of_turn(t))] if chat else [t.eos_token_id]
     target = t(recipe.target(record), add_special_tokens=False)["input_ids"] + end
     prompt = recipe.encode_prompt(record, t)
     assert got.input_ids == prompt + target
     assert got.labels == [X] * len(prompt) + target
-    assert prompt[0] == (4 if case["template"] != "none" else t.bos_token_id)  # <|im_start|> or the BOS
+    assert prompt[0] == (4 if chat else t.bos_token_id)  # <|im_start|> or the BOS
+
+
+@pytest.mark.parametrize("template", ["none", "chatml"])
+def test_plain_recipe_prompt_is_the_input_and_a_newline(template: str) -> None:
+    """e2e's "plain" prompt: BOS, the MR, a newline; then the reference and EOS. Its instruction style still works."""
+    record, t = rec(G.RECIPE_RECORDS["e2e"]), tok(template)
+    plain = RECIPES["e2e"]
+    assert plain.prompt_style == "plain" and plain.plain_prompt(record) == G.RECIPE_RECORDS["e2e"]["mr"] + "\n"
+    ids = tokenize_example(plain.to_example(record, t), t, 512).input_ids
+    assert ids == [t.bos_token_id] + t(plain.plain_prompt(record) + plain.target(record), add_special_tokens=False)[
+        "input_ids"] + [t.eos_token_id]
+    instructed = dataclasses.replace(plain, prompt_style="instruction")
+    assert len(instructed.encode_prompt(record, t)) > len(plain.encode_prompt(record, t)) + 10
+    with pytest.raises(LoraforgeError, match='prompt_style is "chat"'):
+        dataclasses.replace(plain, prompt_style="chat")
 
 
 def test_golden_text_and_chunks_are_all_learned_but_bos() -> None:

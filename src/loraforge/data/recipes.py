@@ -12,10 +12,16 @@ the model generates is read back for the task's metric.
 | lm | text | all of it, chunked | perplexity | the text |
 
 `reference(record)` gives what a parsed prediction is scored against: the label name, the BIO tags, or the list of
-reference texts. Prompts go through `render_prompt` (the chat template when the tokenizer has one, else Alpaca),
-with the recipe's instruction as the instruction and the record's text as the input. Change a recipe with
-`dataclasses.replace(RECIPES["sst2"], labels={...})` or `recipe.with_columns({...})`; pass the result to
-`load_examples(..., recipe=...)`. Feed `parse_prediction` the generated continuation decoded without special tokens.
+reference texts. How a prompt is written is the recipe's `prompt_style`:
+- "instruction" (all but e2e): `render_prompt` (the chat template when the tokenizer has one, else Alpaca), with
+  the recipe's instruction as the instruction and the record's text as the input;
+- "plain" (e2e): the record's input alone and a newline, the target after it, then EOS, as text: no instruction,
+  no roles, no system prompt (the LoRA paper's E2E format). The adapter learns the task from its data, and an
+  E2E example is 64 SmolLM2 tokens instead of 107 with the chat template: 1.7x the examples per training second.
+
+Change a recipe with `dataclasses.replace(RECIPES["sst2"], labels={...})` (or `prompt_style="instruction"`) or
+`recipe.with_columns({...})`; pass the result to `load_examples(..., recipe=...)`. Feed `parse_prediction` the
+generated continuation decoded without special tokens.
 """
 from __future__ import annotations
 
@@ -28,11 +34,14 @@ from loraforge.data.example import Example, Fields, check_columns
 from loraforge.data.formats import make_instruction_example
 from loraforge.data.ner import parse_entities, render_entities, spans_to_bio, tag_problem, tag_spans
 from loraforge.data.readers import Record
-from loraforge.data.tokenize import encode_prompt
+from loraforge.data.tokenize import prompt_ids
 from loraforge.errors import LoraforgeError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+PROMPT_STYLES = ("instruction", "plain")
+"""How a recipe writes its prompts (`Recipe.prompt_style`)."""
 
 METRICS = (
     "accuracy_macro_f1", "pubmedqa", "seqeval", "rouge", "bleu_nist", "squad_em_f1", "squad_zh_em_f1", "perplexity",
@@ -51,6 +60,8 @@ class Recipe:
     """Our field name -> the record's, e.g. {"text": "sentence"}; unmapped names are read as they are."""
     metric: str = ""
     """The name of the metric that scores it (one of `METRICS`)."""
+    prompt_style: str = "instruction"
+    """"instruction" (`render_prompt`: chat template or Alpaca) or "plain" (the input and a newline; see above)."""
 
     FIELDS: ClassVar[tuple[str, ...]] = ()
     chunked: ClassVar[bool] = False
@@ -72,15 +83,28 @@ class Recipe:
         """Turn generated text into what the metric scores; `parse_prediction(target(r), r)` matches `reference(r)`."""
         raise NotImplementedError
 
+    def __post_init__(self) -> None:
+        if self.prompt_style not in PROMPT_STYLES:
+            raise LoraforgeError(f'{self.name}: prompt_style is "{self.prompt_style}"; use one of {PROMPT_STYLES}')
+
     def to_example(self, record: Record, tokenizer: PreTrainedTokenizerBase | None = None) -> Example:
         """The training example: the prompt read, the target (and end-of-turn or EOS) learned."""
-        instruction, input_ = self.prompt(record)
-        return make_instruction_example(instruction, input_, self.target(record), tokenizer)
+        return self._example(record, self.target(record), tokenizer)
 
     def encode_prompt(self, record: Record, tokenizer: PreTrainedTokenizerBase) -> list[int]:
         """The prompt ids exactly as in training, to generate an answer from."""
+        return prompt_ids(self._example(record, "", tokenizer), tokenizer)
+
+    def plain_prompt(self, record: Record) -> str:
+        """The prompt text of the "plain" style: the input (the instruction if there is none) and a newline."""
         instruction, input_ = self.prompt(record)
-        return encode_prompt(instruction, input_, tokenizer)
+        return (input_ if input_.strip() else instruction) + "\n"
+
+    def _example(self, record: Record, target: str, tokenizer: PreTrainedTokenizerBase | None) -> Example:
+        if self.prompt_style == "plain":
+            return Example.from_prompt(self.plain_prompt(record), target)
+        instruction, input_ = self.prompt(record)
+        return make_instruction_example(instruction, input_, target, tokenizer)
 
     def with_columns(self, columns: Mapping[str, str] | None) -> Recipe:
         """This recipe reading its fields from other columns (merged over the recipe's own mapping)."""
@@ -104,6 +128,7 @@ class Classification(Recipe):
     FIELDS: ClassVar[tuple[str, ...]] = ("text", "label")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         labels = {str(k): v for k, v in self.labels.items()}
         names = list(labels.values())
         if not names or any(not isinstance(n, str) or not n.strip() for n in names) or len(set(names)) < len(names):
@@ -345,7 +370,10 @@ RECIPES: dict[str, Recipe] = {
         name="cmrc2018", context_label="文章：", question_label="问题：", metric="squad_zh_em_f1",
         instruction="根据文章回答问题，答案是文章中的一段原文。",  # "Answer from the text; the answer is a span of it."
     ),
-    "e2e": DataToText(name="e2e", instruction="Describe the restaurant in one or two sentences from its attributes."),
+    "e2e": DataToText(
+        name="e2e", prompt_style="plain",
+        instruction="Describe the restaurant in one or two sentences from its attributes.",
+    ),
     "lm": LanguageModeling(name="lm", instruction=""),
 }  # fmt: skip
 """The built-in recipes by name (`load_examples(..., recipe="sst2")`)."""

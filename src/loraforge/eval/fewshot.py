@@ -7,6 +7,8 @@ scored prompts (so passing the evaluation file itself is safe) and repeats of a 
 several references per input; one shot per input). The same K shots, in file order, precede every scored record.
 
 How they are rendered, so the prompt looks like what the model was (or would be) trained on:
+- a "plain" recipe (`Recipe.prompt_style`, e2e): each shot's plain prompt followed by its target and a blank line,
+  then the scored record's plain prompt;
 - chat template: one user/assistant turn pair per shot (the user turn as `render_prompt` writes it: instruction,
   blank line, input; the assistant turn the recipe's target), then the scored record's user turn and the
   generation prompt;
@@ -56,6 +58,9 @@ def pick_shots(
 
 def few_shot_text(recipe: Recipe, shots: list[Record], record: Record, tokenizer: PreTrainedTokenizerBase) -> str:
     """The prompt text: the K shots with their answers, then `record`'s prompt (see the module docstring)."""
+    if recipe.prompt_style == "plain":
+        blocks = [recipe.plain_prompt(shot) + recipe.target(shot) for shot in shots]
+        return "".join(block + SHOT_SEPARATOR for block in blocks) + recipe.plain_prompt(record)
     if has_chat_template(tokenizer):
         messages = []
         for shot in shots:
@@ -73,7 +78,8 @@ def encode_few_shot(
     """`few_shot_text` as ids, with the special tokens a zero-shot prompt gets (BOS for plain text if the tokenizer
     adds one; nothing for chat-template text, whose template wrote its own)."""
     text = few_shot_text(recipe, shots, record, tokenizer)
-    return prompt_ids(Example.from_prompt(text, "", add_special_tokens=not has_chat_template(tokenizer)), tokenizer)
+    chat = recipe.prompt_style != "plain" and has_chat_template(tokenizer)
+    return prompt_ids(Example.from_prompt(text, "", add_special_tokens=not chat), tokenizer)
 
 
 def _user_turn(recipe: Recipe, record: Record) -> str:

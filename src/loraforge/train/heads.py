@@ -24,8 +24,8 @@ from loraforge.data.split import sample_few_shot, train_val_split
 from loraforge.errors import LoraforgeError
 from loraforge.infer.predict import load_encoder_with_head, require_encoder, run_head, score_head
 from loraforge.lora import LoraConfig, LoraModel
-from loraforge.train.loop import (SUMMARY_FILE, TrainResult, _check_paths, _finish, _stop_on_signals, _write_text,
-                                  batch_order, checkpoint_or_stop, finish_step, start_or_resume, track_best)
+from loraforge.train.loop import (SUMMARY_FILE, TrainResult, batch_order, check_paths, checkpoint_or_stop,
+                                  finish_run, finish_step, start_or_resume, stop_on_signals, track_best, write_text)
 from loraforge.train.observe import summary_screen
 
 log = logging.getLogger("loraforge")
@@ -43,7 +43,7 @@ def train_head(cfg: TrainConfig, *, resume: bool = False, progress: bool = True)
     if cfg.data_format:
         raise LoraforgeError(f"--data-format {cfg.data_format} is for causal-lm; a {cfg.task} head reads its records "
                              "by task (fields renamed by --columns, or a --recipe)")
-    output = _check_paths(cfg, resume)
+    output = check_paths(cfg, resume)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     require_encoder(cfg.model, cfg.task)
@@ -94,7 +94,7 @@ def train_head(cfg: TrainConfig, *, resume: bool = False, progress: bool = True)
     model.train()
     bar = tqdm(range(state.step + 1, cfg.max_steps + 1), desc="train", disable=not progress, dynamic_ncols=True,
                initial=state.step, total=cfg.max_steps)
-    with _stop_on_signals() as stop:
+    with stop_on_signals() as stop:
         for step in bar:
             start = time.perf_counter()
             batches = [collate_head([train_set[i] for i in idx], pad_id)
@@ -127,9 +127,9 @@ def train_head(cfg: TrainConfig, *, resume: bool = False, progress: bool = True)
                 log.info("early stopping: %d evaluations without improvement", cfg.early_stopping)
                 break
     model.eval()
-    summary = _finish(cfg, output, lm, model, state, stats)  # adapter (the best one), loss curve, summary
+    summary = finish_run(cfg, output, lm, model, state, stats)  # adapter (the best one), loss curve, summary
     summary.update(task=cfg.task, labels=list(spec.labels), best_val_scores=val_scores or None)
-    _write_text(output / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    write_text(output / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     if progress:
         tqdm.write(summary_screen(summary), file=sys.stderr)
     return TrainResult(lora=lm, tokenizer=tokenizer, summary=summary)

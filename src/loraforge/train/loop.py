@@ -85,7 +85,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
         from loraforge.train.heads import train_head  # heads builds on this module's helpers
 
         return train_head(cfg, resume=resume, progress=progress)
-    output = _check_paths(cfg, resume)
+    output = check_paths(cfg, resume)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -117,7 +117,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
     model.train()
     bar = tqdm(range(state.step + 1, cfg.max_steps + 1), desc="train", disable=not progress, dynamic_ncols=True,
                initial=state.step, total=cfg.max_steps)
-    with _stop_on_signals() as stop, patched_for_training(model) as n_patched:
+    with stop_on_signals() as stop, patched_for_training(model) as n_patched:
         log.debug("lean training forwards on %d modules", n_patched)
         for step in bar:
             start = time.perf_counter()
@@ -144,7 +144,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
                 log.info("early stopping: %d evaluations without improvement", cfg.early_stopping)
                 break
     model.eval()
-    summary = _finish(cfg, output, lm, model, state, stats)
+    summary = finish_run(cfg, output, lm, model, state, stats)
     if progress:
         tqdm.write(summary_screen(summary), file=sys.stderr)
     return TrainResult(lora=lm, tokenizer=tokenizer, summary=summary)
@@ -191,7 +191,7 @@ def start_or_resume(cfg: TrainConfig, output: Path, lm: LoraModel, resume: bool)
         state = ckpt.load_checkpoint(last[-1], lm, optimizer, scheduler)
         log.info("resuming from %s (step %d of %d)", last[-1], state.step, cfg.max_steps)
     else:
-        _write_text(output / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_text(output / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     metrics = MetricsLog(output / METRICS_FILE, resume_step=state.step if resume else None)
     return optimizer, scheduler, state, metrics
 
@@ -231,7 +231,7 @@ def evaluate(model: torch.nn.Module, examples: list, batch_size: int, pad_id: in
     return total / max(count, 1)
 
 
-def _finish(cfg: TrainConfig, output: Path, lm: LoraModel, model, state: ckpt.TrainerState, stats) -> dict:
+def finish_run(cfg: TrainConfig, output: Path, lm: LoraModel, model, state: ckpt.TrainerState, stats) -> dict:
     """Final adapter (the best one when there was validation), loss curve, and train_summary.json."""
     best = output / ckpt.CHECKPOINTS / "best"
     if state.best_step is not None and best.is_dir():
@@ -268,11 +268,12 @@ def _finish(cfg: TrainConfig, output: Path, lm: LoraModel, model, state: ckpt.Tr
         "data": {"records_read": stats.records_read, "used": stats.used, "skipped": stats.skipped,
                  "truncated": stats.truncated},
     }
-    _write_text(output / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    write_text(output / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def _check_paths(cfg: TrainConfig, resume: bool) -> Path:
+def check_paths(cfg: TrainConfig, resume: bool) -> Path:
+    """The output folder, created; raises `LoraforgeError` before any model loads if data or output will not do."""
     if not cfg.data or not cfg.output:
         raise LoraforgeError("training needs --data FILE.jsonl and --output DIR (or data:/output: in the YAML)")
     output = Path(cfg.output)
@@ -313,7 +314,7 @@ class _StopFlag:
 
 
 @contextmanager
-def _stop_on_signals() -> Iterator[_StopFlag]:
+def stop_on_signals() -> Iterator[_StopFlag]:
     """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the step and stops. A second signal kills."""
     flag = _StopFlag()
     previous = {}
@@ -339,5 +340,6 @@ def _real_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["num_tokens"]) if "num_tokens" in batch else count_tokens(batch)
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
+    """Write `path` atomically (a crash leaves the old file or the new one, never half of one)."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
