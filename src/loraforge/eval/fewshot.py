@@ -58,18 +58,20 @@ def pick_shots(
 
 def few_shot_text(recipe: Recipe, shots: list[Record], record: Record, tokenizer: PreTrainedTokenizerBase) -> str:
     """The prompt text: the K shots with their answers, then `record`'s prompt (see the module docstring)."""
-    if recipe.prompt_style == "plain":
-        blocks = [recipe.plain_prompt(shot) + recipe.target(shot) for shot in shots]
-        return "".join(block + SHOT_SEPARATOR for block in blocks) + recipe.plain_prompt(record)
-    if has_chat_template(tokenizer):
+    if _uses_chat(recipe, tokenizer):
         messages = []
         for shot in shots:
             messages += [{"role": "user", "content": _user_turn(recipe, shot)},
                          {"role": "assistant", "content": recipe.target(shot)}]
         messages.append({"role": "user", "content": _user_turn(recipe, record)})
         return render_chat(tokenizer, messages, add_generation_prompt=True)
-    blocks = [render_prompt(*recipe.prompt(shot)) + recipe.target(shot) for shot in shots]
-    return "".join(block + SHOT_SEPARATOR for block in blocks) + render_prompt(*recipe.prompt(record))
+    if recipe.prompt_style == "plain":
+        prompt = recipe.plain_prompt
+    else:
+        def prompt(r: Record) -> str:
+            return render_prompt(*recipe.prompt(r))  # Alpaca
+    blocks = [prompt(shot) + recipe.target(shot) for shot in shots]
+    return "".join(block + SHOT_SEPARATOR for block in blocks) + prompt(record)
 
 
 def encode_few_shot(
@@ -78,8 +80,12 @@ def encode_few_shot(
     """`few_shot_text` as ids, with the special tokens a zero-shot prompt gets (BOS for plain text if the tokenizer
     adds one; nothing for chat-template text, whose template wrote its own)."""
     text = few_shot_text(recipe, shots, record, tokenizer)
-    chat = recipe.prompt_style != "plain" and has_chat_template(tokenizer)
-    return prompt_ids(Example.from_prompt(text, "", add_special_tokens=not chat), tokenizer)
+    return prompt_ids(Example.from_prompt(text, "", add_special_tokens=not _uses_chat(recipe, tokenizer)), tokenizer)
+
+
+def _uses_chat(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Does `recipe` write its prompts through `tokenizer`'s chat template (as `Recipe.to_example` does)?"""
+    return recipe.prompt_style == "instruction" and has_chat_template(tokenizer)
 
 
 def _user_turn(recipe: Recipe, record: Record) -> str:

@@ -8,7 +8,6 @@ loop's own.
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -24,8 +23,8 @@ from loraforge.data.split import sample_few_shot, train_val_split
 from loraforge.errors import LoraforgeError
 from loraforge.infer.predict import load_encoder_with_head, require_encoder, run_head, score_head
 from loraforge.lora import LoraConfig, LoraModel
-from loraforge.train.loop import (SUMMARY_FILE, TrainResult, batch_order, check_paths, checkpoint_or_stop,
-                                  finish_run, finish_step, start_or_resume, stop_on_signals, track_best, write_text)
+from loraforge.train.loop import (TrainResult, batch_order, check_paths, checkpoint_or_stop, finish_run, finish_step,
+                                  start_or_resume, stop_on_signals, track_best)
 from loraforge.train.observe import summary_screen
 
 log = logging.getLogger("loraforge")
@@ -127,9 +126,8 @@ def train_head(cfg: TrainConfig, *, resume: bool = False, progress: bool = True)
                 log.info("early stopping: %d evaluations without improvement", cfg.early_stopping)
                 break
     model.eval()
-    summary = finish_run(cfg, output, lm, model, state, stats)  # adapter (the best one), loss curve, summary
-    summary.update(task=cfg.task, labels=list(spec.labels), best_val_scores=val_scores or None)
-    write_text(output / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    summary = finish_run(cfg, output, lm, model, state, stats,  # adapter (the best one), loss curve, summary
+                         task=cfg.task, labels=list(spec.labels), best_val_scores=val_scores or None)
     if progress:
         tqdm.write(summary_screen(summary), file=sys.stderr)
     return TrainResult(lora=lm, tokenizer=tokenizer, summary=summary)

@@ -231,8 +231,10 @@ def evaluate(model: torch.nn.Module, examples: list, batch_size: int, pad_id: in
     return total / max(count, 1)
 
 
-def finish_run(cfg: TrainConfig, output: Path, lm: LoraModel, model, state: ckpt.TrainerState, stats) -> dict:
-    """Final adapter (the best one when there was validation), loss curve, and train_summary.json."""
+def finish_run(cfg: TrainConfig, output: Path, lm: LoraModel, model, state: ckpt.TrainerState, stats,
+               **extra) -> dict:
+    """Final adapter (the best one when there was validation), loss curve, and train_summary.json (with `extra`'s
+    keys after the common ones)."""
     best = output / ckpt.CHECKPOINTS / "best"
     if state.best_step is not None and best.is_dir():
         for name in ("adapter_model.safetensors", "adapter_config.json"):
@@ -267,6 +269,7 @@ def finish_run(cfg: TrainConfig, output: Path, lm: LoraModel, model, state: ckpt
         "mfu": flops / seconds / peak,
         "data": {"records_read": stats.records_read, "used": stats.used, "skipped": stats.skipped,
                  "truncated": stats.truncated},
+        **extra,
     }
     write_text(output / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
