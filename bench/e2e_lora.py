@@ -13,9 +13,10 @@ pycocoevalcap, the implementations the official e2e-metrics script calls (METEOR
 What differs from the paper's GPT-2 M setup, and why (CPU time):
 - model: SmolLM2-135M-Instruct (the paper: GPT-2 Medium, 355M); the prompt is the e2e recipe's "plain" one, the MR
   and a newline (the paper's GPT-2 format, "MR ||"), 64 tokens an example where the chat template makes 107;
-- LoRA r=16, alpha=32 on all linear layers (paper: r=4, alpha=32 on W_q, W_v) at lr 1e-3 (paper: 2e-4), 700 steps
-  of 8 packed 256-token rows (~22,000 examples, 0.52 epoch) instead of 5 epochs, so no dropout (paper: 0.1) and no
-  label smoothing (paper: 0.1); bf16 base;
+- LoRA r=16, alpha=32 on all linear layers (paper: r=4, alpha=32 on W_q, W_v) at lr 1e-3 (paper: 2e-4), 1,500 steps
+  of 4 packed 256-token rows (~16 examples a step; paper: batch 8), ~23,500 examples (0.56 epoch) instead of 5
+  epochs, so no dropout (paper: 0.1) and no label smoothing (paper: 0.1; `--label-smoothing`); bf16 base. Batches
+  of 4 rows instead of 8 cost the same per token and give twice the optimizer steps: +1.5 BLEU;
 - beam 4 with length penalty 1.0 and no no-repeat rule (paper: beam 10, penalty 0.9, no repeated 4-grams; here
   transformers applies the rule to the prompt too, which blocks copying names from the MR: -3.8 BLEU);
 - scored on the dev split (the test split is held out for this project).
@@ -110,8 +111,9 @@ def train_adapter(a: argparse.Namespace):
     from loraforge.train import train
 
     cfg = TrainConfig(recipe="e2e", data=str(DATA / "trainset.csv"), output=a.output, r=a.r, lora_alpha=2 * a.r,
-                      lora_dropout=a.dropout, target_modules="all-linear", lr=a.lr, warmup_steps=a.steps // 20,
-                      max_steps=a.steps, batch_size=a.batch_size, max_length=a.max_length, seed=0)
+                      lora_dropout=a.dropout, label_smoothing=a.label_smoothing, target_modules="all-linear", lr=a.lr,
+                      warmup_steps=a.steps // 20, max_steps=a.steps, batch_size=a.batch_size,
+                      max_length=a.max_length, seed=0)
     if Path(a.output).exists():
         shutil.rmtree(a.output)
     return train(cfg, progress=True)
@@ -119,12 +121,13 @@ def train_adapter(a: argparse.Namespace):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=700)
-    p.add_argument("--batch-size", type=int, default=8, help="packed rows of --max-length tokens per step")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=4, help="packed rows of --max-length tokens per step")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (less than an epoch: none needed)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="of the training loss (paper: 0.1)")
     p.add_argument("--beams", type=int, default=4)
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam search only")
     p.add_argument("--eval-mrs", type=int, default=0, help="score the first N distinct dev MRs (0 = all 547)")

@@ -12,6 +12,7 @@ from fixtures.tiny_models import HEAD_DIM, HEADS, HIDDEN, KV_HEADS, LAYERS, tiny
 from helpers import tiny_gpt2, tiny_llama  # initializer_range 0.3: O(1) logits make 1e-6 a real check
 from loraforge.config import TrainConfig, build_config, load_yaml
 from loraforge.data import IGNORE_INDEX, collate, load_examples
+from loraforge.errors import LoraforgeError
 from loraforge.lora import LoraConfig, LoraModel, load_adapter
 from loraforge.models import load_model
 from loraforge.train import causal_lm_loss, loop, train
@@ -38,9 +39,9 @@ def golden_run(llama_dir, data_file, tmp_path_factory):
     """The golden configuration, trained once; every batch the loop feeds the loss is recorded."""
     batches: list[dict[str, torch.Tensor]] = []
 
-    def spy(model, batch):
+    def spy(model, batch, label_smoothing):
         batches.append({k: v.clone() for k, v in batch.items()})
-        return token_loss_sum(model, batch)
+        return token_loss_sum(model, batch, label_smoothing)
 
     cfg = _train(llama_dir, data_file, tmp_path_factory.mktemp("golden_out"))
     with pytest.MonkeyPatch.context() as mp:
@@ -104,6 +105,42 @@ def test_loss_with_a_trainable_head_equals_transformers(chunk_rows, tmp_path, mo
     for key, p in params.items():
         assert p.grad.abs().max() > 1e-4, key
         assert max_abs_diff(our_grads[key], p.grad) <= 1e-6, key
+
+
+@pytest.mark.parametrize("path", ["frozen_head", "trainable_head", "whole_model"])
+@pytest.mark.parametrize("chunk_rows", [1024, 3], ids=["one_chunk", "chunks_of_3"])
+def test_label_smoothed_loss_equals_torch_cross_entropy(path, chunk_rows, tmp_path, monkeypatch):
+    """Each of the three loss paths, with label smoothing 0.1, against F.cross_entropy(label_smoothing=0.1) on the
+    full logits: loss and gradients. The fused head's gradient is softmax - ((1 - e) onehot + e / V)."""
+    monkeypatch.setattr(loss_module, "CHUNK_ROWS", chunk_rows)
+    if path == "whole_model":
+        monkeypatch.setattr(loss_module, "has_plain_head", lambda model: False)
+    batch = _padded_batch(tmp_path)
+    torch.manual_seed(0)
+    extra = {"modules_to_save": ["lm_head"]} if path == "trainable_head" else {}
+    lm = LoraModel(tiny_llama(), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **extra))
+    params = lm.adapter_parameters()
+    total, count = token_loss_sum(lm.model, batch, label_smoothing=0.1)
+    total.backward()
+    our_grads = {k: p.grad.clone() for k, p in params.items()}
+    lm.model.zero_grad(set_to_none=True)
+    logits = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    theirs = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                                               reduction="sum", label_smoothing=0.1)
+    theirs.backward()
+    plain = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                                              reduction="sum")
+    assert count == 43
+    assert abs(theirs.item() - plain.item()) > 0.5  # 218.8 vs 219.7: the 2e-2 check below can tell them apart
+    assert abs(total.item() - theirs.item()) <= 1e-4 * theirs.item()
+    for key, p in params.items():
+        assert p.grad.abs().max() > 1e-4, key
+        assert max_abs_diff(our_grads[key], p.grad) <= 1e-5, key
+
+
+def test_label_smoothing_must_be_below_one(tmp_path):
+    with pytest.raises(LoraforgeError, match="label_smoothing"):
+        TrainConfig(data=str(tmp_path / "d.jsonl"), label_smoothing=1.0)
 
 
 # ---- golden numbers and seeds -----------------------------------------------------------------------------------

@@ -56,6 +56,8 @@ class TrainConfig:
     warmup_steps: int = _opt(0, "linear warmup steps before the schedule's decay")
     schedule: str = _opt("cosine", "learning-rate schedule after warmup: cosine, linear or constant")
     loraplus_lr_ratio: float = _opt(0.0, "LoRA+: the B matrices' lr is lr x this ratio (0 = off; the paper uses 16)")
+    label_smoothing: float = _opt(0.0, "label smoothing of the training loss (the LoRA paper's E2E run: 0.1); "
+                                       "validation loss stays plain cross-entropy")
     max_grad_norm: float = _opt(1.0, "clip the adapter's gradient norm to this (0 = no clipping)")
     max_steps: int = _opt(100, "optimizer steps to run")
     batch_size: int = _opt(8, "examples (or packed rows) per micro-batch")
@@ -109,6 +111,8 @@ class TrainConfig:
                 raise LoraforgeError(f"option {name!r} must be a whole number >= 0, got {value!r}")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise LoraforgeError(f"option 'schedule' must be cosine, linear or constant, got {self.schedule!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise LoraforgeError(f"option 'label_smoothing' must be in [0, 1), got {self.label_smoothing!r}")
         if not 0.0 <= self.val_split < 1.0:
             raise LoraforgeError(f"option 'val_split' must be in [0, 1), got {self.val_split!r}")
         if not (self.loraplus_lr_ratio >= 0 and self.max_grad_norm >= 0):

@@ -105,7 +105,8 @@ def train_head(cfg: TrainConfig, *, resume: bool = False, progress: bool = True)
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 # (B, K) or (B, T, K) -> one row per label
                 total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["labels"].reshape(-1),
-                                        ignore_index=IGNORE_INDEX, reduction="sum")
+                                        ignore_index=IGNORE_INDEX, reduction="sum",
+                                        label_smoothing=cfg.label_smoothing)
                 (total / max(step_labels, 1)).backward()
                 loss_sum += total.item()
             finish_step(cfg, step, loss_sum / max(step_labels, 1), params, optimizer, scheduler, state, metrics, bar,

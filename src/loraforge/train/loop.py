@@ -127,7 +127,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
             loss_sum = 0.0
             for batch in batches:
                 with packed_attention_on(model) if per_example_attention else contextlib.nullcontext():
-                    total, _ = token_loss_sum(forward_model, batch)
+                    total, _ = token_loss_sum(forward_model, batch, cfg.label_smoothing)
                 (total / max(step_learned, 1)).backward()
                 loss_sum += total.item()
             finish_step(cfg, step, loss_sum / max(step_learned, 1), params, optimizer, scheduler, state, metrics, bar,

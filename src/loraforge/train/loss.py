@@ -25,11 +25,13 @@ CHUNK_ROWS = 1024
 class LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight.T + bias, target_i) for a frozen head, gradient computed chunk by chunk in forward.
 
-    Shapes: hidden (N, H), weight (V, H), bias (V,) or None, targets (N,). Returns a 0-d fp32 sum.
+    Shapes: hidden (N, H), weight (V, H), bias (V,) or None, targets (N,). Returns a 0-d fp32 sum. With label
+    smoothing e the target distribution is (1 - e) onehot + e / V, as `F.cross_entropy(label_smoothing=e)`: the loss
+    adds e (lse - mean logit) to (1 - e) (lse - target logit), and d loss / d logits is softmax - that distribution.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_rows):
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows, smoothing=0.0):
         grad_hidden = torch.empty_like(hidden)  # (N, H)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_rows):
@@ -37,9 +39,14 @@ class LinearCrossEntropy(torch.autograd.Function):
             logits = F.linear(hidden[rows], weight, bias).float()  # (c, V)
             target = targets[rows]
             lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            total += (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            nll = lse - logits.gather(1, target[:, None]).squeeze(1)  # (c,)
+            if smoothing:
+                nll = (1.0 - smoothing) * nll + smoothing * (lse - logits.mean(dim=-1))
+            total += nll.sum()
             probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (c, V)
-            probs[torch.arange(target.shape[0], device=probs.device), target] -= 1.0  # d CE / d logits
+            if smoothing:
+                probs.sub_(smoothing / probs.shape[1])
+            probs[torch.arange(target.shape[0], device=probs.device), target] -= 1.0 - smoothing  # d CE / d logits
             grad_hidden[rows] = probs.to(weight.dtype) @ weight  # (c, V) @ (V, H)
         ctx.save_for_backward(grad_hidden)
         return total
@@ -47,7 +54,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None, None
 
 
 def _frozen_linear(head: nn.Module) -> bool:
@@ -66,9 +73,10 @@ def learned_token_count(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0
+                   ) -> tuple[torch.Tensor, int]:
     """(sum of cross-entropy over learned tokens, their count). Summing lets gradient accumulation weight every
-    token equally across micro-batches of different sizes.
+    token equally across micro-batches of different sizes. `label_smoothing` is `F.cross_entropy`'s.
 
     A packed batch carries `position_ids` (restarting at each example) and no attention_mask: transformers then
     builds a block-diagonal causal mask, so examples sharing a row never attend to each other.
@@ -76,8 +84,13 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     labels = batch["labels"]  # (B, T)
     count = learned_token_count(batch)
     if not has_plain_head(model):
-        inputs = {k: v for k, v in batch.items() if k in _MODEL_INPUTS}
-        return model(**inputs, use_cache=False).loss * count, count
+        inputs = {k: v for k, v in batch.items() if k in _MODEL_INPUTS and (k != "labels" or not label_smoothing)}
+        out = model(**inputs, use_cache=False)
+        if not label_smoothing:
+            return out.loss * count, count
+        logits = out.logits[:, :-1].float()  # (B, T-1, V)
+        return F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum", label_smoothing=label_smoothing), count
     body = getattr(model, model.base_model_prefix)
     inputs = {k: v for k, v in batch.items() if k in _MODEL_INPUTS and k != "labels"}
     hidden = body(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
@@ -87,21 +100,22 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     targets = targets[keep]  # (N,)
     head = model.get_output_embeddings()
     if _frozen_linear(head):
-        return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, CHUNK_ROWS), count
+        return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, CHUNK_ROWS, label_smoothing), count
     if hidden.shape[0] <= CHUNK_ROWS:
-        return _head_ce_sum(head, hidden, targets), count
+        return _head_ce_sum(head, hidden, targets, label_smoothing), count
     # Several chunks: each chunk's logits are recomputed in backward instead of kept, so at most one
     # (CHUNK_ROWS, vocab) block exists at a time. Costs one extra head forward per learned token.
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], CHUNK_ROWS):
         total = total + checkpoint(_head_ce_sum, head, hidden[start:start + CHUNK_ROWS],
-                                   targets[start:start + CHUNK_ROWS], use_reentrant=False)
+                                   targets[start:start + CHUNK_ROWS], label_smoothing, use_reentrant=False)
     return total, count
 
 
-def _head_ce_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _head_ce_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0
+                 ) -> torch.Tensor:
     logits = head(hidden).float()  # (chunk, vocab)
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return F.cross_entropy(logits, targets, reduction="sum", label_smoothing=label_smoothing)
 
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")
