@@ -303,3 +303,27 @@ def test_minilm_sst2_few_shot_head_reloads_in_peft(tmp_path):
     batch = _ids(tok, [r.fields["sentence"] for r in read_records(SHARED_SST2 / "dev.tsv")][:8])
     with torch.no_grad():
         assert max_abs_diff(lm.model(**batch).logits, theirs(**batch).logits) <= FP32
+
+
+def test_label_smoothing_reaches_the_head_loss_and_the_logged_loss(bert_dir, tmp_path, monkeypatch):
+    """Step 1's logged loss is F.cross_entropy(label_smoothing=0.1) of the logits the loop computed, per label."""
+    from types import SimpleNamespace
+
+    from loraforge.train import heads
+
+    seen = []
+    real = torch.nn.functional
+
+    def spy(logits, labels, **kw):
+        seen.append((logits.detach().clone(), labels.clone(), kw))
+        return real.cross_entropy(logits, labels, **kw)
+
+    monkeypatch.setattr(heads, "F", SimpleNamespace(cross_entropy=spy))
+    summary = train_head(_cfg(bert_dir, tmp_path, max_steps=1, label_smoothing=0.1), progress=False).summary
+    logits, labels, kw = seen[0]
+    assert kw["label_smoothing"] == 0.1
+    n = int((labels != IGNORE_INDEX).sum())
+    smoothed = real.cross_entropy(logits, labels, label_smoothing=0.1).item()
+    plain = real.cross_entropy(logits, labels).item()
+    assert abs(summary["losses"][0] - smoothed) <= 1e-6 and n == 2
+    assert abs(smoothed - plain) > 1e-3  # the check above tells the two apart
