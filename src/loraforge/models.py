@@ -32,6 +32,7 @@ from transformers import (
 
 from loraforge.config import DEFAULT_MODEL
 from loraforge.errors import LoraforgeError
+from loraforge.hub import find_in_hub_cache, hub_cache_dirs, looks_like_hub_id
 from loraforge.lora.targets import DEFAULT_TARGET_MODULES, default_target_modules  # re-exported: models know their targets
 
 logger = logging.getLogger("loraforge")
@@ -126,7 +127,8 @@ def _check_folder(folder: Path, given: str) -> None:
 
 
 def resolve_model(name_or_path: str) -> Path:
-    """A plain transformers folder (config.json + safetensors) for a built-in name, a folder or a `.gguf` file.
+    """A plain transformers folder (config.json + safetensors) for a built-in name, a folder, a `.gguf` file or a
+    Hub id (`owner/name`) found in the local Hugging Face cache (never downloaded).
 
     A GGUF file is converted once into the cache (see `gguf_to_folder`) and the cache folder is returned.
     """
@@ -134,6 +136,16 @@ def resolve_model(name_or_path: str) -> Path:
         path = _builtin_path(name_or_path)
     else:
         path = Path(name_or_path).expanduser()
+        if not path.exists() and looks_like_hub_id(name_or_path):
+            cached = find_in_hub_cache(name_or_path)
+            if cached is None:
+                places = ", ".join(str(d) for d in hub_cache_dirs())
+                raise LoraforgeError(
+                    f"model '{name_or_path}' is not in the local Hugging Face cache (looked in {places}) and "
+                    "loraforge never downloads. Download it where you have a network (`huggingface-cli download "
+                    f"{name_or_path}`) and copy the cache here, or pass a transformers folder, a .gguf file or a "
+                    f"built-in name ({', '.join(BUILTIN_MODELS)})")
+            path = cached
         if not path.exists():
             known = ", ".join(BUILTIN_MODELS)
             if os.sep not in name_or_path and "/" not in name_or_path and path.suffix != ".gguf":
@@ -142,9 +154,8 @@ def resolve_model(name_or_path: str) -> Path:
                     "or folder exists; pass a built-in name, a transformers folder or a .gguf file"
                 )
             raise LoraforgeError(
-                f"model path '{name_or_path}' does not exist; pass a transformers folder, a .gguf file or a "
-                f"built-in name ({known}). loraforge never downloads from the Hugging Face Hub: download "
-                "the model first and pass its folder"
+                f"model path '{name_or_path}' does not exist; pass a transformers folder, a .gguf file, a Hub id "
+                f"in the local Hugging Face cache or a built-in name ({known}). loraforge never downloads"
             )
     if path.is_file():
         if path.suffix != ".gguf":
@@ -290,3 +301,45 @@ def has_plain_head(model: nn.Module) -> bool:
         and getattr(config, "final_logit_softcapping", None) is None
         and getattr(config, "logit_scale", None) is None
     )
+
+
+def architecture_kind(name_or_path: str) -> str:
+    """"encoder" (BERT-like, bidirectional), "decoder" or "encoder-decoder", read from the config (no weights)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    builtin = BUILTIN_MODELS.get(name_or_path)
+    if builtin is not None:
+        return "decoder" if builtin.kind == "causal-lm" else "encoder"
+    if str(name_or_path).endswith(".gguf"):
+        return "decoder"  # transformers reads GGUF for decoder architectures only
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(name_or_path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise LoraforgeError(f"cannot read the config of model '{name_or_path}': {err}") from None
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder"
+    return "encoder" if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "decoder"
+
+
+def require_encoder(name_or_path: str, task: str) -> None:
+    """A LoraforgeError unless `name_or_path` is an encoder, which a seq-cls/token-cls head needs."""
+    kind = architecture_kind(name_or_path)
+    if kind != "encoder":
+        raise LoraforgeError(
+            f"task {task} trains a classifier head on an encoder (BERT-like, e.g. minilm-l6), but '{name_or_path}' "
+            f"is a {kind}. Use an encoder, or train the decoder to write the answer: --task causal-lm with a recipe "
+            "(e.g. --recipe sst2)")
+
+
+def load_encoder_with_head(name_or_path: str, task: str, num_labels: int, dtype: torch.dtype = torch.float32
+                           ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """`load_model` for a head, without transformers' report that the head is new (it is: we train or load it)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return load_model(name_or_path, kind=task, dtype=dtype, num_labels=num_labels)
+    finally:
+        hf_logging.set_verbosity(verbosity)

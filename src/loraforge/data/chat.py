@@ -18,6 +18,8 @@ model still learns to stop (the same fallback as `end_of_turn`).
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loraforge.data.example import Example, Fields, Segment
@@ -170,3 +172,29 @@ def _not_prefix_stable(where: str, n: int) -> LoraforgeError:
         "on their own than at the start of the whole conversation, so the assistant turns cannot be located; use "
         "a template that renders earlier turns the same whatever follows (ChatML does), or one turn per record"
     )
+
+
+SYSTEM_PROMPT_FILE = "chat_defaults.json"
+"""Beside an adapter: {"system": "..."}, the one system prompt its training chats had; generation uses it by default."""
+
+
+def read_system_prompt(folder: str | Path) -> str | None:
+    """The system prompt kept beside an adapter, or None."""
+    path = Path(folder) / SYSTEM_PROMPT_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LoraforgeError(f"{path}: not valid JSON ({err}); delete it or write {{\"system\": \"...\"}}") from None
+    system = data.get("system") if isinstance(data, dict) else None
+    if system is not None and not isinstance(system, str):
+        raise LoraforgeError(f"{path}: field 'system' must be a string")
+    return system
+
+
+def write_system_prompt(folder: str | Path, system: str) -> Path:
+    """Keep the one system prompt of an adapter's training chats beside it."""
+    path = Path(folder) / SYSTEM_PROMPT_FILE
+    path.write_text(json.dumps({"system": system}, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return path

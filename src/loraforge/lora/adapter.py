@@ -9,6 +9,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -79,22 +80,46 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
         raise LoraforgeError(f"{path}: not a readable safetensors file ({err})") from None
 
 
-def load_adapter(model: nn.Module, directory: str | Path, *, trainable: bool = False) -> LoraModel:
-    """Inject the adapter saved in `directory` (by loraforge or PEFT) into `model` and load its weights."""
+@dataclass(frozen=True)
+class AdapterWeights:
+    """An adapter read from disk and not yet put into any model: its config and tensors (keys without PEFT's
+    `base_model.model.` prefix). Reading and injecting are separate steps, so one file can go into many models
+    and a serving session can check a file before it touches its live model."""
+
+    source: str
+    config: LoraConfig
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def read_adapter(directory: str | Path) -> AdapterWeights:
+    """Read `directory`'s adapter_config.json and adapter_model.safetensors (never a pickle)."""
     directory = Path(directory)
     config = read_adapter_config(directory)
-    state = _read_weights(directory)
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in _read_weights(directory).items():
+        if not key.startswith(PEFT_PREFIX):
+            raise LoraforgeError(f"{directory / ADAPTER_WEIGHTS}: key {key!r} lacks PEFT's {PEFT_PREFIX!r} prefix")
+        tensors[key.removeprefix(PEFT_PREFIX)] = value
+    return AdapterWeights(str(directory), config, tensors)
+
+
+def load_adapter(model: nn.Module, directory: str | Path, *, trainable: bool = False) -> LoraModel:
+    """Inject the adapter saved in `directory` (by loraforge or PEFT) into `model` and load its weights: the
+    training layer (one adapter, mergeable). Serving many adapters: `lora.multi.MultiLoraModel`."""
+    directory = Path(directory)
+    weights = read_adapter(directory)
+    config = weights.config
     try:
         lm = LoraModel(model, config)
     except LoraforgeError as err:
         raise LoraforgeError(f"adapter {directory} does not fit this model (base it was made for: "
                              f"{config.base_model_name_or_path}): {err}") from None
     expected = lm.adapter_parameters()
-    loaded: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if not key.startswith(PEFT_PREFIX):
-            raise LoraforgeError(f"{directory / ADAPTER_WEIGHTS}: key {key!r} lacks PEFT's {PEFT_PREFIX!r} prefix")
-        loaded[key.removeprefix(PEFT_PREFIX)] = value
+    loaded = dict(weights.tensors)
     _load_saved_embeddings(lm, loaded, directory)
     missing = sorted(set(expected) - set(loaded))
     unexpected = sorted(set(loaded) - set(expected))

@@ -25,6 +25,8 @@ def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
 class _LoraBase(nn.Module):
     """What the Linear and Embedding wrappers share: scaling, the disabled flag, exact merge/unmerge."""
 
+    is_lora_wrapper = True
+
     def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, use_rslora: bool, use_dora: bool):
         super().__init__()
         self.base_layer = base_layer

@@ -17,7 +17,7 @@ from torch import nn
 from loraforge.errors import LoraforgeError
 from loraforge.lora.config import LoraConfig
 from loraforge.lora.layer import _LoraBase, wrap
-from loraforge.lora.targets import find_targets
+from loraforge.lora.targets import check_no_lora, find_targets, replace_module
 
 PEFT_PREFIX = "base_model.model."
 # PeftModelForSequenceClassification / ...ForTokenClassification add these to modules_to_save whatever the user gave
@@ -28,6 +28,8 @@ _HEAD_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS")
 
 class ModulesToSave(nn.Module):
     """A module trained in full (e.g. a classifier head): a trainable copy beside the frozen original, as in PEFT."""
+
+    is_lora_wrapper = True
 
     def __init__(self, original: nn.Module):
         super().__init__()
@@ -65,6 +67,7 @@ class LoraModel:
         if config.task_type in _HEAD_TASK_TYPES:  # as PEFT does; PEFT also repeats names, we keep each once
             names = list(dict.fromkeys([*(config.modules_to_save or []), *CLASSIFIER_HEAD_NAMES]))
             config = dataclasses.replace(config, modules_to_save=names)
+        check_no_lora(model)
         self.model = model
         self.config = config
         self.layers: dict[str, _LoraBase] = {}
@@ -74,11 +77,11 @@ class LoraModel:
             base = model.get_submodule(path)
             self.layers[path] = wrap(base, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora,
                                      config.init_lora_weights).train(base.training)  # a model in eval stays in eval
-            _replace(model, path, self.layers[path])
+            replace_module(model, path, self.layers[path])
         for path, module in list(model.named_modules()):
             if any(path == m or path.endswith("." + m) for m in config.modules_to_save or []):
                 self.saved_modules[path] = ModulesToSave(module).train(module.training)
-                _replace(model, path, self.saved_modules[path])
+                replace_module(model, path, self.saved_modules[path])
         self.set_trainable(True)
 
     # ---- parameters -------------------------------------------------------------------------------------------
@@ -170,9 +173,9 @@ class LoraModel:
         self.merge()
         for path, layer in self.layers.items():
             layer._unmerged_weight = None
-            _replace(self.model, path, layer.base_layer)
+            replace_module(self.model, path, layer.base_layer)
         for path, wrapper in self.saved_modules.items():
-            _replace(self.model, path, wrapper.modules_to_save)
+            replace_module(self.model, path, wrapper.modules_to_save)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.layers, self.saved_modules = {}, {}
@@ -194,8 +197,3 @@ class LoraModel:
             if was_merged:
                 self.merge()
 
-
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, new)

@@ -120,3 +120,19 @@ def layer_summary(model: nn.Module) -> str:
     suggestion = default_target_modules(model)
     shown = ",".join(suggestion) if isinstance(suggestion, list) else suggestion
     return f"Layers it has: {layers}.\nTry: --target-modules {shown}  (or all-linear for every linear layer)"
+
+
+def check_no_lora(model: nn.Module) -> None:
+    """Refuse a model that already holds LoRA layers: a second injection would wrap a wrapper."""
+    for path, module in model.named_modules():
+        if getattr(module, "is_lora_wrapper", False):
+            raise LoraforgeError(
+                f"{path} already holds a LoRA layer ({type(module).__name__}): a model takes one injection. Serve "
+                "several adapters through one InferenceSession, or merge the first adapter (loraforge merge) and "
+                "load the merged model as the base")
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Put `new` where the module at `path` was."""
+    parent_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, child, new)

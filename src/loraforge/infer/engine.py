@@ -1,0 +1,264 @@
+"""The decode-step engine: every active request advances one token per step, each on its own adapter.
+
+    engine = Engine(session, max_batch=16)
+    done = engine.run([Request(ids, adapter="alice"), Request(ids2, params=SamplingParams(temperature=0.7, seed=1))])
+
+One step (`Engine.step`):
+1. the active rows decode one token together: one forward of (B, 1) last tokens, row i routed to its adapter;
+2. waiting requests join, up to `max_batch`: their prompts are prefilled together (left-padded, so each row's last
+   prompt token is in the last column) and their KV cache is appended to the active rows' (left-padded to a common
+   length along the sequence, stacked along the batch);
+3. each row picks its next token (greedy, or temperature/top-k/top-p with its own seeded `torch.Generator`, never
+   the global RNG); a row that meets a stop token or its `max_new_tokens` leaves, and its cache row is dropped.
+
+The attention mask hides padding and each row gets its own position ids, so a row sees exactly what it would see
+alone: the same tokens as that request decoded by itself, up to float rounding in kernels whose reduction order
+depends on the batch shape (tested). Requests join and leave between steps: continuous batching.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from loraforge.errors import LoraforgeError
+from loraforge.infer.generate import stop_ids
+from loraforge.infer.session import InferenceSession
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request decodes. temperature 0 is greedy; otherwise top-k, then top-p, then a seeded draw."""
+
+    max_new_tokens: int = 64
+    """Tokens to generate at most (a stop token counts)."""
+    temperature: float = 0.0
+    """0: greedy (argmax); > 0: sample from softmax(logits / temperature)."""
+    top_p: float = 1.0
+    """Sample from the smallest set of tokens whose probability reaches top_p (1: all)."""
+    top_k: int = 0
+    """Sample from the k most likely tokens (0: all)."""
+    seed: int | None = None
+    """Seed of this request's own generator (None: a random one); the same seed gives the same text."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Token ids that end the request, besides the model's EOS/end-of-turn."""
+    ignore_eos: bool = False
+    """Generate `max_new_tokens` whatever comes (benchmarks)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or self.max_new_tokens < 1:
+            raise LoraforgeError(f"max_new_tokens must be a whole number of at least 1, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise LoraforgeError(f"temperature must be 0 (greedy) or more, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise LoraforgeError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise LoraforgeError(f"top_k must be a whole number >= 0, got {self.top_k!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Request:
+    """A prompt to continue, on an adapter (None: the base), and what it has generated so far."""
+
+    prompt_ids: list[int]
+    adapter: str | None = None
+    params: SamplingParams = SamplingParams()
+    id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    """"stop" (a stop token, which ends output_ids) or "length" (max_new_tokens reached)."""
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(eq=False)
+class _Row:
+    request: Request
+    generator: torch.Generator | None
+    stops: frozenset[int]
+    position: int  # the position id of the next token fed in: tokens in the cache so far
+
+
+class Engine:
+    """Continuous batching over one `InferenceSession`: requests on any adapters, decoded together."""
+
+    def __init__(self, session: InferenceSession, max_batch: int = 16):
+        if session.kind != "causal-lm":
+            raise LoraforgeError(f"the engine generates text; this session serves {session.kind} heads")
+        if max_batch < 1:
+            raise LoraforgeError(f"max_batch must be at least 1, got {max_batch}")
+        self.session = session
+        self.model = session.model
+        self.max_batch = max_batch
+        self.stop_ids = frozenset(stop_ids(session.tokenizer, self.model))
+        pad = session.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else min(self.stop_ids, default=0)
+        self.max_positions = getattr(self.model.config, "max_position_embeddings", None) or \
+            getattr(self.model.config, "n_positions", None)
+        self.waiting: deque[Request] = deque()
+        self.rows: list[_Row] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # (B, T) 1 where the cache holds a real token
+        self.last: torch.Tensor | None = None  # (B,) each row's newest token, fed in at the next decode
+
+    # ---- requests -----------------------------------------------------------------------------------------------
+    def submit(self, request: Request) -> Request:
+        """Queue a request; it joins the batch at the next step with room."""
+        if not request.prompt_ids:
+            raise LoraforgeError("a prompt is empty: every prompt needs at least one token to continue")
+        self.session.check_adapter(request.adapter)
+        total = len(request.prompt_ids) + request.params.max_new_tokens
+        if self.max_positions and total > self.max_positions:
+            raise LoraforgeError(f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens "
+                                 f"({request.params.max_new_tokens}) = {total} exceeds the model's context of "
+                                 f"{self.max_positions} tokens; shorten the prompt or lower max_new_tokens")
+        self.waiting.append(request)
+        return request
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.rows or self.waiting)
+
+    def run(self, requests: Iterable[Request]) -> list[Request]:
+        """Submit `requests` and step until all are done; returns them in the order given."""
+        requests = [self.submit(r) for r in requests]
+        while self.has_work:
+            self.step()
+        return requests
+
+    # ---- one step -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> list[Request]:
+        """Decode one token for every active row, let waiting requests join; the requests that finished."""
+        tokens: list[int] = []
+        if self.rows:
+            tokens = self._next(self._decode())
+        joining = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.max_batch - len(self.rows)))]
+        if joining:
+            tokens += self._next(self._prefill(joining), first=len(self.rows) - len(joining))
+        rows, finished, keep = self.rows, [], []
+        for i, (row, token) in enumerate(zip(rows, tokens)):
+            request = row.request
+            request.output_ids.append(token)
+            if token in row.stops:
+                request.finish_reason = "stop"
+            elif len(request.output_ids) >= request.params.max_new_tokens:
+                request.finish_reason = "length"
+            (finished if request.done else keep).append(i)
+        self.last = torch.tensor(tokens, dtype=torch.long, device=self.session.device)
+        if finished:
+            self._keep(keep)
+        return [rows[i].request for i in finished]
+
+    def _decode(self) -> torch.Tensor:
+        """One forward of each row's newest token; logits (B, V)."""
+        self.session.route([row.request.adapter for row in self.rows])
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)  # (B, T+1)
+        positions = torch.tensor([[row.position] for row in self.rows], device=self.session.device)  # (B, 1)
+        out = self.model(input_ids=self.last[:, None], attention_mask=self.mask, position_ids=positions,
+                         cache=self.cache, use_cache=True, logits_to_keep=1)
+        for row in self.rows:
+            row.position += 1
+        return out.logits[:, -1].float()
+
+    def _prefill(self, requests: list[Request]) -> torch.Tensor:
+        """Prefill the joining requests together; append their rows and cache; their last-token logits (n, V)."""
+        device = self.session.device
+        T = max(len(r.prompt_ids) for r in requests)
+        ids = torch.full((len(requests), T), self.pad_id, dtype=torch.long)  # (n, T), left-padded
+        mask = torch.zeros((len(requests), T), dtype=torch.long)  # (n, T)
+        for i, r in enumerate(requests):
+            ids[i, T - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            mask[i, T - len(r.prompt_ids):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        self.session.route([r.adapter for r in requests])
+        cache = DynamicCache(config=self.model.config)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (n, T)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                         logits_to_keep=1)
+        self._append(cache, mask)
+        for r in requests:
+            self.rows.append(_Row(r, _generator(r.params, device), frozenset(r.params.stop_token_ids)
+                                  | (frozenset() if r.params.ignore_eos else self.stop_ids), len(r.prompt_ids)))
+        return out.logits[:, -1].float()
+
+    def _next(self, logits: torch.Tensor, first: int = 0) -> list[int]:
+        """The next token of rows first, first+1, ... from their logits (n, V)."""
+        rows = self.rows[first:first + len(logits)]
+        tokens = logits.argmax(-1).tolist()  # (n,) greedy for all; sampled rows are redrawn below
+        for i, row in enumerate(rows):
+            if not row.request.params.greedy:
+                tokens[i] = _sample(logits[i], row.request.params, row.generator)
+        return tokens
+
+    # ---- the batch's KV cache -----------------------------------------------------------------------------------
+    def _append(self, cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Stack a new cache (n rows) under the active rows' cache, left-padding the shorter to the longer."""
+        if any(type(layer) is not DynamicLayer for layer in cache.layers):
+            raise LoraforgeError(f"{type(self.model).__name__} uses a sliding-window or other special KV cache, "
+                                 "which the engine does not batch yet")
+        if self.cache is None or not self.rows:
+            self.cache, self.mask = cache, mask
+            return
+        T = max(self.mask.shape[1], mask.shape[1])
+        for old, new in zip(self.cache.layers, cache.layers):
+            old.keys = torch.cat([_pad_left(old.keys, T), _pad_left(new.keys, T)])  # (B+n, H, T, D)
+            old.values = torch.cat([_pad_left(old.values, T), _pad_left(new.values, T)])
+        self.mask = torch.cat([F.pad(self.mask, (T - self.mask.shape[1], 0)), F.pad(mask, (T - mask.shape[1], 0))])
+
+    def _keep(self, keep: list[int]) -> None:
+        """Drop finished rows, then the leading columns no remaining row uses."""
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = self.mask = self.last = None
+            return
+        index = torch.tensor(keep, device=self.session.device)
+        self.mask, self.last = self.mask[index], self.last[index]
+        start = int(self.mask.any(dim=0).long().argmax())  # first column any row still uses
+        self.mask = self.mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
+
+
+def _pad_left(t: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, H, T, D) -> (B, H, length, D), zeros on the left."""
+    return F.pad(t, (0, 0, length - t.shape[2], 0))
+
+
+def _generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    if params.greedy:
+        return None
+    seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """One draw from logits (V,) after temperature, top-k and top-p (transformers' warpers' rules)."""
+    logits = logits / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1:
+        sorted_logits, order = torch.sort(logits)  # ascending
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cumulative <= 1 - params.top_p
+        remove[-1] = False  # keep at least the most likely token
+        logits = logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))

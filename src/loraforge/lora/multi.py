@@ -1,0 +1,342 @@
+"""Many adapters on one frozen base, served together: row i of a batch uses adapter k_i, or none (the base alone).
+
+    y_i = base(x_i) + s_k · B_k A_k x_i,   k = k_i   (nothing is added for a base row)
+
+This is the serving layer (STYLE.md: the training layer holds one adapter). Adapters are read from PEFT-format files
+(`lora.adapter.read_adapter`) and put into numbered *slots*; one `Routing` object, shared by every layer, holds
+each row's slot for the next forward. Kernels, chosen by measurement (bench/RESULTS.md, "multi-adapter kernels"):
+
+- decode (one token per row): the A's of the adapters present in the batch are stacked into one (G·R, in) matrix
+  and the B's into one (out, G·R). Then one matmul gives every row's projection on every present adapter, a 0/1
+  mask keeps each row's own block, and one more matmul adds it: three ops a layer whatever the mix, no Python
+  loop over rows or adapters. The stacks are rebuilt only when the set of adapters in the batch changes.
+- prefill (many tokens per row): one (x A_kᵀ) B_kᵀ per adapter present, on that adapter's rows only, so the
+  FLOPs are the adapter's own.
+
+A base row is multiplied by a zero mask, so it gets exactly +0: its output is the base model's, bit for bit, and a
+batch with no adapter row skips the LoRA branch entirely. The scaling (alpha/r, or alpha/sqrt(r) with rsLoRA, per
+module with rank/alpha patterns) is folded into B when the adapter is added. DoRA, embedding targets and
+bias-training adapters are refused with a message; a merged model has no LoRA left to serve.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from loraforge.errors import LoraforgeError
+from loraforge.lora.layer import Conv1D, lora_scaling
+from loraforge.lora.targets import check_no_lora, replace_module
+
+
+class Routing:
+    """Each row's slot (-1 = the base alone) for the next forward, shared by all `MultiLoraLinear` layers.
+
+    Three cases, cheapest first: no adapter in the batch (`rows is None and uniform is None`); every row on one
+    adapter (`uniform`, any batch size: beam search may widen the batch); a mix (`rows`, one slot per row)."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.version = 0
+        self.uniform: int | None = None
+        self.rows: torch.Tensor | None = None  # (B,) int64 on `device`, for a mixed batch
+        self.present: list[int] = []  # distinct slots >= 0 of a mixed batch, ascending
+        self.groups: list[tuple[int, torch.Tensor]] = []  # (slot, row indices) per present slot
+        self._key: tuple | None = None
+
+    def set(self, slots: list[int | None] | None) -> None:
+        """Route row i to `slots[i]` (-1 or None: the base); `slots=None`: every row, however many, on the base."""
+        key = None if slots is None else tuple(-1 if s is None else s for s in slots)
+        if key is not None and len(set(key)) == 1:
+            key = ("uniform", key[0])  # one adapter (or the base) for every row, whatever the batch size
+        if key == self._key:
+            return  # the same mix as the last forward: the layers' stacks stay valid
+        self._key, self.version = key, self.version + 1
+        self.uniform, self.rows, self.present, self.groups = None, None, [], []
+        if key is None:
+            return
+        if key[0] == "uniform":
+            self.uniform = key[1] if key[1] >= 0 else None
+            return
+        self.rows = torch.tensor(key, dtype=torch.long, device=self.device)
+        self.present = sorted({s for s in key if s >= 0})
+        self.groups = [(s, (self.rows == s).nonzero().flatten()) for s in self.present]
+
+
+class MultiLoraLinear(nn.Module):
+    """A frozen `nn.Linear` or GPT-2 `Conv1D` plus any number of adapters, one per slot, each of its own rank."""
+
+    is_lora_wrapper = True
+
+    def __init__(self, base_layer: nn.Linear | Conv1D, routing: Routing):
+        super().__init__()
+        self.base_layer = base_layer
+        self.routing = routing
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        w = base_layer.weight
+        self.out_features, self.in_features = w.shape[::-1] if self.fan_in_fan_out else w.shape
+        self.lora_a: dict[int, torch.Tensor] = {}  # slot -> A (r, in), in the base weight's dtype
+        self.lora_b: dict[int, torch.Tensor] = {}  # slot -> s · B (out, r)
+        self._stack_key: tuple[int, int] | None = None
+        self._stack: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._version = 0
+
+    def set_adapter(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+        """Put A (r, in) and B (out, r) in `slot` (replacing what was there); other slots are not touched."""
+        if a.shape[1] != self.in_features or b.shape[0] != self.out_features or a.shape[0] != b.shape[1]:
+            raise ValueError(f"A {tuple(a.shape)} / B {tuple(b.shape)} do not fit a {self.in_features}->"
+                             f"{self.out_features} layer")
+        dtype, device = self.base_layer.weight.dtype, self.base_layer.weight.device
+        self.lora_a[slot] = a.to(device=device, dtype=torch.float32).to(dtype).contiguous()
+        self.lora_b[slot] = (b.to(device=device, dtype=torch.float32) * scaling).to(dtype).contiguous()
+        self._version += 1
+
+    def remove_adapter(self, slot: int) -> None:
+        if self.lora_a.pop(slot, None) is not None:
+            self.lora_b.pop(slot)
+            self._version += 1
+
+    def adapter_bytes(self, slot: int) -> int:
+        if slot not in self.lora_a:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.lora_a[slot], self.lora_b[slot]))
+
+    def _stacks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(A_cat (G·R, in), B_cat (out, G·R), mask (B, G·R)) for the adapters of this batch that this layer has."""
+        key = (self.routing.version, self._version)
+        if key != self._stack_key:
+            present = [s for s in self.routing.present if s in self.lora_a]
+            self._stack = None
+            if present:
+                rows = self.routing.rows
+                a_cat = torch.cat([self.lora_a[s] for s in present])  # (G·R, in)
+                b_cat = torch.cat([self.lora_b[s] for s in present], dim=1)  # (out, G·R)
+                mask = torch.zeros(len(rows), a_cat.shape[0], dtype=a_cat.dtype, device=a_cat.device)  # (B, G·R)
+                start = 0
+                for s in present:
+                    r = self.lora_a[s].shape[0]
+                    mask[rows == s, start:start + r] = 1
+                    start += r
+                self._stack = (a_cat, b_cat, mask)
+            self._stack_key = key
+        return self._stack
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)  # (B, T, out)
+        routing = self.routing
+        if routing.uniform is not None:  # one adapter for the whole batch: the plain LoRA forward
+            a = self.lora_a.get(routing.uniform)
+            if a is None:
+                return result
+            return result + ((x.to(a.dtype) @ a.T) @ self.lora_b[routing.uniform].T).to(result.dtype)
+        if routing.rows is None or not self.lora_a:
+            return result
+        if x.shape[1] == 1:  # decode: the stacked kernel
+            stacks = self._stacks()
+            if stacks is None:
+                return result
+            a_cat, b_cat, mask = stacks
+            h = (x[:, 0].to(a_cat.dtype) @ a_cat.T) * mask  # (B, G·R): each row keeps its own adapter's block
+            return result + (h @ b_cat.T).unsqueeze(1).to(result.dtype)  # (B, 1, out)
+        for slot, rows in routing.groups:  # prefill: each adapter on its own rows
+            if slot in self.lora_a:
+                a, b = self.lora_a[slot], self.lora_b[slot]
+                delta = (x[rows].to(a.dtype) @ a.T) @ b.T  # (n, T, out)
+                result = result.index_add(0, rows, delta.to(result.dtype))
+        return result
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, slots={sorted(self.lora_a)}"
+
+
+class MultiSaved(nn.Module):
+    """A module each adapter trains in full (a classifier head, PEFT's modules_to_save): one copy per slot; a row
+    runs its adapter's copy, a base row the original."""
+
+    is_lora_wrapper = True
+
+    def __init__(self, original: nn.Module, routing: Routing):
+        super().__init__()
+        self.original_module = original
+        self.routing = routing
+        self.copies = nn.ModuleDict()  # str(slot) -> module
+
+    def set_adapter(self, slot: int, state: dict[str, torch.Tensor]) -> None:
+        module = copy.deepcopy(self.original_module)
+        expected = dict(module.named_parameters())
+        if set(state) != set(expected):
+            raise ValueError(f"parameters {sorted(state)} do not match the module's {sorted(expected)}")
+        with torch.no_grad():
+            for name, p in expected.items():
+                if state[name].shape != p.shape:
+                    raise ValueError(f"{name}: shape {tuple(state[name].shape)} in the file, {tuple(p.shape)} here")
+                p.copy_(state[name].to(p.dtype))
+        self.copies[str(slot)] = module
+
+    def remove_adapter(self, slot: int) -> None:
+        self.copies.pop(str(slot), None)
+
+    def adapter_bytes(self, slot: int) -> int:
+        module = self.copies[str(slot)] if str(slot) in self.copies else None
+        return 0 if module is None else sum(p.numel() * p.element_size() for p in module.parameters())
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        routing = self.routing
+        if routing.rows is None:  # the base, or one adapter for every row
+            return self._module(-1 if routing.uniform is None else routing.uniform)(x, *args, **kwargs)
+        out = None
+        for slot in [-1, *routing.present]:
+            rows = (routing.rows == slot).nonzero().flatten()
+            if len(rows) == 0:
+                continue
+            y = self._module(slot)(x[rows], *args, **kwargs)
+            out = y.new_zeros((len(routing.rows), *y.shape[1:])) if out is None else out
+            out[rows] = y
+        return out
+
+    def _module(self, slot: int) -> nn.Module:
+        return self.copies[str(slot)] if str(slot) in self.copies else self.original_module
+
+
+def scaling_of(config, path: str) -> tuple[int, float]:
+    """(r, scaling) of module `path` under `config`, rank/alpha patterns and rsLoRA included."""
+    r, alpha = config.rank_and_alpha(path)
+    return r, lora_scaling(r, alpha, config.use_rslora)
+
+
+class MultiLoraModel:
+    """A transformers model serving any number of named adapters at once (a handle, like `LoraModel`).
+
+    Layers are wrapped when the first adapter that targets them arrives, so a model with no adapter runs the
+    transformers forward untouched. Adding, replacing and removing an adapter touch only its own slot.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device | str = "cpu"):
+        check_no_lora(model)
+        self.model = model
+        self.routing = Routing(device)
+        self.slots: dict[str, int] = {}
+        self.layers: dict[str, MultiLoraLinear] = {}
+        self.saved: dict[str, MultiSaved] = {}
+        self._owned: dict[str, list[str]] = {}  # adapter name -> the layer and saved-module paths it occupies
+
+    def add(self, name: str, weights) -> int:
+        """Put adapter `weights` (an `AdapterWeights`) in a slot under `name`, replacing one of that name; its slot."""
+        lora, saved = self._plan(weights)  # every check before anything changes
+        slot = self.slots.get(name)
+        if slot is None:
+            slot = min(set(range(len(self.slots) + 1)) - set(self.slots.values()))
+        for path in self._owned.get(name, []):  # what the old adapter of this name had and the new one lacks
+            if path not in lora and path not in saved:
+                (self.layers.get(path) or self.saved[path]).remove_adapter(slot)
+        for path, (a, b, scaling) in lora.items():
+            self._layer(path).set_adapter(slot, a, b, scaling)
+        for path, state in saved.items():
+            self._saved(path).set_adapter(slot, state)
+        self.slots[name] = slot
+        self._owned[name] = [*lora, *saved]
+        self.routing.set(None)  # the batch's stacks are rebuilt on the next routed forward
+        return slot
+
+    def remove(self, name: str) -> None:
+        slot = self.slots.pop(name)
+        for path in self._owned.pop(name):
+            (self.layers.get(path) or self.saved[path]).remove_adapter(slot)
+        self.routing.set(None)
+
+    def adapter_bytes(self, name: str) -> int:
+        slot = self.slots[name]
+        return sum((self.layers.get(p) or self.saved[p]).adapter_bytes(slot) for p in self._owned[name])
+
+    def route(self, names: list[str | None] | None) -> None:
+        """Row i of the next forwards uses adapter `names[i]` (None: the base); `names=None`: all on the base."""
+        self.routing.set(None if names is None else [None if n is None else self.slots[n] for n in names])
+
+    # ---- checks: a file that does not fit this model is refused before anything changes ------------------------
+    def _plan(self, weights) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, float]], dict[str, dict]]:
+        config, where = weights.config, f"adapter {weights.source} (made for {weights.config.base_model_name_or_path})"
+        if config.use_dora:
+            raise LoraforgeError(f"{where} is a DoRA adapter: mixed-batch serving supports plain LoRA only. Merge it "
+                                 "(loraforge merge) and serve the merged model, or train without use_dora")
+        if config.bias != "none":
+            raise LoraforgeError(f"{where} trains biases (bias={config.bias!r}), which would change the base for "
+                                 "every user of it; serve it merged (loraforge merge) instead")
+        lora_keys = {k for k in weights.tensors if k.endswith((".lora_A.weight", ".lora_B.weight"))}
+        if any(".lora_embedding_" in k or k.endswith(".lora_magnitude_vector") for k in weights.tensors):
+            raise LoraforgeError(f"{where} adapts an embedding layer; mixed-batch serving supports Linear and Conv1D "
+                                 "targets. Merge it (loraforge merge) and serve the merged model")
+        lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        for key in sorted(lora_keys):
+            path = key.rsplit(".", 2)[0]
+            if path in lora:
+                continue
+            a, b = weights.tensors.get(f"{path}.lora_A.weight"), weights.tensors.get(f"{path}.lora_B.weight")
+            if a is None or b is None:
+                raise LoraforgeError(f"{where}: {path} has only one of lora_A/lora_B; the file is incomplete")
+            base = self._base_module(path, where)
+            out_f, in_f = base.weight.shape[::-1] if isinstance(base, Conv1D) else base.weight.shape
+            r, scaling = scaling_of(config, path)
+            if a.shape != (r, in_f) or b.shape != (out_f, r):
+                raise LoraforgeError(
+                    f"{where}: {path} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, but this base needs "
+                    f"({r}, {in_f}) and ({out_f}, {r}) for r={r}: it was made for another base model or rank")
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise LoraforgeError(f"{where}: {path} holds NaN/inf weights; the adapter is broken")
+            lora[path] = (a, b, scaling)
+        saved = self._saved_plan(weights, set(weights.tensors) - lora_keys, where)
+        if not lora and not saved:
+            raise LoraforgeError(f"{where}: the file holds no LoRA weights")
+        return lora, saved
+
+    def _saved_plan(self, weights, keys: set[str], where: str) -> dict[str, dict[str, torch.Tensor]]:
+        names = list(weights.config.modules_to_save or [])
+        if weights.config.task_type in ("SEQ_CLS", "TOKEN_CLS"):
+            names += ["classifier", "score"]
+        saved: dict[str, dict[str, torch.Tensor]] = {}
+        for key in sorted(keys):
+            path = next((p for p in self._module_paths() if key.startswith(p + ".")
+                         and any(p == n or p.endswith("." + n) for n in names)), None)
+            if path is None:
+                raise LoraforgeError(f"{where}: key {key!r} has no place in this model: it was made for another "
+                                     "architecture, or the file is corrupt")
+            saved.setdefault(path, {})[key[len(path) + 1:]] = weights.tensors[key]
+        for path, state in saved.items():
+            module = self.saved[path].original_module if path in self.saved else self.model.get_submodule(path)
+            expected = {n: p.shape for n, p in module.named_parameters()}
+            got = {n: t.shape for n, t in state.items()}
+            if expected != got:
+                raise LoraforgeError(f"{where}: {path} has parameters {got} in the file but {expected} in this model "
+                                     "(a head for another number of labels, or another base)")
+        return saved
+
+    def _module_paths(self) -> list[str]:
+        paths = [p for p, _ in self.model.named_modules() if p and ".original_module" not in p
+                 and ".copies." not in p and not p.endswith(".base_layer")]
+        return [p[:-len(".original_module")] if p.endswith(".original_module") else p for p in paths]
+
+    def _base_module(self, path: str, where: str) -> nn.Module:
+        if path in self.layers:
+            return self.layers[path].base_layer
+        try:
+            module = self.model.get_submodule(path)
+        except AttributeError:
+            raise LoraforgeError(f"{where}: this base has no module {path}: the adapter was made for another "
+                                 f"architecture ({type(self.model).__name__} here)") from None
+        if not isinstance(module, (nn.Linear, Conv1D)):
+            raise LoraforgeError(f"{where}: {path} is a {type(module).__name__} here; mixed-batch serving adapts "
+                                 "Linear and Conv1D layers")
+        return module
+
+    def _layer(self, path: str) -> MultiLoraLinear:
+        if path not in self.layers:
+            self.layers[path] = MultiLoraLinear(self.model.get_submodule(path), self.routing)
+            replace_module(self.model, path, self.layers[path])
+        return self.layers[path]
+
+    def _saved(self, path: str) -> MultiSaved:
+        if path not in self.saved:
+            self.saved[path] = MultiSaved(self.model.get_submodule(path), self.routing)
+            replace_module(self.model, path, self.saved[path])
+        return self.saved[path]
+
