@@ -59,3 +59,29 @@ def token_ids(batch: int = 2, length: int = 7, seed: int = 1) -> torch.Tensor:
 def logits(model: nn.Module, ids: torch.Tensor | None = None) -> torch.Tensor:
     """The model's logits on `ids` (default: token_ids()), without gradients."""
     return model(input_ids=token_ids() if ids is None else ids).logits
+
+
+@torch.no_grad()
+def hf_generate(model: nn.Module, tokenizer, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """The reference: transformers' own greedy `generate` on one unpadded prompt, cut after the first stop token."""
+    from loraforge.infer.engine import stop_ids
+
+    stops = stop_ids(tokenizer, model)
+    out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                         eos_token_id=stops or None, pad_token_id=tokenizer.pad_token_id)
+    new = out[0, len(prompt):].tolist()
+    for k, token in enumerate(new):
+        if token in stops:
+            return new[:k + 1]
+    return new
+
+
+def session_of(model: nn.Module, tokenizer, **adapters):
+    """An InferenceSession over an in-memory model, with adapters name=folder."""
+    from loraforge.infer import InferenceSession
+
+    session = InferenceSession(model, tokenizer, base="tiny")
+    for name, folder in adapters.items():
+        session.add_adapter(name, folder)
+    return session

@@ -1,12 +1,13 @@
-"""Batched generation (left padding, KV cache): the same tokens as one prompt at a time, greedy and beam search."""
+"""Batched decoding for predict/eval: greedy through the engine and beam search through the session's model give
+transformers' tokens for each prompt alone."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from fixtures.tiny_models import EOS, tiny_gpt2, tiny_llama, tiny_tokenizer
+from helpers import hf_generate, session_of
 from loraforge.errors import LoraforgeError
-from loraforge.infer import GenerationOptions, generate
 from loraforge.infer.batch import BatchOptions, generate_batch, left_pad
 
 torch.set_num_threads(1)  # tiny models gain nothing from threads; other test runs share the 2 cores
@@ -20,7 +21,8 @@ def _prompts(vocab: int, lengths: tuple[int, ...] = (3, 9, 1, 6, 12, 4, 7), seed
 
 def _model_and_tokenizer(kind: str):
     model = tiny_llama(seed=1) if kind == "llama" else tiny_gpt2(seed=1)
-    return model, tiny_tokenizer(add_bos=kind == "llama")
+    tokenizer = tiny_tokenizer(add_bos=kind == "llama")
+    return session_of(model, tokenizer), tokenizer
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
@@ -36,10 +38,10 @@ def test_left_pad_puts_padding_first() -> None:
 
 @pytest.mark.parametrize("batch_size", [3, 7])
 def test_batched_greedy_equals_one_by_one(model_and_tokenizer, batch_size: int) -> None:
-    model, tokenizer = model_and_tokenizer
-    prompts = _prompts(model.config.vocab_size)
-    single = [generate(model, tokenizer, p, GenerationOptions(max_new_tokens=10))[0] for p in prompts]
-    batched = generate_batch(model, tokenizer, prompts, BatchOptions(max_new_tokens=10, batch_size=batch_size))
+    session, tokenizer = model_and_tokenizer
+    prompts = _prompts(session.model.config.vocab_size)
+    single = [hf_generate(session.model, tokenizer, p, 10) for p in prompts]
+    batched = generate_batch(session, prompts, BatchOptions(max_new_tokens=10, batch_size=batch_size))
     assert batched == single
     assert all(len(ids) >= 1 for ids in batched)
 
@@ -47,13 +49,13 @@ def test_batched_greedy_equals_one_by_one(model_and_tokenizer, batch_size: int) 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_rows_stop_at_eos_and_drop_padding(kind: str) -> None:
     """Rows that meet EOS end there while the batch goes on: no pad ids after it, still equal to one by one."""
-    model, tokenizer = _model_and_tokenizer(kind)
-    head = model.get_output_embeddings().weight  # (V, H)
+    session, tokenizer = _model_and_tokenizer(kind)
+    head = session.model.get_output_embeddings().weight  # (V, H)
     with torch.no_grad():
         head[EOS] = 1.5 * head[35]  # EOS wins wherever token 35 would have: some rows stop early, some never
-    prompts = _prompts(model.config.vocab_size)
-    single = [generate(model, tokenizer, p, GenerationOptions(max_new_tokens=10))[0] for p in prompts]
-    batched = generate_batch(model, tokenizer, prompts, BatchOptions(max_new_tokens=10, batch_size=4))
+    prompts = _prompts(session.model.config.vocab_size)
+    single = [hf_generate(session.model, tokenizer, p, 10) for p in prompts]
+    batched = generate_batch(session, prompts, BatchOptions(max_new_tokens=10, batch_size=4))
     assert batched == single
     assert any(ids[-1] == EOS and len(ids) < 10 for ids in batched)
     assert any(len(ids) == 10 and EOS not in ids for ids in batched)
@@ -61,14 +63,12 @@ def test_rows_stop_at_eos_and_drop_padding(kind: str) -> None:
 
 
 def test_beam_search_batched_equals_one_by_one(model_and_tokenizer) -> None:
-    model, tokenizer = model_and_tokenizer
-    prompts = _prompts(model.config.vocab_size)
-    greedy = generate_batch(model, tokenizer, prompts, BatchOptions(max_new_tokens=8, batch_size=4))
-    one_beam = generate_batch(model, tokenizer, prompts, BatchOptions(max_new_tokens=8, batch_size=4, num_beams=1))
-    assert one_beam == greedy
+    session, tokenizer = model_and_tokenizer
+    prompts = _prompts(session.model.config.vocab_size)
+    greedy = generate_batch(session, prompts, BatchOptions(max_new_tokens=8, batch_size=4))
     options = BatchOptions(max_new_tokens=8, batch_size=4, num_beams=3)
-    beams = generate_batch(model, tokenizer, prompts, options)
-    alone = [generate_batch(model, tokenizer, [p], options)[0] for p in prompts]
+    beams = generate_batch(session, prompts, options)
+    alone = [generate_batch(session, [p], options)[0] for p in prompts]
     assert beams == alone
     assert all(1 <= len(ids) <= 8 for ids in beams)
     assert beams != greedy  # the search did something: on these prompts some best beams differ from greedy
@@ -78,4 +78,4 @@ def test_options_are_checked() -> None:
     with pytest.raises(LoraforgeError, match="num_beams"):
         BatchOptions(num_beams=0)
     with pytest.raises(LoraforgeError, match="empty"):
-        generate_batch(tiny_llama(), tiny_tokenizer(), [[4, 5], []])
+        generate_batch(session_of(tiny_llama(), tiny_tokenizer()), [[4, 5], []])

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from fixtures.tiny_models import LAYERS, save_tiny_gpt2, tiny_llama
 from loraforge.cli import main
 from loraforge.config import TrainConfig
-from loraforge.infer import GenerationOptions, generate
+from helpers import hf_generate
 from loraforge.lora import load_adapter
 from loraforge.models import load_model
 from loraforge.train import train
@@ -108,10 +108,10 @@ def test_generate_prints_what_the_python_call_gives(adapter_dir, llama_dir, caps
 
     model, tokenizer = load_model(str(llama_dir))
     ids = tokenizer(prompt)["input_ids"]
-    options = GenerationOptions(max_new_tokens=4)
-    _, base_text = generate(model, tokenizer, ids, options)
+    base_text = tokenizer.decode(hf_generate(model, tokenizer, ids, 4), skip_special_tokens=True).strip()
     load_adapter(model, adapter_dir)
-    new_ids, text = generate(model, tokenizer, ids, options)
+    new_ids = hf_generate(model, tokenizer, ids, 4)
+    text = tokenizer.decode(new_ids, skip_special_tokens=True).strip()
     assert len(new_ids) == 4 and text != base_text  # four tokens, and the adapter is what chose them
     assert printed == text + "\n"
 
@@ -193,10 +193,14 @@ def test_merge_onto_a_file_exits_2(adapter_dir, tmp_path, capsys):
     assert file.read_text() == "x"
 
 
-def test_generate_temperature_zero_exits_2(llama_dir, capsys):
-    # `--temperature 0` used to become 0.7 silently (`args.temperature or 0.7`).
-    assert main(["generate", "--model", str(llama_dir), "--prompt", "the", "--temperature", "0"]) == 2
-    assert "temperature > 0" in _error_line(capsys.readouterr().err)
+def test_generate_temperature_zero_is_greedy_and_negative_exits_2(llama_dir, capsys):
+    # `--temperature 0` once became 0.7 silently (`args.temperature or 0.7`); now it means greedy, as in OpenAI's API.
+    assert main(["generate", "--model", str(llama_dir), "--prompt", "the", "--temperature", "0"]) == 0
+    zero = capsys.readouterr().out
+    assert main(["generate", "--model", str(llama_dir), "--prompt", "the", "--greedy"]) == 0
+    assert capsys.readouterr().out == zero
+    assert main(["generate", "--model", str(llama_dir), "--prompt", "the", "--temperature", "-1"]) == 2
+    assert "temperature must be 0 (greedy) or more" in _error_line(capsys.readouterr().err)
 
 
 # ---- a user's mistake, through the real command -------------------------------------------------------------------

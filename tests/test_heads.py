@@ -19,7 +19,8 @@ from loraforge.config import TrainConfig
 from loraforge.data import IGNORE_INDEX, Record, read_records
 from loraforge.data.encode import HeadSpec, collate_head
 from loraforge.errors import LoraforgeError
-from loraforge.infer.predict import load_head, run_head
+from loraforge.heads import run_head
+from loraforge.infer import InferenceSession
 from loraforge.lora import LoraConfig, LoraModel
 from loraforge.train import loop
 from loraforge.train.heads import train_head
@@ -189,14 +190,16 @@ def _ids(tok, texts: list[str]) -> dict[str, torch.Tensor]:
 def test_peft_reloads_the_head_adapter_with_the_same_logits(run, auto, request, bert_dir):
     out, result = request.getfixturevalue(run)
     spec = HeadSpec.load(out)
-    lm, tok, _ = load_head(None, out)  # the base from the adapter's base_model_name_or_path
+    session = InferenceSession.open(None, {"head": out})  # the base from the adapter's base_model_name_or_path
+    session.route(["head"])
+    tok = session.tokenizer
     base = auto.from_pretrained(bert_dir, num_labels=len(spec.labels)).eval()
     batch = _ids(tok, ["that loves its characters", "EU rejects German call to boycott British lamb ."])
     with torch.no_grad():
         untrained = base(**batch).logits
     theirs = peft.PeftModel.from_pretrained(base, out).eval()  # injects into base in place
     with torch.no_grad():
-        ours = lm.model(**batch).logits
+        ours = session.model(**batch).logits
         trained = result.lora.model.eval()(**batch).logits
         peft_logits = theirs(**batch).logits
     assert max_abs_diff(ours, peft_logits) <= FP32
@@ -250,9 +253,11 @@ def test_given_labels_reject_others_with_file_and_line(bert_dir, tmp_path):
 
 def test_run_head_scores_what_it_predicts(token_run):
     out, _ = token_run
-    lm, tok, spec = load_head(None, out)
+    session = InferenceSession.open(None, {"head": out})
+    tok, spec = session.tokenizer, session.head
     examples = [spec.encode(r, tok, max_length=4) for r in read_records(CONLL, "conll")]
-    predictions, loss_sum, count = run_head(lm.model, examples, spec, pad_id=0)
+    with session.use("head") as model:
+        predictions, loss_sum, count = run_head(model, examples, spec, pad_id=0)
     assert [len(p) for p in predictions] == [len(e.reference) for e in examples]  # cut-off words are "O"
     assert count == sum(sum(s >= 0 for s in e.word_starts) for e in examples) and loss_sum > 0
 
@@ -297,12 +302,14 @@ def test_minilm_sst2_few_shot_head_reloads_in_peft(tmp_path):
     assert result.summary["data"]["records_read"] == 32 and result.summary["steps"] == 4
     scored = predict_file(SHARED_SST2 / "dev.tsv", adapter=out, max_examples=32)
     assert scored.scored == 32 and 0.0 <= scored.scores["accuracy"] <= 1.0 and scored.scores["invalid"] == 0
-    lm, tok, _ = load_head(None, out)
+    session = InferenceSession.open(None, {"head": out})
+    session.route(["head"])
+    tok = session.tokenizer
     base = AutoModelForSequenceClassification.from_pretrained(resolve_model("minilm-l6"), num_labels=2)
     theirs = peft.PeftModel.from_pretrained(base, out).eval()
     batch = _ids(tok, [r.fields["sentence"] for r in read_records(SHARED_SST2 / "dev.tsv")][:8])
     with torch.no_grad():
-        assert max_abs_diff(lm.model(**batch).logits, theirs(**batch).logits) <= FP32
+        assert max_abs_diff(session.model(**batch).logits, theirs(**batch).logits) <= FP32
 
 
 def test_label_smoothing_reaches_the_head_loss_and_the_logged_loss(bert_dir, tmp_path, monkeypatch):

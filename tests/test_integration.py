@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from loraforge.cli import main
 from loraforge.data import encode_prompt
 from loraforge.demo import sample_path
-from loraforge.infer import GenerationOptions, generate
+from loraforge.infer import InferenceSession, SamplingParams, generate
 from loraforge.lora import load_adapter
 from loraforge.models import DEFAULT_MODEL, load_model
 
@@ -51,14 +51,14 @@ def test_loraforge_adapter_greedy_equals_peft(default_model_dir, demo_prompt_ids
     summary = json.loads((adapter / "train_summary.json").read_text())
     assert summary["steps"] == 4 and summary["train_tokens"] > 0
 
-    model, tokenizer = load_model(DEFAULT_MODEL)
-    base_ids, _ = generate(model, tokenizer, demo_prompt_ids, GenerationOptions(max_new_tokens=NEW_TOKENS))
-    lora = load_adapter(model, adapter)
-    ours, ours_text = generate(model, tokenizer, demo_prompt_ids, GenerationOptions(max_new_tokens=NEW_TOKENS))
+    session = InferenceSession.open(adapters={"trained": adapter})
+    tokenizer, params = session.tokenizer, SamplingParams(max_new_tokens=NEW_TOKENS)
+    base_ids, _ = generate(session, demo_prompt_ids, params)
+    ours, ours_text = generate(session, demo_prompt_ids, params, adapter="trained")
     theirs = _peft_greedy(default_model_dir, adapter, demo_prompt_ids, tokenizer)
     assert ours == theirs
     assert ours != base_ids, "the trained adapter should change the greedy answer"
-    assert len(lora.layers) == 60  # q_proj and v_proj in 30 layers: the Llama default
+    assert len(session.lora.layers) == 60  # q_proj and v_proj in 30 layers: the Llama default
 
     record = json.loads(sample_path("e2e_demo_prompts.jsonl").read_text(encoding="utf-8").splitlines()[0])
     capsys.readouterr()
@@ -80,9 +80,9 @@ def test_peft_adapter_greedy_equals_loraforge(default_model_dir, demo_prompt_ids
     _, tokenizer = load_model(DEFAULT_MODEL)
     theirs = _peft_greedy(default_model_dir, tmp_path / "peft_adapter", demo_prompt_ids, tokenizer)
 
-    model, tokenizer = load_model(DEFAULT_MODEL)
-    base_ids, _ = generate(model, tokenizer, demo_prompt_ids, GenerationOptions(max_new_tokens=NEW_TOKENS))
-    load_adapter(model, tmp_path / "peft_adapter")
-    ours, _ = generate(model, tokenizer, demo_prompt_ids, GenerationOptions(max_new_tokens=NEW_TOKENS))
+    session = InferenceSession.open(DEFAULT_MODEL, {"peft": tmp_path / "peft_adapter"})
+    params = SamplingParams(max_new_tokens=NEW_TOKENS)
+    base_ids, _ = generate(session, demo_prompt_ids, params)
+    ours, _ = generate(session, demo_prompt_ids, params, adapter="peft")
     assert ours == theirs
     assert ours != base_ids, "the perturbed adapter should change the greedy answer"

@@ -16,6 +16,7 @@ from loraforge.cli import main
 from loraforge.config import TrainConfig
 from loraforge.data import get_recipe, read_records
 from loraforge.metrics import METRICS, accuracy_macro_f1, entity_f1
+from helpers import session_of
 from loraforge.infer.predict import predict_file, predict_generative
 from loraforge.lora import LoraConfig, LoraModel, save_adapter
 from loraforge.models import load_model
@@ -157,8 +158,9 @@ def test_batched_generation_equals_one_by_one(llama_dir):
     model, tokenizer = load_model(str(llama_dir))
     records = list(read_records(CONLL, "conll"))  # sentences of 9, 2, 2 and 10 words: left padding matters
     recipe = get_recipe("conll2003")
-    batched = predict_generative(model, tokenizer, recipe, records, max_new_tokens=8, batch_size=4)
-    single = predict_generative(model, tokenizer, recipe, records, max_new_tokens=8, batch_size=1)
+    session = session_of(model, tokenizer)
+    batched = predict_generative(session, recipe, records, max_new_tokens=8, batch_size=4)
+    single = predict_generative(session, recipe, records, max_new_tokens=8, batch_size=1)
     assert [p.generated for p in batched] == [p.generated for p in single]
     assert [len(p.prediction) for p in batched] == [len(r.fields["tokens"]) for r in records]
 

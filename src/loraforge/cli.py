@@ -38,46 +38,64 @@ def _cmd_train(args: argparse.Namespace) -> int:
         options = load_yaml(args.config) if args.config else {}
         cfg = build_config(TrainConfig, {**options, **flags}, source=args.config or "command line")
     result = train(cfg, resume=bool(args.resume), progress=not args.quiet)
+    if cfg.per_user:
+        for user, run in result.items():
+            s = run.summary
+            print(f"{user}: {s['steps']} steps, final loss {s['final_loss']:.4f}, {s['tokens_per_second']:.0f} tokens/s")
+        print(f"{len(result)} adapters written to {cfg.output}/<{cfg.per_user}>/; use them with loraforge generate "
+              f"--adapters {cfg.output} --adapter NAME")
+        return 0
     s = result.summary
     print(f"adapter written to {cfg.output}: {s['steps']} steps, final loss {s['final_loss']:.4f}, "
           f"{s['tokens_per_second']:.0f} tokens/s, peak RSS {s['peak_rss_mb']:.0f} MB")
     return 0
 
 
-def _load(model: str | None, adapter: str | None, dtype: str = "float32"):
-    """Base model (the adapter's own base when --model is not given), with the adapter injected if given."""
-    import torch
-
-    from loraforge.lora import load_adapter, read_adapter_config
-    from loraforge.models import load_model
-
-    if model is None:
-        model = (read_adapter_config(adapter).base_model_name_or_path if adapter else None) or DEFAULT_MODEL
-    base, tokenizer = load_model(model, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
-    lora = load_adapter(base, adapter) if adapter else None
-    return base, tokenizer, lora
-
-
-def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
-    """The prompt as ids: through the chat template exactly as training renders it, or as plain text."""
+def prompt_ids(tokenizer, prompt: str, chat: bool, system: str | None = None) -> list[int]:
+    """The prompt as ids: through the chat template exactly as training renders it (with `system` as the system
+    turn, if given), or as plain text."""
     from loraforge.data import encode_prompt, has_chat_template
 
     if chat:
         if not has_chat_template(tokenizer):
             raise LoraforgeError("--chat: this model's tokenizer has no chat template; drop --chat")
-        return encode_prompt(prompt, "", tokenizer)
+        return encode_prompt(prompt, "", tokenizer, system=system)
+    if system is not None:
+        raise LoraforgeError("--system goes with --chat: a plain-text prompt has no system turn")
     return list(tokenizer(prompt)["input_ids"])
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from loraforge.infer import GenerationOptions, generate
+def _one(values: list[str] | None, flag: str, why: str) -> str | None:
+    """The single value of a flag that may not repeat; a repeat is an error, never last-one-wins."""
+    if values and len(values) > 1:
+        raise LoraforgeError(f"{flag} was given {len(values)} times ({', '.join(values)}); {why}")
+    return values[0] if values else None
 
-    model, tokenizer, _ = _load(args.model, args.adapter)
-    temperature = 0.7 if args.temperature is None else args.temperature  # `or 0.7` would turn 0 into 0.7
-    options = GenerationOptions(max_new_tokens=args.max_new_tokens, greedy=args.temperature is None,
-                                temperature=temperature, top_p=args.top_p, seed=args.seed)
-    _, text = generate(model, tokenizer, prompt_ids(tokenizer, args.prompt, args.chat), options)
-    print(text)
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from loraforge.infer import InferenceSession, SamplingParams, generate_many
+    from loraforge.infer.store import AdapterStore
+
+    names = args.adapter or []
+    if args.adapters:  # a store: --adapter names adapters in it
+        session = InferenceSession.open(args.model, dtype=args.dtype, device=args.device)
+        store = AdapterStore(args.adapters, session, max_resident_mb=args.max_resident_mb)
+        store.ensure(names)
+    else:  # --adapter gives folders, each named by its last path part
+        session = InferenceSession.open(args.model, names, dtype=args.dtype, device=args.device)
+        names = list(session.adapters)
+    greedy = args.temperature is None
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0 if greedy else args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    rows = names or [None]
+    prompts = []
+    for name in rows:  # each adapter gets its own system prompt: the one it was trained with, unless --system
+        system = args.system if args.system is not None else session.system_prompt(name)
+        prompts.append(prompt_ids(session.tokenizer, args.prompt, args.chat, system if args.chat else None))
+    outputs = generate_many(session, prompts, params, rows)  # one mixed batch
+    for name, ids in zip(rows, outputs):
+        text = session.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        print(f"[{name}]\n{text}\n" if len(rows) > 1 else text)
     return 0
 
 
@@ -104,8 +122,13 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise LoraforgeError(f"--output {output} exists and is not an empty folder; give a new folder or remove it")
-    model, tokenizer, lora = _load(args.model, args.adapter)
-    merged = lora.merge_and_unload()
+    from loraforge.lora import load_adapter, read_adapter_config
+    from loraforge.models import load_model
+
+    adapter = _one(args.adapter, "--adapter", "merge folds one adapter into its base (run merge once per adapter)")
+    model_name = args.model or read_adapter_config(adapter).base_model_name_or_path or DEFAULT_MODEL
+    model, tokenizer = load_model(model_name)
+    merged = load_adapter(model, adapter).merge_and_unload()
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:  # built beside its place and renamed in: never half a model folder
@@ -123,10 +146,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from loraforge.infer.predict import predict_file
 
     columns = parse_mapping(args.columns) if args.columns else None
-    result = predict_file(args.data, model=args.model, adapter=args.adapter, recipe=args.recipe, task=args.task,
+    adapter = _one(args.adapter, "--adapter", "predict runs one adapter; to compare several use loraforge eval")
+    result = predict_file(args.data, model=args.model, adapter=adapter, recipe=args.recipe, task=args.task,
                           columns=columns, file_format=args.file_format, max_examples=args.max_examples,
                           batch_size=args.batch_size, max_length=args.max_length,
-                          max_new_tokens=args.max_new_tokens, output=args.output)
+                          max_new_tokens=args.max_new_tokens, output=args.output, dtype=args.dtype,
+                          device=args.device)
     where = f", written to {args.output}" if args.output else ""
     print(f"{len(result.predictions)} predictions{where}")
     if result.scores is None:
@@ -143,7 +168,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     options = {k: getattr(args, k) for k in ("data", "recipe", "model", "task", "file_format", "data_format",
                                              "max_examples", "few_shot", "few_shot_data", "seed", "num_beams",
-                                             "max_new_tokens", "batch_size", "max_length", "dtype", "threads",
+                                             "max_new_tokens", "batch_size", "max_length", "dtype", "device", "threads",
                                              "samples", "output")}
     columns = parse_mapping(args.columns) if args.columns else None
     result = run_eval(EvalConfig(**options, adapters=tuple(args.adapter), columns=columns))
@@ -159,6 +184,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_device_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default="float32",
+                        help="auto: bfloat16 where this CPU/GPU runs it natively (much faster), else float32")
+    parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraforge", description="Fine-tune LLMs with LoRA, on a CPU or a GPU.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
@@ -170,17 +201,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, TrainConfig)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("generate", help="generate text with a base model and optionally an adapter")
-    p.add_argument("--model", help=f"base model (default: the adapter's base, else {DEFAULT_MODEL})")
-    p.add_argument("--adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p = sub.add_parser("generate", help="generate text with a base model and optionally adapters (one batch)")
+    p.add_argument("--model", help=f"base model (default: the adapters' base, else {DEFAULT_MODEL})")
+    p.add_argument("--adapter", action="append", metavar="DIR_OR_NAME",
+                   help="adapter folder, or a name in --adapters; repeat to answer with each (one mixed batch)")
+    p.add_argument("--adapters", metavar="DIR", help="an adapter store: DIR/<name>/ (e.g. from train --per-user)")
+    p.add_argument("--max-resident-mb", type=float, default=0, help="with --adapters: cap on resident adapters")
     p.add_argument("--prompt", required=True, help="the text to continue, or the user turn with --chat")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--system", help="with --chat: the system prompt (default: the one the adapter was trained "
+                                    "with, else the template's own)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
     mode.add_argument("--temperature", type=float, help="sample with this temperature instead of greedy")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (with --temperature)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (with --temperature)")
+    _add_device_flags(p)
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("inspect", help="list a model's layers and what LoRA would train")
@@ -191,13 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="fold an adapter into its base and write a plain transformers model")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
-    p.add_argument("--adapter", required=True)
+    p.add_argument("--adapter", required=True, action="append", help="the adapter folder (once)")
     p.add_argument("--output", required=True)
     p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("predict", help="predict a data file with an encoder head or a decoder recipe, and score it")
     p.add_argument("--model", help="base model (default: the adapter's base)")
-    p.add_argument("--adapter", help="adapter folder; one with labels.json is a seq-cls/token-cls head")
+    p.add_argument("--adapter", action="append",
+                   help="adapter folder (once); one with labels.json is a seq-cls/token-cls head")
     p.add_argument("--data", required=True, help="records to predict (any format `train` reads)")
     p.add_argument("--recipe", help="decoder: the task recipe (sst2, conll2003, squad, e2e, ...); head: reads records")
     p.add_argument("--task", choices=("seq-cls", "token-cls", "causal-lm"),
@@ -209,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=512, help="head: tokens per record; longer ones are cut")
     p.add_argument("--max-new-tokens", type=int, default=64, help="decoder: tokens generated per answer")
+    _add_device_flags(p)
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("eval", help="score a base model, few-shot prompts and adapters on the same records; report")
@@ -233,8 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (left-padded)")
     p.add_argument("--max-length", type=int, default=512, help="text task: tokens per example or chunk")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default="float32",
-                   help="auto: bfloat16 where this CPU/GPU runs it natively (much faster), else float32")
+    _add_device_flags(p)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = one per core)")
     p.add_argument("--samples", type=int, default=8, help="examples shown side by side in the report")
     p.add_argument("--output", default="runs/eval",

@@ -46,6 +46,9 @@ class TrainConfig:
     file_format: str | None = _opt(None, "reader when the suffix does not say: jsonl, json, csv, tsv, text, conll")
     max_examples: int = _opt(0, "train on a seeded sample of N records (few-shot; stratified for classification)")
     output: str | None = _opt(None, "folder for the adapter, resolved config and train_summary.json")
+    per_user: str | None = _opt(None, "train one adapter per value of this record field (a user, customer, ...) into "
+                                      "OUTPUT/<value>/, loading the base and tokenizing the data once; max_steps, "
+                                      "max_examples and val_split apply to each")
     r: int = _opt(16, "LoRA rank")
     lora_alpha: float = _opt(32.0, "LoRA alpha; the update is scaled by lora_alpha / r")
     lora_dropout: float = _opt(0.05, "dropout on the LoRA input during training")
@@ -91,6 +94,9 @@ class TrainConfig:
                                         or len(self.labels) < 2):
             raise LoraforgeError(f"option 'labels' ({self.labels}) takes two or more distinct names, and only with "
                                  "task seq-cls or token-cls")
+        if self.per_user is not None and (self.task != "causal-lm" or self.val_data):
+            raise LoraforgeError("option 'per_user' trains causal-lm adapters, each validated on its own val_split; "
+                                 "drop task/val_data")
         for name in ("r", "max_steps", "batch_size", "max_length", "log_every", "grad_accum", "keep_checkpoints"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from loraforge.config import DEFAULT_MODEL, TrainConfig
 from loraforge.data import encode_prompt
-from loraforge.infer import GenerationOptions, generate
+from loraforge.infer import InferenceSession, SamplingParams, generate_many
 from loraforge.train import train
 
 COLUMN = 58
@@ -40,19 +40,22 @@ def run_demo(steps: int = 40, output: Path = Path("runs/demo")) -> None:
     if output.exists():
         shutil.rmtree(output)
     result = train(demo_config(steps, output))
-    model, tokenizer = result.lora.model, result.tokenizer
-    options = GenerationOptions(max_new_tokens=60)
+    # The trained base serves on: the LoRA layers come out, and the adapter goes back in from its file, as a user's
+    # would, beside the base in one session; base and tuned answers decode in one mixed batch.
+    session = InferenceSession(result.lora.unload(), result.tokenizer, base=DEFAULT_MODEL)
+    session.add_adapter("tuned", output)
+    tokenizer = session.tokenizer
     prompts = [json.loads(line) for line in sample_path("e2e_demo_prompts.jsonl").read_text(encoding="utf-8").splitlines()]
     s = result.summary
     print(f"\nTrained {s['steps']} steps on {s['data']['used']} E2E records in {s['train_seconds']:.0f} s "
           f"({s['tokens_per_second']:.0f} tokens/s); loss {s['losses'][0]:.3f} -> {s['final_loss']:.3f}; "
           f"{s['trainable_params']:,} trainable parameters ({s['trainable_percent']:.2f}%).\n")
+    ids = [encode_prompt(record["instruction"], record["input"], tokenizer) for record in prompts]
+    outputs = generate_many(session, ids + ids, SamplingParams(max_new_tokens=60),
+                            [None] * len(ids) + ["tuned"] * len(ids))
+    texts = [tokenizer.decode(out, skip_special_tokens=True).strip() for out in outputs]
     for i, record in enumerate(prompts, 1):
-        ids = encode_prompt(record["instruction"], record["input"], tokenizer)
-        with result.lora.disable_adapter():
-            _, base = generate(model, tokenizer, ids, options)
-        _, tuned = generate(model, tokenizer, ids, options)
-        print(side_by_side(f"[{i}] {record['input']}", base, tuned))
+        print(side_by_side(f"[{i}] {record['input']}", texts[i - 1], texts[len(ids) + i - 1]))
         print(f"  reference: {record['references'][0]}\n")
     print(f"Adapter (PEFT format) in {output}/. Demo wall time {time.perf_counter() - start:.0f} s.")
     last = prompts[-1]

@@ -21,7 +21,7 @@ from loraforge.data.formats import (
     render_prompt,
     to_example,
 )
-from loraforge.data.load import ON_BAD_RECORD, DataStats, load_examples
+from loraforge.data.load import ON_BAD_RECORD, DataStats, load_examples, load_examples_by
 from loraforge.data.ner import iob1_to_bio
 from loraforge.data.readers import READERS, Record, read_jsonl, read_records
 from loraforge.data.recipes import METRICS, RECIPES, Recipe, get_recipe
@@ -68,6 +68,7 @@ __all__ = [
     "has_chat_template",
     "iob1_to_bio",
     "load_examples",
+    "load_examples_by",
     "make_instruction_example",
     "pad_id_for",
     "prompt_ids",

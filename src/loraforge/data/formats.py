@@ -128,26 +128,39 @@ def to_example(
     return conversation_example(messages, chat_template_tokenizer, record.where)
 
 
+def system_of(record: Record, fmt: str, columns: Mapping[str, str] | None = None) -> str | None:
+    """The system prompt of a chat record (`messages`/`sharegpt`), None when it has none; None for other shapes."""
+    if fmt not in ("messages", "sharegpt"):
+        return None
+    messages = messages_from_record(Fields(record, _NEEDS[fmt], columns or {}), fmt)
+    return messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+
+
 def make_instruction_example(
-    instruction: str, input: str, output: str, tokenizer: PreTrainedTokenizerBase | None = None
+    instruction: str, input: str, output: str, tokenizer: PreTrainedTokenizerBase | None = None,
+    system: str | None = None,
 ) -> Example:
     """The `Example` for one instruction; the fields are not checked (see `to_example` for that)."""
-    prompt = render_prompt(instruction, input, tokenizer)
+    prompt = render_prompt(instruction, input, tokenizer, system)
     if has_chat_template(tokenizer):
         return Example.from_prompt(prompt, output + end_of_turn(tokenizer), add_special_tokens=False)
     return Example.from_prompt(prompt, output)
 
 
-def render_prompt(instruction: str, input: str = "", tokenizer: PreTrainedTokenizerBase | None = None) -> str:
+def render_prompt(instruction: str, input: str = "", tokenizer: PreTrainedTokenizerBase | None = None,
+                  system: str | None = None) -> str:
     """The prompt text for an instruction, exactly as training renders it; use it at generation time too.
 
     Chat template (if `tokenizer` has one): the user turn is `instruction`, plus a blank line and `input` when
-    `input` is not empty, followed by the template's generation prompt (e.g. `<|im_start|>assistant\\n`).
+    `input` is not empty, followed by the template's generation prompt (e.g. `<|im_start|>assistant\\n`); a
+    `system` text is the system turn before it (None: the template's own default, if it has one).
     Otherwise the Alpaca template, with the Input section left out when `input` is empty.
     """
     if has_chat_template(tokenizer):
         content = instruction + ("\n\n" + input if input.strip() else "")
         messages = [{"role": "user", "content": content}]
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
         return render_chat(tokenizer, messages, add_generation_prompt=True)
     if input.strip():
         return ALPACA_PROMPT.format(instruction=instruction, input=input)

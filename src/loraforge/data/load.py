@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from loraforge.data.example import check_columns
-from loraforge.data.formats import CHUNKED_FORMATS, FORMAT_FIELDS, FORMATS, detect_format, to_example
+from loraforge.data.formats import CHUNKED_FORMATS, FORMAT_FIELDS, FORMATS, detect_format, system_of, to_example
 from loraforge.data.readers import Record, read_records
 from loraforge.data.recipes import Recipe, get_recipe
 from loraforge.data.split import sample_few_shot
@@ -58,6 +58,13 @@ class DataStats:
     """Examples made by chunking the file's token stream (`text_chunks` format, `lm` recipe); 0 otherwise."""
     skip_reasons: list[str] = field(default_factory=list)
     """The error message of each skipped record, the first `MAX_SKIP_REASONS` of them."""
+    systems: set[str | None] = field(default_factory=set)
+    """The system prompts of the used chat records (None: a chat without one); empty when no record was a chat."""
+
+    @property
+    def one_system(self) -> str | None:
+        """The system prompt every chat record had, when they all had the same one; else None."""
+        return next(iter(self.systems)) if len(self.systems) == 1 else None
 
     def skip(self, err: LoraforgeError, on_bad_record: str) -> None:
         """A bad record: re-raise with `on_bad_record="error"`, else count it and keep the first reasons."""
@@ -121,8 +128,37 @@ def load_examples(
         raise LoraforgeError(f"on_bad_record is {on_bad_record!r}; choose one of: {', '.join(ON_BAD_RECORD)}")
     check_max_length(max_length)
     chosen = _choose(recipe, fmt, columns)
-    stats = DataStats()
     records = read_records(path, file_format, **dict(reader_options or {}))
+    return _examples(path, records, chosen, tokenizer, max_length, on_bad_record, max_examples, seed)
+
+
+def load_examples_by(path: str | os.PathLike[str], group_field: str, tokenizer: PreTrainedTokenizerBase,
+                     max_length: int, *, on_bad_record: str = "error", recipe: str | Recipe | None = None,
+                     columns: Mapping[str, str] | None = None, fmt: str | None = None,
+                     file_format: str | None = None, max_examples: int | None = None, seed: int = 0
+                     ) -> dict[str, tuple[list[TokenizedExample], DataStats]]:
+    """`load_examples` split by the value of `group_field` (e.g. a user id), in order of first appearance: one read
+    of the file, each record tokenized once. `max_examples` samples that many records per group."""
+    if on_bad_record not in ON_BAD_RECORD:
+        raise LoraforgeError(f"on_bad_record is {on_bad_record!r}; choose one of: {', '.join(ON_BAD_RECORD)}")
+    check_max_length(max_length)
+    chosen = _choose(recipe, fmt, columns)
+    groups: dict[str, list[Record]] = {}
+    for record in read_records(path, file_format):
+        value = record.fields.get(group_field)
+        if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+            raise LoraforgeError(f"{record.where}: field \"{group_field}\" is {value!r}; every record needs a "
+                                 f"non-empty string \"{group_field}\" naming whose adapter it trains")
+        groups.setdefault(str(value), []).append(record)
+    if not groups:
+        raise LoraforgeError(f"{path}: no records")
+    return {key: _examples(f"{path} ({group_field}={key})", iter(records), chosen, tokenizer, max_length,
+                           on_bad_record, max_examples, seed) for key, records in groups.items()}
+
+
+def _examples(where, records: Iterator[Record], chosen: _Choice, tokenizer, max_length: int, on_bad_record: str,
+              max_examples: int | None, seed: int) -> tuple[list[TokenizedExample], DataStats]:
+    stats = DataStats()
     if max_examples:
         label = chosen.recipe.columns.get("label", "label") if chosen.recipe and "label" in chosen.recipe.FIELDS \
             else None
@@ -138,7 +174,7 @@ def load_examples(
     if not examples:
         first = stats.skip_reasons[0] if stats.skip_reasons else "its text is too short to make a chunk of 2 tokens"
         raise LoraforgeError(
-            f"{path}: none of its {stats.records_read} records can be used; the first problem was: {first}"
+            f"{where}: none of its {stats.records_read} records can be used; the first problem was: {first}"
         )
     return examples, stats
 
@@ -185,6 +221,8 @@ def _tokenize_records(
             continue
         stats.use(tokenized.truncated, len(tokenized.input_ids), tokenized.num_target_tokens)
         stats.formats[kind] = stats.formats.get(kind, 0) + 1
+        if kind in ("messages", "sharegpt"):
+            stats.systems.add(system_of(record, kind, chosen.columns))
         yield tokenized
 
 

@@ -92,12 +92,14 @@ def prompt_ids(example: Example, tokenizer: PreTrainedTokenizerBase) -> list[int
     return ids
 
 
-def encode_prompt(instruction: str, input: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def encode_prompt(instruction: str, input: str, tokenizer: PreTrainedTokenizerBase, system: str | None = None
+                  ) -> list[int]:
     """The ids of an instruction's prompt, exactly as training put them before the response; feed them to generate.
 
-    Uses the chat template if `tokenizer` has one, else the Alpaca template (see `formats.render_prompt`).
+    Uses the chat template if `tokenizer` has one (with `system` as its system turn when given), else the Alpaca
+    template (see `formats.render_prompt`).
     """
-    return prompt_ids(make_instruction_example(instruction, input, "", tokenizer), tokenizer)
+    return prompt_ids(make_instruction_example(instruction, input, "", tokenizer, system), tokenizer)
 
 
 def document_ids(text: str, tokenizer: PreTrainedTokenizerBase) -> TokenizedExample:

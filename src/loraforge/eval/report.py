@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loraforge.eval.run import MULTI_REFERENCE_METRICS
+from loraforge.metrics import MULTI_REFERENCE_METRICS
 
 if TYPE_CHECKING:
     from loraforge.eval.run import EvalResult, ModelResult

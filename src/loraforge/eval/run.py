@@ -13,9 +13,9 @@ records with the same prompt (E2E lists one MR once per reference) are scored on
 as the E2E and GEM scripts do. `max_examples` keeps the first N examples in file order (after that grouping), so
 every model sees the same records, run after run.
 
-Models are loaded one at a time: the base once (it serves the baseline and the few-shot row), then each adapter
-on a freshly loaded base (its own base from `adapter_config.json` unless `model` is given): `load_adapter`
-injects in place, and a fresh base is the simplest way to be sure no adapter leaks into the next row.
+One `InferenceSession` per base holds the base and every adapter made for it: the base is loaded once, each adapter
+is added to it (not a fresh base per adapter), and each row runs with its own adapter routed (`session.use`), so
+no adapter leaks into another row. Adapters for different bases (without `model`) get one session per base.
 """
 from __future__ import annotations
 
@@ -31,18 +31,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from loraforge.config import DEFAULT_MODEL, resolve_dtype
+from loraforge.config import DEFAULT_MODEL
 from loraforge.data import IGNORE_INDEX, Record, Recipe, collate, get_recipe, load_examples, pad_id_for, read_records
 from loraforge.errors import LoraforgeError
 from loraforge.eval.fewshot import encode_few_shot, pick_shots
-from loraforge.metrics import get_metric, perplexity
 from loraforge.infer.batch import BatchOptions, generate_batch
+from loraforge.infer.predict import score_recipe
+from loraforge.infer.session import InferenceSession
+from loraforge.metrics import MULTI_REFERENCE_METRICS, perplexity
 
 log = logging.getLogger("loraforge")
 
 TASKS = ("generate", "text")
-MULTI_REFERENCE_METRICS = frozenset({"bleu_nist", "rouge", "squad_em_f1", "squad_zh_em_f1"})
-"""Metrics that take several references per example, so records sharing an input are grouped into one example."""
 DTYPES = ("float32", "bfloat16", "auto")  # auto: config.resolve_dtype (bfloat16 where the CPU/GPU runs it natively)
 HEAD_CHUNK_ROWS = 1024
 
@@ -58,7 +58,8 @@ class EvalConfig:
     model: str | None = None
     """Base model; default: the first adapter's base, else the built-in default."""
     adapters: tuple[str, ...] = ()
-    """Adapter folders, each evaluated on its own base (this `model` if given, else its adapter_config's)."""
+    """Adapter folders, each evaluated on its base (this `model` if given, else its adapter_config's), added to one
+    session per base."""
     task: str | None = None
     """"generate" or "text" (perplexity); default: "text" for the lm recipe and for no recipe, else "generate"."""
     columns: dict[str, str] | None = None
@@ -83,6 +84,8 @@ class EvalConfig:
     """Tokens per example for perplexity (longer examples are cut, `lm` text is chunked to this)."""
     dtype: str = "float32"
     """float32 or bfloat16 weights."""
+    device: str = "cpu"
+    """auto, cpu, cuda or cuda:N."""
     threads: int = 0
     """torch CPU threads (0 = torch's default, one per core); 1 is faster on a machine other jobs keep busy."""
     samples: int = 8
@@ -229,12 +232,12 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
         scored = [recipe.prompt(ex.record) for ex in examples]
         shots = pick_shots(read_records(cfg.few_shot_data, cfg.file_format), recipe, cfg.few_shot, cfg.seed, scored)
     result = EvalResult(cfg, recipe, examples, [], shots)
-    for spec, model, tokenizer, load_seconds in _models(model_specs(cfg), cfg.dtype):
+    for spec, session, load_seconds in _sessions(model_specs(cfg), cfg):
         log.info("evaluating %s (%s%s)", spec.name, spec.base, f" + {spec.adapter}" if spec.adapter else "")
         if cfg.task == "generate":
-            row = _evaluate_generation(spec, model, tokenizer, recipe, examples, shots, cfg)
+            row = _evaluate_generation(spec, session, recipe, examples, shots, cfg)
         else:
-            row = _evaluate_text(spec, model, tokenizer, recipe, cfg)
+            row = _evaluate_text(spec, session, recipe, cfg)
         row.load_seconds = load_seconds
         result.models.append(row)
     result.files["results"] = _write_results(result, output / "results.json")
@@ -243,39 +246,34 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     return result
 
 
-def _models(specs: list[ModelSpec], dtype: str) -> Iterator[tuple[ModelSpec, Any, Any, float]]:
-    """Each spec's (model, tokenizer) and its load time; a plain base is reused while the base stays the same."""
-    from loraforge.lora import load_adapter
-    from loraforge.models import load_model
-
-    plain: tuple[str, Any, Any] | None = None
+def _sessions(specs: list[ModelSpec], cfg: EvalConfig) -> Iterator[tuple[ModelSpec, InferenceSession, float]]:
+    """Each spec with the session of its base (one per base, loaded once) and its load time: the base's for the
+    first row on it, the adapter's own read-and-add time for an adapter row."""
+    session: InferenceSession | None = None
     for spec in specs:
         start = time.perf_counter()
-        if spec.adapter is None and plain is not None and plain[0] == spec.base:
-            _, model, tokenizer = plain
-        else:
-            plain = None  # free the previous base before loading the next one
-            model, tokenizer = load_model(spec.base, dtype=resolve_dtype(dtype))
-            if spec.adapter is None:
-                plain = (spec.base, model, tokenizer)
-            else:
-                load_adapter(model, spec.adapter)
-        yield spec, model, tokenizer, time.perf_counter() - start
+        if session is None or session.base != spec.base:
+            session = None  # free the previous base before loading the next one
+            session = InferenceSession.open(spec.base, dtype=cfg.dtype, device=cfg.device)
+        if spec.adapter is not None:
+            session.add_adapter(spec.name, spec.adapter)
+        yield spec, session, time.perf_counter() - start
 
 
-def _evaluate_generation(spec: ModelSpec, model, tokenizer, recipe: Recipe, examples: list[EvalExample],
+def _evaluate_generation(spec: ModelSpec, session: InferenceSession, recipe: Recipe, examples: list[EvalExample],
                          shots: list[Record], cfg: EvalConfig) -> ModelResult:
+    tokenizer = session.tokenizer
     if spec.few_shot:
         prompts = [encode_few_shot(recipe, shots, ex.record, tokenizer) for ex in examples]
     else:
         prompts = [recipe.encode_prompt(ex.record, tokenizer) for ex in examples]
     options = BatchOptions(max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, batch_size=cfg.batch_size)
     start = time.perf_counter()
-    new_ids = generate_batch(model, tokenizer, prompts, options)
+    new_ids = generate_batch(session, prompts, options, spec.name if spec.adapter else None)
     seconds = time.perf_counter() - start
     texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new_ids]
     parsed = [recipe.parse_prediction(text, ex.record) for text, ex in zip(texts, examples)]
-    metrics = score(recipe, parsed, [ex.references for ex in examples])
+    metrics = score_recipe(recipe, parsed, [ex.references for ex in examples])
     rows = [{"model": spec.name, "example": i, "where": ex.record.where, "input": recipe.prompt(ex.record)[1],
              "references": ex.references, "output": text, "parsed": p, "prompt_tokens": len(prompt)}
             for i, (ex, text, p, prompt) in enumerate(zip(examples, texts, parsed, prompts))]
@@ -283,17 +281,9 @@ def _evaluate_generation(spec: ModelSpec, model, tokenizer, recipe: Recipe, exam
                        sum(len(ids) for ids in new_ids), rows)
 
 
-def score(recipe: Recipe, parsed: list[Any], references: list[Any]) -> dict[str, float]:
-    """The recipe's metric on parsed predictions; classification recipes pass their label names as valid answers."""
-    metric = get_metric(recipe.metric)
-    names = getattr(recipe, "names", None)
-    if recipe.metric == "accuracy_macro_f1" and names:
-        return metric(parsed, references, labels=names)
-    return metric(parsed, references)
-
-
 @torch.no_grad()
-def _evaluate_text(spec: ModelSpec, model, tokenizer, recipe: Recipe | None, cfg: EvalConfig) -> ModelResult:
+def _evaluate_text(spec: ModelSpec, session: InferenceSession, recipe: Recipe | None, cfg: EvalConfig) -> ModelResult:
+    tokenizer = session.tokenizer
     examples, _ = load_examples(cfg.data, tokenizer, cfg.max_length, recipe=recipe, fmt=cfg.data_format,
                                 columns=None if recipe else cfg.columns, file_format=cfg.file_format)
     if cfg.max_examples:
@@ -304,7 +294,8 @@ def _evaluate_text(spec: ModelSpec, model, tokenizer, recipe: Recipe | None, cfg
     start = time.perf_counter()
     for first in range(0, len(examples), cfg.batch_size):
         batch = collate(examples[first:first + cfg.batch_size], pad)
-        nll, count = token_nll(model, batch)  # (B,), (B,)
+        with session.use(spec.name if spec.adapter else None) as model:
+            nll, count = token_nll(model, batch)  # (B,), (B,)
         for k in range(len(nll)):
             rows.append({"model": spec.name, "example": first + k, "tokens": int(count[k]), "nll": float(nll[k])})
         nll_sum += float(nll.sum())

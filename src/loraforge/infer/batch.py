@@ -1,10 +1,10 @@
-"""Batched generation: many prompts at once through transformers' `generate` (KV cache), greedy or beam search.
+"""Batched deterministic decoding for predict and eval: greedy through the engine (`infer.engine`, mixed adapters
+and continuous batching), beam search through transformers' `generate` on the session's model with every row on one
+adapter (`InferenceSession.use`).
 
-Prompts of different lengths are LEFT-padded, so every row's last prompt token sits in the same column and the
-new tokens are appended in step; the attention mask hides the padding, and `generate` derives each row's
-position ids from the mask (`cumsum - 1`), so a padded row sees exactly the positions it would see alone. Greedy
-decoding of a batch therefore gives the tokens of one-prompt-at-a-time greedy decoding (`generate.generate`),
-up to float rounding in kernels whose reduction order depends on the batch shape (tested on tiny models).
+For beam search, prompts of different lengths are LEFT-padded, so every row's last prompt token sits in the same
+column and the new tokens are appended in step; the attention mask hides the padding, and `generate` derives each
+row's position ids from the mask (`cumsum - 1`), so a padded row sees exactly the positions it would see alone.
 
 A row stops at the first stop token (EOS, or the chat template's end-of-turn when the generation config lists it);
 `generate` pads finished rows with the pad id, which is cut off here, so each returned list is what the row
@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 from loraforge.errors import LoraforgeError
-from loraforge.infer.generate import stop_ids
+from loraforge.infer.engine import SamplingParams, stop_ids
+from loraforge.infer.generate import generate_many
+from loraforge.infer.session import InferenceSession
 
 
 @dataclass(frozen=True)
@@ -41,23 +43,26 @@ class BatchOptions:
 
 
 @torch.no_grad()
-def generate_batch(
-    model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], options: BatchOptions = BatchOptions()
-) -> list[list[int]]:
-    """The new token ids for each prompt (in the order given), generated `options.batch_size` prompts at a time."""
+def generate_batch(session: InferenceSession, prompts: Sequence[Sequence[int]], options: BatchOptions = BatchOptions(),
+                   adapter: str | None = None) -> list[list[int]]:
+    """The new token ids for each prompt (in the order given) on `adapter` (None: the base); `options.batch_size`
+    rows decode together, longest prompts first."""
     if any(len(p) == 0 for p in prompts):
         raise LoraforgeError("a prompt is empty: every prompt needs at least one token to continue")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     results: list[list[int]] = [[] for _ in prompts]
-    was_training = model.training
-    model.eval()
-    try:
+    if options.num_beams == 1:
+        params = SamplingParams(max_new_tokens=options.max_new_tokens)
+        outputs = generate_many(session, [list(prompts[i]) for i in order], params, [adapter] * len(order),
+                                max_batch=options.batch_size)
+        for i, ids in zip(order, outputs):
+            results[i] = ids
+        return results
+    with session.use(adapter) as model:
         for start in range(0, len(order), options.batch_size):
             rows = order[start:start + options.batch_size]
-            for i, ids in zip(rows, _generate_rows(model, tokenizer, [prompts[i] for i in rows], options)):
+            for i, ids in zip(rows, _beam_rows(model, session.tokenizer, [prompts[i] for i in rows], options)):
                 results[i] = ids
-    finally:
-        model.train(was_training)
     return results
 
 
@@ -72,8 +77,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return input_ids, attention_mask
 
 
-def _generate_rows(model: nn.Module, tokenizer, prompts: list[Sequence[int]], options: BatchOptions
-                   ) -> list[list[int]]:
+def _beam_rows(model: nn.Module, tokenizer, prompts: list[Sequence[int]], options: BatchOptions) -> list[list[int]]:
     stops = stop_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
     input_ids, attention_mask = left_pad(prompts, pad_id)  # (B, T)

@@ -29,7 +29,6 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from loraforge.errors import LoraforgeError
-from loraforge.infer.generate import stop_ids
 from loraforge.infer.session import InferenceSession
 
 
@@ -235,6 +234,17 @@ class Engine:
         self.mask = self.mask[:, start:]
         for layer in self.cache.layers:
             layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
+
+
+def stop_ids(tokenizer, model) -> list[int]:
+    """EOS ids from the generation config and tokenizer (chat models stop at their end-of-turn token)."""
+    ids: set[int] = set()
+    for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return sorted(ids)
 
 
 def _pad_left(t: torch.Tensor, length: int) -> torch.Tensor:

@@ -8,7 +8,7 @@
 
 A head predicts from the argmax of its logits; a token-cls word takes the tag of its first sub-token, and a word cut
 off by max_length gets "O", so every sentence has one tag per word and seqeval can score it. A decoder generates
-greedily from `recipe.encode_prompt` in left-padded batches (`infer.batch`).
+greedily from `recipe.encode_prompt` through the engine (`infer.batch`). Both load through `InferenceSession`.
 """
 from __future__ import annotations
 
@@ -21,25 +21,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from loraforge.data import IGNORE_INDEX, Record, get_recipe, pad_id_for, read_records
-from loraforge.data.encode import (
-    HEAD_TASKS,
-    LABELS_FILE,
-    PEFT_TASK_TYPES,
-    EncodedExample,
-    HeadSpec,
-    collate_head,
-)
+from loraforge.config import DEFAULT_MODEL
+from loraforge.data import Record, get_recipe, pad_id_for, read_records
+from loraforge.data.encode import HEAD_TASKS, LABELS_FILE, HeadSpec
 from loraforge.data.recipes import Classification, Recipe
 from loraforge.errors import LoraforgeError
-from loraforge.metrics import accuracy_macro_f1, entity_f1, get_metric
+from loraforge.heads import run_head, score_head
 from loraforge.infer.batch import BatchOptions, generate_batch
-from loraforge.lora import LoraModel, load_adapter, read_adapter_config
-from loraforge.models import BUILTIN_MODELS, load_model, resolve_model
+from loraforge.infer.session import InferenceSession
+from loraforge.lora import read_adapter_config
+from loraforge.metrics import get_metric
+from loraforge.models import architecture_kind
 
 log = logging.getLogger("loraforge")
 
@@ -62,135 +54,35 @@ class Prediction:
         return row
 
 
-# ---- which models fit which path ----------------------------------------------------------------------------------
-def architecture_kind(name_or_path: str) -> str:
-    """"encoder" (BERT-like, bidirectional), "decoder" or "encoder-decoder", read from the config (no weights)."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-    builtin = BUILTIN_MODELS.get(name_or_path)
-    if builtin is not None:
-        return "decoder" if builtin.kind == "causal-lm" else "encoder"
-    if str(name_or_path).endswith(".gguf"):
-        return "decoder"  # transformers reads GGUF for decoder architectures only
-    try:
-        config = AutoConfig.from_pretrained(resolve_model(name_or_path), local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
-        raise LoraforgeError(f"cannot read the config of model '{name_or_path}': {err}") from None
-    if getattr(config, "is_encoder_decoder", False):
-        return "encoder-decoder"
-    return "encoder" if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "decoder"
-
-
-def require_encoder(name_or_path: str, task: str) -> None:
-    """A LoraforgeError unless `name_or_path` is an encoder, which a seq-cls/token-cls head needs."""
-    kind = architecture_kind(name_or_path)
-    if kind != "encoder":
-        raise LoraforgeError(
-            f"task {task} trains a classifier head on an encoder (BERT-like, e.g. minilm-l6), but '{name_or_path}' "
-            f"is a {kind}. Use an encoder, or train the decoder to write the answer: --task causal-lm with a recipe "
-            "(e.g. --recipe sst2)")
-
-
 # ---- encoder heads ------------------------------------------------------------------------------------------------
-def load_encoder_with_head(name_or_path: str, task: str, num_labels: int, dtype: torch.dtype = torch.float32):
-    """`load_model` for a head, without transformers' report that the head is new (it is: we train or load it)."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        return load_model(name_or_path, kind=task, dtype=dtype, num_labels=num_labels)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-
-
-def load_head(model: str | None, adapter: str | Path, *, task: str | None = None,
-              dtype: torch.dtype = torch.float32) -> tuple[LoraModel, Any, HeadSpec]:
-    """An encoder with its head and the adapter in `adapter` (a seq-cls/token-cls run's output folder)."""
-    adapter = Path(adapter)
-    config = read_adapter_config(adapter)
-    if not (adapter / LABELS_FILE).is_file():
-        raise LoraforgeError(
-            f"adapter {adapter} has task_type {config.task_type} and no {LABELS_FILE}, so it is not a seq-cls or "
-            "token-cls head; predict with a decoder and --recipe R, or give an adapter trained with --task "
-            "seq-cls|token-cls")
-    spec = HeadSpec.load(adapter)
-    if task is not None and task != spec.task:
-        raise LoraforgeError(f"--task {task}, but adapter {adapter} is a {spec.task} head ({LABELS_FILE})")
-    if config.task_type != PEFT_TASK_TYPES[spec.task]:
-        raise LoraforgeError(f"adapter {adapter}: task_type is {config.task_type} in adapter_config.json, but its "
-                             f"{LABELS_FILE} says {spec.task}; the two files come from different runs")
-    model = model or config.base_model_name_or_path
-    if not model:
-        raise LoraforgeError(f"adapter {adapter} does not name its base model; give --model")
-    require_encoder(model, spec.task)
-    base, tokenizer = load_encoder_with_head(model, spec.task, len(spec.labels), dtype)
-    lm = load_adapter(base, adapter)
-    lm.model.eval()  # the injected LoRA layers are new modules, in train mode (dropout on) until told otherwise
-    return lm, tokenizer, spec
-
-
-@torch.no_grad()
-def run_head(model: nn.Module, examples: list[EncodedExample], spec: HeadSpec, pad_id: int,
-             batch_size: int = 16) -> tuple[list[str | list[str]], float, int]:
-    """(predictions, summed cross-entropy, labelled count) over `examples`, in eval mode; the loss counts
-    examples (seq-cls) or words (token-cls) whose label is known."""
-    was_training = model.training
-    model.eval()
-    predictions: list[str | list[str]] = []
-    loss_sum, count = 0.0, 0
-    outside = "O" if "O" in spec.labels else spec.labels[0]
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        batch = collate_head(chunk, pad_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        # (B, K) for seq-cls, (B, T, K) for token-cls
-        labels = batch["labels"]
-        loss_sum += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                    ignore_index=IGNORE_INDEX, reduction="sum").nan_to_num().item()
-        count += int((labels != IGNORE_INDEX).sum())
-        best = logits.argmax(-1).tolist()  # (B,) or (B, T)
-        for row, example in enumerate(chunk):
-            if spec.task == "seq-cls":
-                predictions.append(spec.labels[best[row]])
-            else:
-                predictions.append([spec.labels[best[row][p]] if p >= 0 else outside for p in example.word_starts])
-    model.train(was_training)
-    return predictions, loss_sum, count
-
-
-def score_head(spec: HeadSpec, predictions: list, references: list) -> dict[str, float]:
-    """accuracy_macro_f1 over the head's labels (seq-cls), or seqeval's entity F1 (token-cls)."""
-    if spec.task == "seq-cls":
-        return accuracy_macro_f1(predictions, references, labels=list(spec.labels))
-    return entity_f1(predictions, references)
-
-
-def predict_head(lm: LoraModel, tokenizer, spec: HeadSpec, records: Iterable[Record], *, max_length: int = 512,
-                 batch_size: int = 16) -> list[Prediction]:
-    """One prediction per record (a record without a label is predicted, with reference None)."""
+def predict_head(session: InferenceSession, adapter: str, spec: HeadSpec, records: Iterable[Record], *,
+                 max_length: int = 512, batch_size: int = 16) -> list[Prediction]:
+    """One prediction per record by head adapter `adapter` (a record without a label gets reference None)."""
+    tokenizer = session.tokenizer
     examples = [spec.encode(r, tokenizer, max_length, require_label=False) for r in records]
     truncated = sum(e.truncated for e in examples)
     if truncated:
         log.warning("%d of %d records were cut to max_length=%d tokens%s", truncated, len(examples), max_length,
                     "; words past it are tagged O" if spec.task == "token-cls" else "")
-    predictions, _, _ = run_head(lm.model, examples, spec, pad_id_for(tokenizer), batch_size)
+    with session.use(adapter) as model:
+        predictions, _, _ = run_head(model, examples, spec, pad_id_for(tokenizer), batch_size)
     return [Prediction(e.where, p, e.reference) for e, p in zip(examples, predictions)]
 
 
 # ---- decoders: generate, then parse -------------------------------------------------------------------------------
-def predict_generative(model: nn.Module, tokenizer, recipe: Recipe, records: Iterable[Record], *,
-                       max_new_tokens: int = 64, batch_size: int = 8) -> list[Prediction]:
-    """Greedy answers from `recipe.encode_prompt` (left-padded batches, `batch.generate_batch`), parsed by
-    `recipe.parse_prediction`."""
+def predict_generative(session: InferenceSession, recipe: Recipe, records: Iterable[Record], *,
+                       adapter: str | None = None, max_new_tokens: int = 64, batch_size: int = 8
+                       ) -> list[Prediction]:
+    """Greedy answers on `adapter` (None: the base) from `recipe.encode_prompt`, decoded by the engine
+    (`batch.generate_batch`), parsed by `recipe.parse_prediction`."""
+    tokenizer = session.tokenizer
     if recipe.chunked:
         raise LoraforgeError(f"recipe {recipe.name} has no answers to predict (it is scored by {recipe.metric}); "
                              "give a task recipe such as sst2, conll2003, squad or e2e")
     records = list(records)
     prompts = [recipe.encode_prompt(r, tokenizer) for r in records]
-    outputs = generate_batch(model, tokenizer, prompts, BatchOptions(max_new_tokens=max_new_tokens,
-                                                                     batch_size=batch_size))
+    outputs = generate_batch(session, prompts, BatchOptions(max_new_tokens=max_new_tokens, batch_size=batch_size),
+                             adapter)
     out: list[Prediction] = []
     for record, ids in zip(records, outputs):
         text = tokenizer.decode(ids, skip_special_tokens=True).strip()
@@ -229,7 +121,8 @@ class PredictResult:
 def predict_file(data: str | Path, *, model: str | None = None, adapter: str | Path | None = None,
                  recipe: str | None = None, task: str | None = None, columns: Mapping[str, str] | None = None,
                  file_format: str | None = None, max_examples: int = 0, batch_size: int = 16,
-                 max_length: int = 512, max_new_tokens: int = 64, output: str | Path | None = None) -> PredictResult:
+                 max_length: int = 512, max_new_tokens: int = 64, output: str | Path | None = None,
+                 dtype: str = "float32", device: str = "cpu") -> PredictResult:
     """Predict every record of `data` (or its first `max_examples`), write them as JSON lines, and score them.
 
     With an adapter that has labels.json (or `task` seq-cls/token-cls): the encoder-head path; `recipe` and
@@ -243,23 +136,31 @@ def predict_file(data: str | Path, *, model: str | None = None, adapter: str | P
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise LoraforgeError(f"--{name.replace('_', '-')} must be a whole number >= {least}, got {value!r}")
     is_head = task in HEAD_TASKS or (task is None and adapter is not None and (Path(adapter) / LABELS_FILE).is_file())
-    records = read_records(data, file_format)
-    if max_examples:
-        records = itertools.islice(records, max_examples)
     if is_head:
         if adapter is None:
             raise LoraforgeError(f"--task {task} predicts with a trained head: give --adapter DIR (the output of "
                                  f"loraforge train --task {task})")
-        lm, tokenizer, spec = load_head(model, adapter, task=task)
+        _check_head(adapter, task)
+    elif recipe is None:
+        raise LoraforgeError("predict needs --recipe R for a decoder (e.g. sst2, conll2003, squad, e2e), or an "
+                             "adapter trained with --task seq-cls|token-cls")
+    else:
+        _check_decoder(model, adapter, recipe)
+    records = read_records(data, file_format)
+    if max_examples:
+        records = itertools.islice(records, max_examples)
+    session = InferenceSession.open(model, {"adapter": adapter} if adapter else {}, dtype=dtype, device=device)
+    if is_head:
+        spec = session.head
         if recipe is not None or columns:
             spec = HeadSpec(spec.task, spec.labels, recipe or spec.recipe, dict(columns or spec.columns))
-        predictions = predict_head(lm, tokenizer, spec, records, max_length=max_length, batch_size=batch_size)
+        predictions = predict_head(session, "adapter", spec, records, max_length=max_length, batch_size=batch_size)
         metric = "accuracy_macro_f1" if spec.task == "seq-cls" else "seqeval"
         scorer = partial(score_head, spec)
     else:
-        chosen, base, tokenizer = _load_decoder(model, adapter, recipe, columns)
-        predictions = predict_generative(base, tokenizer, chosen, records, max_new_tokens=max_new_tokens,
-                                         batch_size=batch_size)
+        chosen = get_recipe(recipe).with_columns(columns)
+        predictions = predict_generative(session, chosen, records, adapter="adapter" if adapter else None,
+                                         max_new_tokens=max_new_tokens, batch_size=batch_size)
         metric, scorer = chosen.metric, partial(score_recipe, chosen)
     if not predictions:
         raise LoraforgeError(f"{data}: no records to predict")
@@ -270,16 +171,22 @@ def predict_file(data: str | Path, *, model: str | None = None, adapter: str | P
     return PredictResult(predictions, scores, metric, len(scored))
 
 
-def _load_decoder(model: str | None, adapter: str | Path | None, recipe: str | None,
-                  columns: Mapping[str, str] | None) -> tuple[Recipe, nn.Module, Any]:
-    """The recipe and a decoder (with the adapter, if any), or an error saying which path fits instead."""
-    if recipe is None:
-        raise LoraforgeError("predict needs --recipe R for a decoder (e.g. sst2, conll2003, squad, e2e), or an "
-                             "adapter trained with --task seq-cls|token-cls")
-    chosen = get_recipe(recipe).with_columns(columns)
-    name = model or (read_adapter_config(adapter).base_model_name_or_path if adapter else None)
-    if not name:
-        raise LoraforgeError(f"adapter {adapter} does not name its base model; give --model")
+def _check_head(adapter: str | Path, task: str | None) -> None:
+    """A LoraforgeError unless `adapter` is a head adapter (of `task`, if given)."""
+    config = read_adapter_config(adapter)
+    if not (Path(adapter) / LABELS_FILE).is_file():
+        raise LoraforgeError(
+            f"adapter {adapter} has task_type {config.task_type} and no {LABELS_FILE}, so it is not a seq-cls or "
+            "token-cls head; predict with a decoder and --recipe R, or give an adapter trained with --task "
+            "seq-cls|token-cls")
+    spec = HeadSpec.load(adapter)
+    if task is not None and task != spec.task:
+        raise LoraforgeError(f"--task {task}, but adapter {adapter} is a {spec.task} head ({LABELS_FILE})")
+
+
+def _check_decoder(model: str | None, adapter: str | Path | None, recipe: str) -> None:
+    """A LoraforgeError that says which path fits when the base is not a decoder."""
+    name = model or (read_adapter_config(adapter).base_model_name_or_path if adapter else None) or DEFAULT_MODEL
     kind = architecture_kind(name)
     if kind != "decoder":
         not_head = f", and adapter {adapter} has no {LABELS_FILE}, so it is no seq-cls/token-cls head" \
@@ -287,10 +194,6 @@ def _load_decoder(model: str | None, adapter: str | Path | None, recipe: str | N
         raise LoraforgeError(f"'{name}' is an {kind}: it cannot write answers for recipe {recipe}{not_head}. Train a "
                              "head on it with --task seq-cls|token-cls and predict with that adapter, or use a "
                              "decoder model")
-    base, tokenizer = load_model(name)
-    if adapter:
-        load_adapter(base, adapter)
-    return chosen, base, tokenizer
 
 
 def write_predictions(predictions: list[Prediction], path: str | Path) -> Path:

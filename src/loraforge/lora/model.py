@@ -181,6 +181,19 @@ class LoraModel:
         self.layers, self.saved_modules = {}, {}
         return self.model
 
+    def unload(self) -> nn.Module:
+        """Put the plain base modules back without merging: the model as it was before injection. This handle is
+        spent (its layers keep the adapter's weights, detached from the model)."""
+        self.unmerge()
+        for path, layer in self.layers.items():
+            replace_module(self.model, path, layer.base_layer)
+        for path, wrapper in self.saved_modules.items():
+            replace_module(self.model, path, wrapper.original_module)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.layers, self.saved_modules = {}, {}
+        return self.model
+
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model alone inside the block (unmerging first if needed, re-merging after)."""

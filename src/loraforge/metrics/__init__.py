@@ -18,8 +18,12 @@ from loraforge.metrics.core import (
 )
 from loraforge.metrics.qa import normalize_answer, squad_em_f1, squad_zh_em_f1
 
+MULTI_REFERENCE_METRICS = frozenset({"bleu_nist", "rouge", "squad_em_f1", "squad_zh_em_f1"})
+"""Metrics that take several references per example, so records sharing an input are grouped into one example."""
+
 __all__ = [
     "METRICS",
+    "MULTI_REFERENCE_METRICS",
     "PUBMEDQA_LABELS",
     "ROUGE_TYPES",
     "Scores",

@@ -21,7 +21,8 @@ from loraforge.data import IGNORE_INDEX, pad_id_for, read_records
 from loraforge.data.encode import PEFT_TASK_TYPES, HeadSpec, collate_head
 from loraforge.data.split import sample_few_shot, train_val_split
 from loraforge.errors import LoraforgeError
-from loraforge.infer.predict import load_encoder_with_head, require_encoder, run_head, score_head
+from loraforge.heads import run_head, score_head
+from loraforge.models import load_encoder_with_head, require_encoder
 from loraforge.lora import LoraConfig, LoraModel
 from loraforge.train.loop import (TrainResult, batch_order, check_paths, checkpoint_or_stop, finish_run, finish_step,
                                   start_or_resume, stop_on_signals, track_best)

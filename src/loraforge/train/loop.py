@@ -6,6 +6,8 @@ checkpoints and a clean stop on SIGINT/SIGTERM -> adapter, metrics, loss curve a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import re
 import json
 import logging
 import math
@@ -23,6 +25,7 @@ from tqdm import tqdm
 
 from loraforge.config import TrainConfig, build_config, load_yaml, resolve_dtype
 from loraforge.data import collate, count_tokens, load_examples, pad_id_for, read_records
+from loraforge.data.chat import write_system_prompt
 from loraforge.data.packing import collate_packed, pack, packing_supported
 from loraforge.data.split import train_val_split
 from loraforge.errors import LoraforgeError
@@ -39,6 +42,7 @@ from loraforge.train.schedule import make_optimizer
 
 log = logging.getLogger("loraforge")
 SUMMARY_FILE = "train_summary.json"
+USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # as infer.store.NAME_PATTERN: a folder name, no escape
 CONFIG_FILE = "train_config.yaml"
 
 
@@ -85,14 +89,53 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
         from loraforge.train.heads import train_head  # heads builds on this module's helpers
 
         return train_head(cfg, resume=resume, progress=progress)
+    if cfg.per_user:
+        return train_per_user(cfg, resume=resume, progress=progress)
     output = check_paths(cfg, resume)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    dtype = resolve_dtype(cfg.dtype)
-    model, tokenizer = load_model(cfg.model, dtype=dtype)
+    model, tokenizer = load_model(cfg.model, dtype=resolve_dtype(cfg.dtype))
     train_set, val_set, stats = _load_data(cfg, tokenizer)
+    return fit(cfg, model, tokenizer, train_set, val_set, stats, output, resume=resume, progress=progress)
 
+
+def train_per_user(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, TrainResult]:
+    """One adapter per value of `cfg.per_user` into `cfg.output/<value>/`: the base is loaded once and the file read
+    and tokenized once; each user's LoRA layers are injected, trained, saved and taken out again. With `resume`,
+    users whose run finished are skipped and an interrupted one continues from its checkpoint."""
+    from loraforge.data import load_examples_by
+
+    if not cfg.data or not cfg.output:
+        raise LoraforgeError("training needs --data FILE.jsonl and --output DIR (or data:/output: in the YAML)")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, tokenizer = load_model(cfg.model, dtype=resolve_dtype(cfg.dtype))
+    groups = load_examples_by(cfg.data, cfg.per_user, tokenizer, cfg.max_length, on_bad_record=cfg.on_bad_record,
+                              recipe=cfg.recipe, columns=cfg.columns, fmt=cfg.data_format,
+                              file_format=cfg.file_format, max_examples=cfg.max_examples or None, seed=cfg.seed)
+    for user in groups:
+        if not USER_NAME.fullmatch(user) or ".." in user:
+            raise LoraforgeError(f"{cfg.data}: {cfg.per_user} value {user!r} cannot name an adapter folder: use 1-64 "
+                                 "letters, digits, '.', '_' or '-', starting with a letter or digit")
+    results: dict[str, TrainResult] = {}
+    for user, (examples, stats) in groups.items():
+        user_cfg = dataclasses.replace(cfg, per_user=None, output=str(Path(cfg.output) / user))
+        if resume and (Path(user_cfg.output) / SUMMARY_FILE).is_file():
+            log.info("%s: finished earlier, skipped", user)
+            continue
+        output = check_paths(user_cfg, resume and bool(ckpt.list_checkpoints(Path(user_cfg.output))))
+        log.info("%s: %s", user, stats.summary())
+        train_set, val_set = train_val_split(examples, cfg.val_split, cfg.seed) if cfg.val_split else (examples, [])
+        results[user] = fit(user_cfg, model, tokenizer, train_set, val_set, stats, output,
+                            resume=resume and bool(ckpt.list_checkpoints(output)), progress=progress)
+        model = results[user].lora.unload()  # the plain base again, for the next user
+    return results
+
+
+def fit(cfg: TrainConfig, model, tokenizer, train_set: list, val_set: list, stats, output: Path, *,
+        resume: bool = False, progress: bool = True) -> TrainResult:
+    """Inject LoRA into `model` and train it on tokenized `train_set`: the causal-LM loop."""
     torch.manual_seed(cfg.seed)  # LoRA init depends on the seed only, not on what loading consumed
     lm = LoraModel(model, LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                      target_modules=cfg.target_modules, task_type="CAUSAL_LM",
@@ -145,6 +188,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
                 break
     model.eval()
     summary = finish_run(cfg, output, lm, model, state, stats)
+    if stats.one_system is not None:  # generate uses it by default, so the adapter answers as it was trained
+        write_system_prompt(output, stats.one_system)
     if progress:
         tqdm.write(summary_screen(summary), file=sys.stderr)
     return TrainResult(lora=lm, tokenizer=tokenizer, summary=summary)

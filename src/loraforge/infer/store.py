@@ -1,0 +1,108 @@
+"""A folder of per-user adapters, `DIR/<name>/` in PEFT's format, loaded into a live session on first use.
+
+Names are checked against `NAME_PATTERN`, so a name can never reach outside the folder (no `/`, no `..`, no leading
+dot). Resident adapters form an LRU set bounded by a memory cap and/or a count: using an adapter that is not
+resident reads it from disk (`lora.read_adapter`, safetensors only) and evicts the least recently used adapters
+that no request holds until it fits. A file that does not fit the base is refused with the reason, and the live
+model is left as it was.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from pathlib import Path
+
+from loraforge.errors import LoraforgeError
+from loraforge.infer.session import InferenceSession
+from loraforge.lora.adapter import ADAPTER_CONFIG, read_adapter
+
+log = logging.getLogger("loraforge")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_name(name: str) -> str:
+    """`name` if it is a valid adapter name, else a LoraforgeError saying what names may be."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise LoraforgeError(f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
+                             "starting with a letter or digit (no '/' and no '..')")
+    return name
+
+
+class AdapterStore:
+    """Adapters on disk under `root`, made resident in `session` on demand, least recently used evicted first."""
+
+    def __init__(self, root: str | Path, session: InferenceSession, *, max_resident_mb: float = 0,
+                 max_resident: int = 0):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise LoraforgeError(f"adapter store {self.root} is not a folder; create it, or train into it with "
+                                 "loraforge train --per-user FIELD --output DIR")
+        if max_resident_mb < 0 or max_resident < 0:
+            raise LoraforgeError("max_resident_mb and max_resident must be 0 (no cap) or more")
+        self.session = session
+        self.cap_bytes = int(max_resident_mb * 2**20)
+        self.cap_count = max_resident
+        self.resident: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
+        self.load_seconds: list[float] = []  # one entry per cold load, for /metrics and the benchmark
+
+    def names(self) -> list[str]:
+        """Every adapter on disk (a valid name whose folder has adapter_config.json), sorted."""
+        return sorted(p.name for p in self.root.iterdir()
+                      if NAME_PATTERN.fullmatch(p.name) and (p / ADAPTER_CONFIG).is_file())
+
+    def path(self, name: str) -> Path:
+        folder = self.root / check_name(name)
+        if not (folder / ADAPTER_CONFIG).is_file():
+            raise LoraforgeError(f"no adapter named {name!r} in {self.root} (no {folder / ADAPTER_CONFIG})")
+        return folder
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(self.resident.values())
+
+    def ensure(self, names: Iterable[str | None], *, pinned: Iterable[str] = ()) -> None:
+        """Make every adapter in `names` resident (None is the base), evicting only adapters that are neither in
+        `names` nor in `pinned` (those in-flight requests use)."""
+        wanted = [n for n in dict.fromkeys(names) if n is not None]
+        keep = set(wanted) | set(pinned)
+        for name in wanted:
+            if name in self.resident:
+                self.resident.move_to_end(name)
+            else:
+                self._load(name, keep)
+
+    def _load(self, name: str, keep: set[str]) -> None:
+        start = time.perf_counter()
+        weights = read_adapter(self.path(name))
+        incoming = weights.nbytes
+        if self.cap_bytes and incoming > self.cap_bytes:
+            raise LoraforgeError(f"adapter {name} needs {incoming / 2**20:.1f} MiB, more than the whole resident cap "
+                                 f"of {self.cap_bytes / 2**20:.1f} MiB; raise --max-resident-mb")
+        while self._over(incoming, 1):
+            victim = next((n for n in self.resident if n not in keep), None)
+            if victim is None:
+                raise LoraforgeError(f"cannot make room for adapter {name}: every resident adapter is in use; raise "
+                                     "--max-resident-mb / the resident count, or send fewer adapters at once")
+            self.evict(victim)
+        info = self.session.add_adapter(name, weights)
+        self.resident[name] = info.nbytes
+        self.load_seconds.append(time.perf_counter() - start)
+        log.debug("loaded adapter %s (%.1f MiB) in %.1f ms", name, info.nbytes / 2**20, 1e3 * self.load_seconds[-1])
+
+    def _over(self, incoming: int, count: int) -> bool:
+        return bool((self.cap_bytes and self.resident_bytes + incoming > self.cap_bytes)
+                    or (self.cap_count and len(self.resident) + count > self.cap_count))
+
+    def evict(self, name: str) -> None:
+        self.session.remove_adapter(name)
+        del self.resident[name]
+
+    def reload(self, name: str) -> None:
+        """Read `name` from disk again and replace the resident copy (after the file was retrained)."""
+        if name in self.resident:
+            info = self.session.add_adapter(name, read_adapter(self.path(name)))
+            self.resident[name] = info.nbytes
+            self.resident.move_to_end(name)
