@@ -1,0 +1,215 @@
+"""Many adapters on one base (lora/multi.py): each row of a mixed batch equals its adapter alone, base rows equal
+the base bit for bit, adapters come and go without touching the others, and what cannot be served is refused."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fixtures.tiny_models import tiny_tokenizer
+from helpers import session_of, tiny_gpt2, tiny_llama, token_ids
+from loraforge.errors import LoraforgeError
+from loraforge.lora import LoraConfig, LoraModel, load_adapter, save_adapter
+from loraforge.lora.adapter import read_adapter
+from loraforge.lora.multi import MultiLoraModel
+from tolerances import FP32, max_abs_diff
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Three adapters per architecture, each different in rank, alpha, rsLoRA, targets or patterns.
+CONFIGS = {
+    "llama": [dict(r=2, lora_alpha=4, target_modules="all-linear"),
+              dict(r=4, lora_alpha=3, target_modules=["q_proj", "v_proj"], use_rslora=True),
+              dict(r=3, lora_alpha=6, target_modules=["q_proj", "o_proj", "down_proj"],
+                   rank_pattern={"down_proj": 5}, alpha_pattern={"o_proj": 1.5})],
+    "gpt2": [dict(r=2, lora_alpha=4, target_modules=["c_attn"]),
+             dict(r=4, lora_alpha=3, target_modules=["c_attn", "c_proj"], use_rslora=True),
+             dict(r=3, lora_alpha=6, target_modules=["c_fc"])],
+}
+BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def adapters(request, tmp_path_factory):
+    """(builder, {name: folder}) for three non-trivial adapters on the same tiny base."""
+    kind = request.param
+    root = tmp_path_factory.mktemp(f"adapters_{kind}")
+    folders = {}
+    for k, options in enumerate(CONFIGS[kind]):
+        torch.manual_seed(100 + k)
+        lm = LoraModel(BUILDERS[kind](), LoraConfig(init_lora_weights=False, **options))
+        folders[f"a{k}"] = save_adapter(lm, root / f"a{k}")
+    return BUILDERS[kind], folders
+
+
+def _alone(builder, folder, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of the training layer with one adapter (or the plain base for folder None)."""
+    model = builder()
+    if folder is not None:
+        load_adapter(model, folder)
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _served(builder, folders) -> MultiLoraModel:
+    multi = MultiLoraModel(builder())
+    for name, folder in folders.items():
+        multi.add(name, read_adapter(folder))
+    return multi
+
+
+@pytest.mark.parametrize("length", [7, 1])  # prefill (a grouped matmul per adapter) and decode (the stacked kernel)
+def test_each_row_equals_its_adapter_alone(adapters, length):
+    builder, folders = adapters
+    multi = _served(builder, folders)
+    names = ["a0", None, "a2", "a1", "a2", None]
+    ids = token_ids(len(names), length, seed=4)
+    multi.route(names)
+    with torch.no_grad():
+        mixed = multi.model(input_ids=ids).logits  # (6, T, V)
+    base_same_batch = _alone(builder, None, ids)
+    for i, name in enumerate(names):
+        if name is None:  # the base row: the base model on the same batch, bit for bit
+            assert torch.equal(mixed[i], base_same_batch[i])
+        else:
+            alone = _alone(builder, folders[name], ids[i:i + 1])[0]
+            assert max_abs_diff(mixed[i], alone) <= FP32
+            assert max_abs_diff(mixed[i], base_same_batch[i]) > 100 * FP32  # the adapter did something
+
+
+def test_one_adapter_for_the_whole_batch_and_no_adapter(adapters):
+    builder, folders = adapters
+    multi = _served(builder, folders)
+    ids = token_ids(3, 5, seed=2)
+    multi.route(["a1"])  # one name: every row, whatever the batch size (beam search widens it)
+    with torch.no_grad():
+        uniform = multi.model(input_ids=ids).logits
+    assert max_abs_diff(uniform, _alone(builder, folders["a1"], ids)) <= FP32
+    multi.route(None)
+    with torch.no_grad():
+        assert torch.equal(multi.model(input_ids=ids).logits, _alone(builder, None, ids))
+
+
+def test_adding_and_removing_leaves_the_others_unchanged(adapters):
+    builder, folders = adapters
+    multi = _served(builder, {"a0": folders["a0"], "a1": folders["a1"]})
+    names = ["a0", "a1", None]
+    ids = token_ids(3, 1, seed=5)
+
+    def logits():
+        multi.route(names)
+        with torch.no_grad():
+            return multi.model(input_ids=ids).logits
+
+    before = logits()
+    slot = multi.add("a2", read_adapter(folders["a2"]))
+    assert slot == 2
+    assert torch.equal(logits(), before)  # a2 is resident but no row uses it: nothing moved
+    names[2] = "a2"
+    with_a2 = logits()
+    assert torch.equal(with_a2[:2], before[:2]) or max_abs_diff(with_a2[:2], before[:2]) <= FP32
+    multi.remove("a1")
+    names[1] = None
+    after = logits()
+    assert max_abs_diff(after[0], before[0]) <= FP32 and max_abs_diff(after[2], with_a2[2]) <= FP32
+    assert multi.add("a1", read_adapter(folders["a1"])) == 1  # the freed slot is reused
+
+
+def test_replacing_an_adapter_serves_the_new_weights(adapters):
+    builder, folders = adapters
+    multi = _served(builder, {"x": folders["a0"], "y": folders["a1"]})
+    multi.add("x", read_adapter(folders["a2"]))  # same name, other targets and rank
+    ids = token_ids(2, 4, seed=6)
+    multi.route(["x", "y"])
+    with torch.no_grad():
+        mixed = multi.model(input_ids=ids).logits
+    assert max_abs_diff(mixed[0], _alone(builder, folders["a2"], ids[:1])[0]) <= FP32
+    assert max_abs_diff(mixed[1], _alone(builder, folders["a1"], ids[1:])[0]) <= FP32
+    assert multi.slots == {"x": 0, "y": 1}
+
+
+def test_adapter_bytes_count_what_is_resident(adapters):
+    builder, folders = adapters
+    multi = _served(builder, folders)
+    for name, folder in folders.items():
+        lora_bytes = sum(t.numel() * 4 for k, t in read_adapter(folder).tensors.items())
+        assert multi.adapter_bytes(name) == lora_bytes  # fp32 base: A and s·B in fp32
+
+
+# ---- refused, with the reason, and nothing changes ----------------------------------------------------------------
+def _save(tmp_path, name, config, builder=tiny_llama, seed=0):
+    torch.manual_seed(seed)
+    return save_adapter(LoraModel(builder(), LoraConfig(init_lora_weights=False, **config)), tmp_path / name)
+
+
+@pytest.mark.parametrize("config, words", [
+    (dict(r=2, target_modules=["q_proj"], use_dora=True), "DoRA"),
+    (dict(r=2, target_modules=["embed_tokens"]), "embedding"),
+    (dict(r=2, target_modules=["q_proj"], bias="lora_only"), "trains biases"),
+])
+def test_unservable_adapters_are_refused(tmp_path, config, words):
+    multi = MultiLoraModel(tiny_llama())
+    with pytest.raises(LoraforgeError, match=words):
+        multi.add("x", read_adapter(_save(tmp_path, "x", config)))
+    assert multi.slots == {} and multi.layers == {}
+
+
+def test_adapter_for_another_base_or_rank_is_refused(tmp_path):
+    multi = MultiLoraModel(tiny_llama())
+    gpt2_adapter = _save(tmp_path, "gpt2", dict(r=2, target_modules=["c_attn"]), builder=tiny_gpt2)
+    with pytest.raises(LoraforgeError, match="no module .*c_attn.*another architecture"):
+        multi.add("g", read_adapter(gpt2_adapter))
+    folder = _save(tmp_path, "ok", dict(r=2, target_modules=["q_proj"]))
+    tensors = load_file(folder / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("lora_A.weight"))
+    tensors[key] = torch.zeros(2, 7)  # another hidden size
+    save_file(tensors, folder / "adapter_model.safetensors")
+    with pytest.raises(LoraforgeError, match=r"another base model or rank"):
+        multi.add("o", read_adapter(folder))
+    assert multi.slots == {} and multi.layers == {}
+
+
+def test_nan_weights_and_corrupt_files_are_refused(tmp_path):
+    folder = _save(tmp_path, "nan", dict(r=2, target_modules=["q_proj"]))
+    tensors = load_file(folder / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("lora_B.weight"))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, folder / "adapter_model.safetensors")
+    with pytest.raises(LoraforgeError, match="NaN"):
+        MultiLoraModel(tiny_llama()).add("n", read_adapter(folder))
+    (folder / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(LoraforgeError, match="not a readable safetensors file"):
+        read_adapter(folder)
+
+
+def test_a_second_injection_is_refused(tmp_path):
+    folder = _save(tmp_path, "a", dict(r=2, target_modules=["q_proj"]))
+    model = tiny_llama()
+    load_adapter(model, folder)  # the training layer
+    with pytest.raises(LoraforgeError, match="already holds a LoRA layer"):
+        MultiLoraModel(model)
+    with pytest.raises(LoraforgeError, match="already holds a LoRA layer"):
+        LoraModel(model, LoraConfig(r=2, target_modules="all-linear"))
+    served = MultiLoraModel(tiny_llama())
+    served.add("a", read_adapter(folder))
+    with pytest.raises(LoraforgeError, match="already holds a LoRA layer"):
+        LoraModel(served.model, LoraConfig(r=2, target_modules=["q_proj"]))
+
+
+def test_merged_model_is_refused(tmp_path):
+    folder = _save(tmp_path, "a", dict(r=2, target_modules=["q_proj"]))
+    lm = load_adapter(tiny_llama(), folder)
+    lm.merge()
+    with pytest.raises(LoraforgeError, match="already holds a LoRA layer"):
+        MultiLoraModel(lm.model)
+
+
+# ---- the session: names, heads ------------------------------------------------------------------------------------
+def test_session_refuses_unknown_names(adapters):
+    builder, folders = adapters
+    session = session_of(builder(), tiny_tokenizer(), a0=folders["a0"])
+    with pytest.raises(LoraforgeError, match="no adapter named 'zz' is loaded; loaded: a0"):
+        session.route(["a0", "zz"])
+    session.remove_adapter("a0")
+    with pytest.raises(LoraforgeError, match="loaded: none"):
+        session.route(["a0"])
