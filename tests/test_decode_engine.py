@@ -176,3 +176,40 @@ def test_head_adapters_in_one_mixed_batch_equal_each_alone(tmp_path):
         alone = load_adapter(tiny_bert_cls(), folders[name]).model
         with torch.no_grad():
             assert max_abs_diff(mixed[i], alone(input_ids=ids[i:i + 1]).logits[0]) <= FP32
+
+
+# ---- the written-out decode step (infer/decode.py) ----------------------------------------------------------------
+def test_decode_step_equals_transformers_forward(tmp_path):
+    """Same cache, same left-padded rows, a mix of adapters: decode_step's logits are transformers' forward's."""
+    from fixtures.tiny_models import tiny_llama as gqa_llama  # 4 heads, 2 KV heads: grouped-query attention
+    from loraforge.infer.decode import decode_step, supports
+    from loraforge.infer.engine import GrowingLayer
+
+    torch.manual_seed(0)
+    folder = save_adapter(LoraModel(gqa_llama(), LoraConfig(r=2, target_modules="all-linear",
+                                                            init_lora_weights=False)), tmp_path / "a")
+    session = session_of(gqa_llama(), tiny_tokenizer(), a=folder)
+    model = session.model
+    assert supports(model) and not supports(tiny_gpt2())
+    ids = torch.tensor([[0, 0, 5, 9, 12], [7, 8, 9, 10, 11], [0, 0, 0, 4, 6]])  # (3, 5), left-padded with pad 0
+    mask = (torch.arange(5) >= torch.tensor([[2], [0], [3]])).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    session.route(["a", None, "a"])
+    from transformers import DynamicCache
+
+    caches = []
+    for _ in range(2):
+        cache = DynamicCache(config=model.config)
+        cache.layers = [GrowingLayer() for _ in cache.layers]
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        caches.append(cache)
+    new = torch.tensor([[3], [14], [21]])
+    mask2 = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
+    pos = positions[:, -1:] + 1
+    ours = decode_step(model, new, pos, mask2, caches[0])
+    with torch.no_grad():
+        theirs = model(input_ids=new, attention_mask=mask2, position_ids=pos, cache=caches[1],
+                       use_cache=True).logits[:, -1]
+    assert max_abs_diff(ours, theirs) <= FP32
+    assert max_abs_diff(caches[0].layers[1].keys, caches[1].layers[1].keys) <= FP32

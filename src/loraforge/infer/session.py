@@ -69,7 +69,7 @@ class InferenceSession:
         self.base = base
         self.kind = kind
         self.head = head
-        self.lora = MultiLoraModel(self.model, self.device)
+        self.lora = MultiLoraModel(self.model, self.device, wrap_all=kind == "causal-lm")
         self.adapters: dict[str, AdapterInfo] = {}
 
     @classmethod

@@ -27,7 +27,12 @@ from torch import nn
 
 from loraforge.errors import LoraforgeError
 from loraforge.lora.layer import Conv1D, lora_scaling
+from loraforge.lora.model import CLASSIFIER_HEAD_NAMES
 from loraforge.lora.targets import check_no_lora, replace_module
+
+
+SMALL_BATCH_ROWS = 64
+"""Up to this many rows (tokens) a layer computes W xᵀ, the faster form for few rows (see `_forward_few_rows`)."""
 
 
 class Routing:
@@ -44,6 +49,7 @@ class Routing:
         self.present: list[int] = []  # distinct slots >= 0 of a mixed batch, ascending
         self.groups: list[tuple[int, torch.Tensor]] = []  # (slot, row indices) per present slot
         self._key: tuple | None = None
+        self.small_batch_kernel = False  # set by the decode engine: W @ xᵀ for a few rows (see MultiLoraLinear)
 
     def set(self, slots: list[int | None] | None) -> None:
         """Route row i to `slots[i]` (-1 or None: the base); `slots=None`: every row, however many, on the base."""
@@ -82,13 +88,21 @@ class MultiLoraLinear(nn.Module):
         self._stack: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._version = 0
 
+    @property
+    def weight(self) -> torch.Tensor:  # code that reads a projection's weight (dtype checks) sees the base's
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
     def set_adapter(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
         """Put A (r, in) and B (out, r) in `slot` (replacing what was there); other slots are not touched."""
         if a.shape[1] != self.in_features or b.shape[0] != self.out_features or a.shape[0] != b.shape[1]:
             raise ValueError(f"A {tuple(a.shape)} / B {tuple(b.shape)} do not fit a {self.in_features}->"
                              f"{self.out_features} layer")
         dtype, device = self.base_layer.weight.dtype, self.base_layer.weight.device
-        self.lora_a[slot] = a.to(device=device, dtype=torch.float32).to(dtype).contiguous()
+        self.lora_a[slot] = a.to(device=device, dtype=dtype).contiguous()  # no copy when it already fits
         self.lora_b[slot] = (b.to(device=device, dtype=torch.float32) * scaling).to(dtype).contiguous()
         self._version += 1
 
@@ -102,8 +116,9 @@ class MultiLoraLinear(nn.Module):
             return 0
         return sum(t.numel() * t.element_size() for t in (self.lora_a[slot], self.lora_b[slot]))
 
-    def _stacks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(A_cat (G·R, in), B_cat (out, G·R), mask (B, G·R)) for the adapters of this batch that this layer has."""
+    def _stacks(self) -> tuple[torch.Tensor, ...] | None:
+        """(A_cat (G·R, in), B_cat (out, G·R), mask (B, G·R), maskᵀ) for the adapters of this batch that this layer
+        has."""
         key = (self.routing.version, self._version)
         if key != self._stack_key:
             present = [s for s in self.routing.present if s in self.lora_a]
@@ -118,13 +133,15 @@ class MultiLoraLinear(nn.Module):
                     r = self.lora_a[s].shape[0]
                     mask[rows == s, start:start + r] = 1
                     start += r
-                self._stack = (a_cat, b_cat, mask)
+                self._stack = (a_cat, b_cat, mask, mask.T.contiguous())
             self._stack_key = key
         return self._stack
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)  # (B, T, out)
         routing = self.routing
+        if routing.small_batch_kernel and not self.fan_in_fan_out and x.shape[:-1].numel() <= SMALL_BATCH_ROWS:
+            return self._forward_few_rows(x)
+        result = self.base_layer(x)  # (B, T, out)
         if routing.uniform is not None:  # one adapter for the whole batch: the plain LoRA forward
             a = self.lora_a.get(routing.uniform)
             if a is None:
@@ -136,7 +153,7 @@ class MultiLoraLinear(nn.Module):
             stacks = self._stacks()
             if stacks is None:
                 return result
-            a_cat, b_cat, mask = stacks
+            a_cat, b_cat, mask, _ = stacks
             h = (x[:, 0].to(a_cat.dtype) @ a_cat.T) * mask  # (B, G·R): each row keeps its own adapter's block
             return result + (h @ b_cat.T).unsqueeze(1).to(result.dtype)  # (B, 1, out)
         for slot, rows in routing.groups:  # prefill: each adapter on its own rows
@@ -145,6 +162,30 @@ class MultiLoraLinear(nn.Module):
                 delta = (x[rows].to(a.dtype) @ a.T) @ b.T  # (n, T, out)
                 result = result.index_add(0, rows, delta.to(result.dtype))
         return result
+
+    def _forward_few_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The same sum for a few rows, computed transposed: yᵀ = W xᵀ (+ B_cat (mask ⊙ A_cat xᵀ)). With N rows
+        as the small dimension MKL runs 1.3-1.8x faster on this machine's AVX2 cores than x Wᵀ (bench/RESULTS.md,
+        "decode kernels"); equal up to float rounding."""
+        routing, shape = self.routing, x.shape
+        xt = x.reshape(-1, shape[-1]).T  # (in, N)
+        yt = torch.mm(self.base_layer.weight, xt)  # (out, N)
+        if routing.uniform is not None and routing.uniform in self.lora_a:
+            a, b = self.lora_a[routing.uniform], self.lora_b[routing.uniform]
+            yt = torch.addmm(yt, b, torch.mm(a, xt.to(a.dtype)).to(b.dtype))
+        elif routing.rows is not None and self.lora_a and shape[1] == 1:
+            stacks = self._stacks()
+            if stacks is not None:
+                a_cat, b_cat, _, mask_t = stacks
+                yt = torch.addmm(yt, b_cat, torch.mm(a_cat, xt) * mask_t)  # (out, N)
+        if self.base_layer.bias is not None:
+            yt = yt + self.base_layer.bias[:, None]
+        y = yt.T.contiguous().view(*shape[:-1], yt.shape[0])  # (B, T, out), row-major again
+        if routing.rows is not None and shape[1] > 1:  # a mixed prefill of a few tokens: each adapter on its rows
+            for slot, rows in routing.groups:
+                if slot in self.lora_a:
+                    y = y.index_add(0, rows, (x[rows] @ self.lora_a[slot].T) @ self.lora_b[slot].T)
+        return y
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, slots={sorted(self.lora_a)}"
@@ -208,11 +249,12 @@ def scaling_of(config, path: str) -> tuple[int, float]:
 class MultiLoraModel:
     """A transformers model serving any number of named adapters at once (a handle, like `LoraModel`).
 
-    Layers are wrapped when the first adapter that targets them arrives, so a model with no adapter runs the
-    transformers forward untouched. Adding, replacing and removing an adapter touch only its own slot.
+    A layer is wrapped when the first adapter that targets it arrives, or, with `wrap_all` (a decoder served by the
+    engine), every Linear/Conv1D up front but classifier heads, so base-only rows get the engine's few-row kernel
+    too. Adding, replacing and removing an adapter touch only its own slot.
     """
 
-    def __init__(self, model: nn.Module, device: torch.device | str = "cpu"):
+    def __init__(self, model: nn.Module, device: torch.device | str = "cpu", *, wrap_all: bool = False):
         check_no_lora(model)
         self.model = model
         self.routing = Routing(device)
@@ -220,6 +262,10 @@ class MultiLoraModel:
         self.layers: dict[str, MultiLoraLinear] = {}
         self.saved: dict[str, MultiSaved] = {}
         self._owned: dict[str, list[str]] = {}  # adapter name -> the layer and saved-module paths it occupies
+        if wrap_all:
+            for path in [p for p, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))
+                         and not set(p.split(".")) & set(CLASSIFIER_HEAD_NAMES)]:
+                self._layer(path)
 
     def add(self, name: str, weights) -> int:
         """Put adapter `weights` (an `AdapterWeights`) in a slot under `name`, replacing one of that name; its slot."""
@@ -281,9 +327,12 @@ class MultiLoraModel:
                 raise LoraforgeError(
                     f"{where}: {path} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, but this base needs "
                     f"({r}, {in_f}) and ({out_f}, {r}) for r={r}: it was made for another base model or rank")
-            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                raise LoraforgeError(f"{where}: {path} holds NaN/inf weights; the adapter is broken")
             lora[path] = (a, b, scaling)
+        tensors = [t for pair in lora.values() for t in pair[:2]]
+        norms = torch.stack(torch._foreach_norm(tensors)) if tensors else torch.zeros(0)  # one pass over all weights
+        if not bool(norms.isfinite().all()):
+            bad = next(path for path, (a, b, _) in lora.items() if not (a.isfinite().all() and b.isfinite().all()))
+            raise LoraforgeError(f"{where}: {bad} holds NaN/inf weights; the adapter is broken")
         saved = self._saved_plan(weights, set(weights.tensors) - lora_keys, where)
         if not lora and not saved:
             raise LoraforgeError(f"{where}: the file holds no LoRA weights")
@@ -292,7 +341,7 @@ class MultiLoraModel:
     def _saved_plan(self, weights, keys: set[str], where: str) -> dict[str, dict[str, torch.Tensor]]:
         names = list(weights.config.modules_to_save or [])
         if weights.config.task_type in ("SEQ_CLS", "TOKEN_CLS"):
-            names += ["classifier", "score"]
+            names += list(CLASSIFIER_HEAD_NAMES)
         saved: dict[str, dict[str, torch.Tensor]] = {}
         for key in sorted(keys):
             path = next((p for p in self._module_paths() if key.startswith(p + ".")
