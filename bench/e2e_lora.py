@@ -137,31 +137,32 @@ def main() -> None:
     p.add_argument("--adapter", help="score this saved adapter instead of training one (e.g. a previous --output)")
     a = p.parse_args()
 
+    from loraforge.infer import InferenceSession
+    from loraforge.models import DEFAULT_MODEL
+
     start = time.perf_counter()
     if a.adapter:  # no training: the adapter's train_summary.json says how it was made
-        from loraforge.lora import load_adapter
-        from loraforge.models import DEFAULT_MODEL, load_model
-
-        model, tokenizer = load_model(DEFAULT_MODEL, dtype=torch.bfloat16)
-        result = argparse.Namespace(lora=load_adapter(model, a.adapter), tokenizer=tokenizer,
-                                    summary=json.loads((Path(a.adapter) / "train_summary.json").read_text()))
+        session = InferenceSession.open(DEFAULT_MODEL, {"e2e": a.adapter}, dtype="bfloat16")
+        s = json.loads((Path(a.adapter) / "train_summary.json").read_text())
         a.output = a.adapter
-    else:
+    else:  # the trained base serves on, the adapter read back from its file
         result = train_adapter(a)
-    s = result.summary
+        s = result.summary
+        session = InferenceSession(result.lora.unload(), result.tokenizer, base=DEFAULT_MODEL)
+        session.add_adapter("e2e", a.output)
     train_minutes = (time.perf_counter() - start) / 60
-    model, tokenizer = result.lora.model, result.tokenizer
-    model.eval()
+    tokenizer = session.tokenizer
 
     groups = dev_groups(a.eval_mrs)
     records, references = [g[0] for g in groups], [g[1] for g in groups]
     t0 = time.perf_counter()
-    predictions = decode(model, tokenizer, records, a.beams, a.eval_batch, a.length_penalty)
+    with session.use("e2e") as model:  # beam search through transformers' generate, every row on the adapter
+        predictions = decode(model, tokenizer, records, a.beams, a.eval_batch, a.length_penalty)
     eval_minutes = (time.perf_counter() - t0) / 60
     ours = score(predictions, references)
     rows = {f"SmolLM2-135M LoRA (loraforge, {s['steps']} steps)": ours}
     if a.base:
-        with result.lora.disable_adapter():  # the instruct model at its best zero-shot: chat template, instruction
+        with session.use(None) as model:  # the instruct model at its best zero-shot: chat template, instruction
             rows["SmolLM2-135M, no fine-tuning (greedy, chat)"] = score(decode(
                 model, tokenizer, records, 1, a.eval_batch, prompt_style="instruction"), references)
     total = (time.perf_counter() - start) / 60
