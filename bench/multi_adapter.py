@@ -110,29 +110,30 @@ def _base(self, x):
     return torch.mm(self.base_layer.weight, x.reshape(-1, x.shape[-1]).T).T.contiguous().view(*x.shape[:-1], -1)
 
 
+def _decode_only(lora_part):
+    """A MultiLoraLinear.forward that computes a mixed decode step's LoRA part with `lora_part(self, x)`; anything
+    else (prefill, no adapter in the batch) goes to the default forward."""
+    def forward(self, x):
+        if x.shape[1] > 1 or self.routing.rows is None or not self.lora_a:
+            return DEFAULT_FORWARD(self, x)
+        return _base(self, x) + lora_part(self, x)
+    return forward
+
+
+@_decode_only
 def grouped_decode(self, x):
     """Per adapter present: its rows gathered, two matmuls, added back (a Python loop over adapters)."""
-    if x.shape[1] > 1:
-        return DEFAULT_FORWARD(self, x)
-    result = _base(self, x)
-    routing = self.routing
-    if routing.rows is None or not self.lora_a:
-        return result
-    for slot, rows in routing.groups:
+    delta = torch.zeros(*x.shape[:-1], self.out_features)
+    for slot, rows in self.routing.groups:
         if slot in self.lora_a:
-            delta = (x[rows] @ self.lora_a[slot].T) @ self.lora_b[slot].T
-            result = result.index_add(0, rows, delta)
-    return result
+            delta = delta.index_add(0, rows, self._delta(slot, x[rows]))
+    return delta
 
 
+@_decode_only
 def gather_decode(self, x):
-    """Each row's A and B gathered from a (slots, R, in) / (slots, out, R) stack, then two bmm's."""
-    if x.shape[1] > 1:
-        return DEFAULT_FORWARD(self, x)
-    result = _base(self, x)
+    """Each row's A and s·B gathered from a (slots, R, in) / (slots, out, R) stack, then two bmm's."""
     routing = self.routing
-    if routing.rows is None or not self.lora_a:
-        return result
     key = (routing.version, self._version)
     if getattr(self, "_gather_key", None) != key:
         r = max(a.shape[0] for a in self.lora_a.values())
@@ -141,12 +142,12 @@ def gather_decode(self, x):
         b = torch.zeros(slots + 1, self.out_features, r)
         for s, t in self.lora_a.items():
             a[s, :t.shape[0]] = t
-            b[s, :, :t.shape[0]] = self.lora_b[s]
+            b[s, :, :t.shape[0]] = self.lora_b[s] * self.lora_s[s]
         index = torch.where(routing.rows >= 0, routing.rows, slots)
         self._gather = (a[index], b[index])  # (B, R, in), (B, out, R)
         self._gather_key = key
     a, b = self._gather
-    return result + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+    return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
 
 
 # ---- the 1,000-adapter store, in its own process ------------------------------------------------------------------

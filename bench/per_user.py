@@ -7,7 +7,7 @@ user's own adapter, and (c) again with every user's rows in one mixed batch, eac
     python bench/per_user.py --steps 4        # a quick look
 
 Training: `loraforge train --per-user user` (base loaded and data tokenized once) with r=16, alpha=32 on every linear
-layer, lr 1e-3 with 3 warmup steps and a cosine schedule, 4 packed rows of 384 tokens a step, `--steps` steps per
+layer, lr 1e-3 with 3 warmup steps and a cosine schedule, 4 packed rows of 512 tokens a step, `--steps` steps per
 user; the shared adapter gets 6 x `--steps` steps on the whole file with the same settings.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ def train_all(args: argparse.Namespace, data: Path, out: Path) -> dict[str, floa
     from loraforge.train import train
 
     common = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", lr=1e-3, warmup_steps=3,
-                  batch_size=4, max_length=384, seed=0, dtype="auto")
+                  batch_size=4, max_length=512, seed=0, dtype="auto")
     seconds = {}
     start = time.perf_counter()
     train(TrainConfig(data=str(data), output=str(out / "users"), per_user="user", max_steps=args.steps, **common),

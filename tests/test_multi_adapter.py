@@ -217,3 +217,36 @@ def test_session_refuses_unknown_names(adapters):
     session.remove_adapter("a0")
     with pytest.raises(LoraforgeError, match="loaded: none"):
         session.route(["a0"])
+
+
+# ---- the adapter reader: one buffer, checked entries, the same tensors as safetensors' own loader ------------------
+def test_reader_equals_safetensors_load_file(tmp_path):
+    from safetensors.torch import load_file as st_load
+
+    from loraforge.lora.adapter import load_safetensors
+
+    torch.manual_seed(0)
+    tensors = {"f32": torch.randn(3, 5), "bf16": torch.randn(7).bfloat16(), "f16": torch.randn(2, 2).half(),
+               "i64": torch.arange(6).view(2, 3), "b": torch.tensor([True, False, True]), "odd": torch.randn(1, 3),
+               "empty": torch.zeros(0, 4)}
+    save_file(tensors, tmp_path / "t.safetensors", metadata={"format": "pt"})
+    ours, theirs = load_safetensors(tmp_path / "t.safetensors"), st_load(tmp_path / "t.safetensors")
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda b: b[:5], "shorter than a safetensors header"),
+    (lambda b: (10**9).to_bytes(8, "little") + b[8:], "does not fit a file"),
+    (lambda b: b[:-4], "offsets"),
+    (lambda b: b[:8] + b[8:].replace(b'"F32"', b'"F99"', 1), "known dtype"),
+    (lambda b: b[:8] + b[8:].replace(b"[2,3]", b"[3,3]", 1), "offsets"),
+])
+def test_reader_refuses_damaged_files(tmp_path, damage, words):
+    from loraforge.lora.adapter import load_safetensors
+
+    save_file({"w": torch.ones(2, 3), "v": torch.ones(4)}, tmp_path / "ok.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(damage((tmp_path / "ok.safetensors").read_bytes()))
+    with pytest.raises(ValueError, match=words):
+        load_safetensors(tmp_path / "bad.safetensors")

@@ -171,24 +171,22 @@ class LoraModel:
     def merge_and_unload(self) -> nn.Module:
         """Merge, then put the plain base modules back: a model with no trace of LoRA. This handle is spent."""
         self.merge()
-        for path, layer in self.layers.items():
-            layer._unmerged_weight = None
-            replace_module(self.model, path, layer.base_layer)
-        for path, wrapper in self.saved_modules.items():
-            replace_module(self.model, path, wrapper.modules_to_save)
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.layers, self.saved_modules = {}, {}
-        return self.model
+        for layer in self.layers.values():
+            layer._unmerged_weight = None  # the merged weight stays
+        return self._take_out(trained_heads=True)
 
     def unload(self) -> nn.Module:
         """Put the plain base modules back without merging: the model as it was before injection. This handle is
         spent (its layers keep the adapter's weights, detached from the model)."""
         self.unmerge()
+        return self._take_out(trained_heads=False)
+
+    def _take_out(self, trained_heads: bool) -> nn.Module:
+        """Every wrapper replaced by its base module (a head by its trained copy, or by the original), all frozen."""
         for path, layer in self.layers.items():
             replace_module(self.model, path, layer.base_layer)
         for path, wrapper in self.saved_modules.items():
-            replace_module(self.model, path, wrapper.original_module)
+            replace_module(self.model, path, wrapper.modules_to_save if trained_heads else wrapper.original_module)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.layers, self.saved_modules = {}, {}

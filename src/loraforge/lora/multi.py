@@ -83,7 +83,8 @@ class MultiLoraLinear(nn.Module):
         w = base_layer.weight
         self.out_features, self.in_features = w.shape[::-1] if self.fan_in_fan_out else w.shape
         self.lora_a: dict[int, torch.Tensor] = {}  # slot -> A (r, in), in the base weight's dtype
-        self.lora_b: dict[int, torch.Tensor] = {}  # slot -> s · B (out, r)
+        self.lora_b: dict[int, torch.Tensor] = {}  # slot -> B (out, r)
+        self.lora_s: dict[int, float] = {}  # slot -> the scaling still to apply (1.0 when folded into B)
         self._stack_key: tuple[int, int] | None = None
         self._stack: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._version = 0
@@ -96,22 +97,32 @@ class MultiLoraLinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
-    def set_adapter(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float = 1.0) -> None:
-        """Put A (r, in) and scaling·B (out, r) in `slot` (replacing what was there); other slots are not touched."""
+    def set_adapter(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+        """Put A (r, in) and B (out, r) with their scaling in `slot` (replacing what was there); other slots are
+        not touched. Tensors already in the base's dtype and device are kept as they are (views of the file's one
+        buffer: no copy, see `lora.adapter.read_adapter`) and scaled at compute time; others are converted, with
+        the scaling folded into B in fp32 first, as the training layer does."""
         if a.shape[1] != self.in_features or b.shape[0] != self.out_features or a.shape[0] != b.shape[1]:
             raise ValueError(f"A {tuple(a.shape)} / B {tuple(b.shape)} do not fit a {self.in_features}->"
                              f"{self.out_features} layer")
         dtype, device = self.base_layer.weight.dtype, self.base_layer.weight.device
-        self.lora_a[slot] = a.to(device=device, dtype=dtype).contiguous()  # no copy when it already fits
-        if scaling != 1.0:
-            b = b.to(device=device, dtype=torch.float32) * scaling
-        self.lora_b[slot] = b.to(device=device, dtype=dtype).contiguous()
+        if a.dtype != dtype or b.dtype != dtype or a.device != device or b.device != device:
+            a = a.to(device=device, dtype=dtype)
+            b, scaling = (b.to(device=device, dtype=torch.float32) * scaling).to(dtype), 1.0
+        self.lora_a[slot], self.lora_b[slot], self.lora_s[slot] = a, b, float(scaling)
         self._version += 1
 
     def remove_adapter(self, slot: int) -> None:
         if self.lora_a.pop(slot, None) is not None:
             self.lora_b.pop(slot)
+            self.lora_s.pop(slot)
             self._version += 1
+
+    def _delta(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+        """s · (x Aᵀ) Bᵀ for one adapter, in its dtype: x (..., in) -> (..., out)."""
+        a, b, s = self.lora_a[slot], self.lora_b[slot], self.lora_s[slot]
+        delta = (x.to(a.dtype) @ a.T) @ b.T
+        return delta if s == 1.0 else delta * s
 
     def adapter_bytes(self, slot: int) -> int:
         if slot not in self.lora_a:
@@ -128,7 +139,7 @@ class MultiLoraLinear(nn.Module):
             if present:
                 rows = self.routing.rows
                 a_cat = torch.cat([self.lora_a[s] for s in present])  # (G·R, in)
-                b_cat = torch.cat([self.lora_b[s] for s in present], dim=1)  # (out, G·R)
+                b_cat = torch.cat([self.lora_b[s] * self.lora_s[s] for s in present], dim=1)  # (out, G·R), scaled
                 mask = torch.zeros(len(rows), a_cat.shape[0], dtype=a_cat.dtype, device=a_cat.device)  # (B, G·R)
                 start = 0
                 for s in present:
@@ -145,10 +156,9 @@ class MultiLoraLinear(nn.Module):
             return self._forward_few_rows(x)
         result = self.base_layer(x)  # (B, T, out)
         if routing.uniform is not None:  # one adapter for the whole batch: the plain LoRA forward
-            a = self.lora_a.get(routing.uniform)
-            if a is None:
+            if routing.uniform not in self.lora_a:
                 return result
-            return result + ((x.to(a.dtype) @ a.T) @ self.lora_b[routing.uniform].T).to(result.dtype)
+            return result + self._delta(routing.uniform, x).to(result.dtype)
         if routing.rows is None or not self.lora_a:
             return result
         if x.shape[1] == 1:  # decode: the stacked kernel
@@ -160,9 +170,7 @@ class MultiLoraLinear(nn.Module):
             return result + (h @ b_cat.T).unsqueeze(1).to(result.dtype)  # (B, 1, out)
         for slot, rows in routing.groups:  # prefill: each adapter on its own rows
             if slot in self.lora_a:
-                a, b = self.lora_a[slot], self.lora_b[slot]
-                delta = (x[rows].to(a.dtype) @ a.T) @ b.T  # (n, T, out)
-                result = result.index_add(0, rows, delta.to(result.dtype))
+                result = result.index_add(0, rows, self._delta(slot, x[rows]).to(result.dtype))  # (n, T, out)
         return result
 
     def _forward_few_rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -173,8 +181,9 @@ class MultiLoraLinear(nn.Module):
         xt = x.reshape(-1, shape[-1]).T  # (in, N)
         yt = torch.mm(self.base_layer.weight, xt)  # (out, N)
         if routing.uniform is not None and routing.uniform in self.lora_a:
-            a, b = self.lora_a[routing.uniform], self.lora_b[routing.uniform]
-            yt = torch.addmm(yt, b, torch.mm(a, xt.to(a.dtype)).to(b.dtype))
+            slot = routing.uniform
+            a, b = self.lora_a[slot], self.lora_b[slot]
+            yt = torch.addmm(yt, b, torch.mm(a, xt.to(a.dtype)), alpha=self.lora_s[slot])
         elif routing.rows is not None and self.lora_a and shape[1] == 1:
             stacks = self._stacks()
             if stacks is not None:
@@ -186,7 +195,7 @@ class MultiLoraLinear(nn.Module):
         if routing.rows is not None and shape[1] > 1:  # a mixed prefill of a few tokens: each adapter on its rows
             for slot, rows in routing.groups:
                 if slot in self.lora_a:
-                    y = y.index_add(0, rows, (x[rows] @ self.lora_a[slot].T) @ self.lora_b[slot].T)
+                    y = y.index_add(0, rows, self._delta(slot, x[rows]))
         return y
 
     def extra_repr(self) -> str:
@@ -278,8 +287,8 @@ class MultiLoraModel:
         for path in self._owned.get(name, []):  # what the old adapter of this name had and the new one lacks
             if path not in lora and path not in saved:
                 (self.layers.get(path) or self.saved[path]).remove_adapter(slot)
-        for path, (a, b) in zip(lora, _packed(list(lora.values()), self.model)):
-            self._layer(path).set_adapter(slot, a, b)
+        for path, (a, b, scaling) in lora.items():
+            self._layer(path).set_adapter(slot, a, b, scaling)
         for path, state in saved.items():
             self._saved(path).set_adapter(slot, state)
         self.slots[name] = slot
@@ -392,25 +401,3 @@ class MultiLoraModel:
         return self.saved[path]
 
 
-
-def _packed(pairs: list[tuple[torch.Tensor, torch.Tensor, float]], model: nn.Module
-            ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(A, s·B) per layer as views of two flat buffers in the model's dtype and device: one allocation each per
-    adapter. Keeping the file's few hundred tensors instead fragmented the heap: a resident adapter took 1.5x its
-    bytes (bench/RESULTS.md, the 1,000-adapter store)."""
-    if not pairs:
-        return []
-    weight = next(model.parameters())
-    a_flat = torch.cat([a.reshape(-1) for a, _, _ in pairs]).to(device=weight.device, dtype=torch.float32)
-    b_flat = torch.cat([b.reshape(-1) for _, b, _ in pairs]).to(device=weight.device, dtype=torch.float32)
-    sizes = [b.numel() for _, b, _ in pairs]
-    scalings = {s for _, _, s in pairs}
-    if len(scalings) == 1:
-        b_flat.mul_(scalings.pop())
-    else:  # rank/alpha patterns: a scaling per layer
-        for part, (_, _, s) in zip(b_flat.split(sizes), pairs):
-            part.mul_(s)
-    a_flat, b_flat = a_flat.to(weight.dtype), b_flat.to(weight.dtype)
-    a_views = [v.view(a.shape) for v, (a, _, _) in zip(a_flat.split([a.numel() for a, _, _ in pairs]), pairs)]
-    b_views = [v.view(b.shape) for v, (_, b, _) in zip(b_flat.split(sizes), pairs)]
-    return list(zip(a_views, b_views))
