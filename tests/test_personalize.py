@@ -212,3 +212,14 @@ def test_hub_ids_resolve_from_the_local_cache(llama_dir, tmp_path, monkeypatch, 
     assert main(["generate", "--model", "Owner/Absent", "--prompt", "the"]) == 2
     err = _error_line(capsys.readouterr().err)
     assert "'Owner/Absent' is not in the local Hugging Face cache" in err and str(cache) in err
+
+
+def test_device_flag_is_checked(llama_dir, capsys):
+    flags = ["generate", "--model", str(llama_dir), "--prompt", "the", "--max-new-tokens", "2"]
+    assert main([*flags, "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main([*flags, "--device", "tpu"]) == 2
+    assert "--device 'tpu': use auto, cpu, cuda or cuda:N" in _error_line(capsys.readouterr().err)
+    if not torch.cuda.is_available():
+        assert main([*flags, "--device", "cuda"]) == 2
+        assert "no CUDA GPU" in _error_line(capsys.readouterr().err)

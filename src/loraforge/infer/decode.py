@@ -29,6 +29,9 @@ def supports(model: nn.Module) -> bool:
         and getattr(config, "sliding_window", None) is None
         and config._attn_implementation in ("sdpa", "eager")
         and inner is not None and hasattr(inner, "rotary_emb") and hasattr(model, "lm_head")
+        and all(hasattr(m, "forward_t") for m in (model.lm_head, inner.layers[0].self_attn.q_proj,
+                                                  inner.layers[0].mlp.down_proj))  # served layers (lora.multi)
+        and hasattr(inner.norm, "variance_epsilon")
         and getattr(config, "final_logit_softcapping", None) is None
     )
 
@@ -40,33 +43,48 @@ def decode_step(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, ma
 
     ids (B, 1) the tokens fed in; positions (B, 1) their position ids; mask (B, T) 1 where a key is a real token,
     T = cached tokens + 1; cache a transformers `DynamicCache` whose layers take the new keys and values.
+
+    Activations are kept transposed, (features, B): every projection is then one W xᵀ on the served layer
+    (`MultiLoraLinear.forward_t`, the faster form for few rows here) with no copy back to row-major between them;
+    only attention sees (B, heads, 1, head_dim) views.
     """
     inner, config = model.model, model.config
-    x = inner.embed_tokens(ids)  # (B, 1, H)
-    cos, sin = inner.rotary_emb(x, position_ids=positions)  # (B, 1, hd) each
+    B = ids.shape[0]
+    xt = inner.embed_tokens(ids)[:, 0].T.contiguous()  # (H, B)
+    cos, sin = inner.rotary_emb(xt, position_ids=positions)  # (B, 1, hd) each
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, 1, hd)
     keep = mask.bool()[:, None, None, :]  # (B, 1, 1, T): a row attends to its own real tokens
     n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
     for i, layer in enumerate(inner.layers[:config.num_hidden_layers]):
-        attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        B = h.shape[0]
-        q = attn.q_proj(h).view(B, 1, n_heads, -1).transpose(1, 2)  # (B, nh, 1, hd)
-        k = attn.k_proj(h).view(B, 1, n_kv, -1).transpose(1, 2)  # (B, nkv, 1, hd)
-        v = attn.v_proj(h).view(B, 1, n_kv, -1).transpose(1, 2)
+        attn, mlp = layer.self_attn, layer.mlp
+        ht = _rms_t(layer.input_layernorm, xt)
+        q = _heads(attn.q_proj.forward_t(ht), n_heads, B)  # (B, nh, 1, hd)
+        k = _heads(attn.k_proj.forward_t(ht), n_kv, B)  # (B, nkv, 1, hd)
+        v = _heads(attn.v_proj.forward_t(ht), n_kv, B)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         k, v = cache.layers[i].update(k, v)  # (B, nkv, T, hd)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=attn.scaling,
                                            enable_gqa=n_heads != n_kv)  # (B, nh, 1, hd)
-        x = x + attn.o_proj(y.transpose(1, 2).reshape(B, 1, -1))
-        h = layer.post_attention_layernorm(x)
-        mlp = layer.mlp
-        x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
-    return model.lm_head(inner.norm(x))[:, -1].float()  # (B, V)
+        xt = xt + attn.o_proj.forward_t(y.permute(1, 3, 0, 2).reshape(-1, B))  # (H, B)
+        ht = _rms_t(layer.post_attention_layernorm, xt)
+        xt = xt + mlp.down_proj.forward_t(F.silu(mlp.gate_proj.forward_t(ht)) * mlp.up_proj.forward_t(ht))
+    return model.lm_head.forward_t(_rms_t(inner.norm, xt)).T.float()  # (B, V)
+
+
+def _rms_t(norm: nn.Module, xt: torch.Tensor) -> torch.Tensor:
+    """The model's RMSNorm (Llama's: in fp32, weight after the cast back) over the features of xt (H, B)."""
+    x32 = xt.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(0, keepdim=True) + norm.variance_epsilon)
+    return norm.weight[:, None] * x32.to(xt.dtype)
+
+
+def _heads(yt: torch.Tensor, heads: int, B: int) -> torch.Tensor:
+    """(heads·hd, B) -> (B, heads, 1, hd), a view."""
+    return yt.view(heads, -1, B).permute(2, 0, 1).unsqueeze(2)
 
 
 def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding as transformers' `apply_rotary_pos_emb` (rotate-half form); t (B, heads, 1, hd)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, 1, hd)
     half = t.shape[-1] // 2
     rotated = torch.cat((-t[..., half:], t[..., :half]), dim=-1)
     return t * cos + rotated * sin

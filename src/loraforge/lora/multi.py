@@ -12,11 +12,14 @@ each row's slot for the next forward. Kernels, chosen by measurement (bench/RESU
   loop over rows or adapters. The stacks are rebuilt only when the set of adapters in the batch changes.
 - prefill (many tokens per row): one (x A_kᵀ) B_kᵀ per adapter present, on that adapter's rows only, so the
   FLOPs are the adapter's own.
+- a few rows (the engine's decode step, `Routing.small_batch_kernel`): the same sums computed transposed,
+  yᵀ = W xᵀ + ..., the faster form on this machine's CPU when the rows are few (`forward_t`).
 
-A base row is multiplied by a zero mask, so it gets exactly +0: its output is the base model's, bit for bit, and a
-batch with no adapter row skips the LoRA branch entirely. The scaling (alpha/r, or alpha/sqrt(r) with rsLoRA, per
-module with rank/alpha patterns) is folded into B when the adapter is added. DoRA, embedding targets and
-bias-training adapters are refused with a message; a merged model has no LoRA left to serve.
+A base row is multiplied by a zero mask, so it gets exactly +0: its output is what the base computes on the same
+batch, bit for bit, and a batch with no adapter row skips the LoRA branch entirely. The scaling (alpha/r, or
+alpha/sqrt(r) with rsLoRA, per module with rank/alpha patterns) is applied in the matmul (`alpha=`), or folded into B
+when the adapter's dtype or device differs from the base's. DoRA, embedding targets and bias-training adapters are
+refused with a message; a merged model has no LoRA left to serve.
 """
 from __future__ import annotations
 
@@ -174,29 +177,36 @@ class MultiLoraLinear(nn.Module):
         return result
 
     def _forward_few_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """The same sum for a few rows, computed transposed: yᵀ = W xᵀ (+ B_cat (mask ⊙ A_cat xᵀ)). With N rows
-        as the small dimension MKL runs 1.3-1.8x faster on this machine's AVX2 cores than x Wᵀ (bench/RESULTS.md,
-        "decode kernels"); equal up to float rounding."""
-        routing, shape = self.routing, x.shape
-        xt = x.reshape(-1, shape[-1]).T  # (in, N)
+        """The same sum for a few rows (tokens), computed transposed by `forward_t`. With the rows as the small
+        dimension MKL runs 1.3-1.8x faster on this machine's AVX2 cores than x Wᵀ (bench/RESULTS.md, "decode
+        kernels"); equal up to float rounding."""
+        shape = x.shape
+        one_token = shape[1] == 1
+        yt = self.forward_t(x.reshape(-1, shape[-1]).T, with_lora=one_token or self.routing.rows is None)
+        y = yt.T.contiguous().view(*shape[:-1], yt.shape[0])  # (B, T, out), row-major again
+        if self.routing.rows is not None and not one_token:  # a mixed prefill of a few tokens: adapters on their rows
+            for slot, rows in self.routing.groups:
+                if slot in self.lora_a:
+                    y = y.index_add(0, rows, self._delta(slot, x[rows]))
+        return y
+
+    def forward_t(self, xt: torch.Tensor, with_lora: bool = True) -> torch.Tensor:
+        """yᵀ = W xᵀ + b (+ s·B A xᵀ for the batch's one adapter, or B_cat (mask ⊙ A_cat xᵀ) for a mixed batch
+        of one token per row): xt (in, N) -> (out, N), N the rows. The decode step keeps activations this way."""
+        routing = self.routing
         yt = torch.mm(self.base_layer.weight, xt)  # (out, N)
-        if routing.uniform is not None and routing.uniform in self.lora_a:
+        if with_lora and routing.uniform is not None and routing.uniform in self.lora_a:
             slot = routing.uniform
             a, b = self.lora_a[slot], self.lora_b[slot]
             yt = torch.addmm(yt, b, torch.mm(a, xt.to(a.dtype)), alpha=self.lora_s[slot])
-        elif routing.rows is not None and self.lora_a and shape[1] == 1:
+        elif with_lora and routing.rows is not None and self.lora_a:
             stacks = self._stacks()
             if stacks is not None:
                 a_cat, b_cat, _, mask_t = stacks
                 yt = torch.addmm(yt, b_cat, torch.mm(a_cat, xt) * mask_t)  # (out, N)
         if self.base_layer.bias is not None:
             yt = yt + self.base_layer.bias[:, None]
-        y = yt.T.contiguous().view(*shape[:-1], yt.shape[0])  # (B, T, out), row-major again
-        if routing.rows is not None and shape[1] > 1:  # a mixed prefill of a few tokens: each adapter on its rows
-            for slot, rows in routing.groups:
-                if slot in self.lora_a:
-                    y = y.index_add(0, rows, self._delta(slot, x[rows]))
-        return y
+        return yt
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, slots={sorted(self.lora_a)}"
