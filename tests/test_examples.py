@@ -67,8 +67,8 @@ def test_example_is_a_valid_config_that_says_how_to_run_it(path: Path) -> None:
     assert "Measured" in header
     assert cfg.data and cfg.output == f"runs/{path.stem}"
     assert cfg.max_steps <= 300
-    if cfg.task == "causal-lm":
-        assert cfg.dtype == "bfloat16" and cfg.packing
+    if cfg.task == "causal-lm":  # auto: bf16 where the CPU runs it natively (as measured), else fp32 (emulated bf16
+        assert cfg.dtype == "auto" and cfg.packing  # matmuls run ~100x slower than fp32 on an AVX2-only CPU)
     else:  # encoder heads are never packed and learn badly in bfloat16
         assert cfg.dtype == "float32" and cfg.model == "minilm-l6"
     assert (cfg.val_data or cfg.val_split) and cfg.eval_every > 0, "every example validates as it trains"
