@@ -1,6 +1,6 @@
 """A folder of per-user adapters, `DIR/<name>/` in PEFT's format, loaded into a live session on first use.
 
-Names are checked against `NAME_PATTERN`, so a name can never reach outside the folder (no `/`, no `..`, no leading
+Names are checked against `lora.adapter.ADAPTER_NAME`, so a name can never reach outside the folder (no `/`, no `..`, no leading
 dot). Resident adapters form an LRU set bounded by a memory cap and/or a count: using an adapter that is not
 resident reads it from disk (`lora.read_adapter`, safetensors only) and evicts the least recently used adapters
 that no request holds until it fits. A file that does not fit the base is refused with the reason, and the live
@@ -9,7 +9,6 @@ model is left as it was.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -17,15 +16,14 @@ from pathlib import Path
 
 from loraforge.errors import LoraforgeError
 from loraforge.infer.session import InferenceSession
-from loraforge.lora.adapter import ADAPTER_CONFIG, read_adapter
+from loraforge.lora.adapter import ADAPTER_CONFIG, is_adapter_name, read_adapter
 
 log = logging.getLogger("loraforge")
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def check_name(name: str) -> str:
     """`name` if it is a valid adapter name, else a LoraforgeError saying what names may be."""
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
+    if not is_adapter_name(name):
         raise LoraforgeError(f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
                              "starting with a letter or digit (no '/' and no '..')")
     return name
@@ -51,7 +49,7 @@ class AdapterStore:
     def names(self) -> list[str]:
         """Every adapter on disk (a valid name whose folder has adapter_config.json), sorted."""
         return sorted(p.name for p in self.root.iterdir()
-                      if NAME_PATTERN.fullmatch(p.name) and (p / ADAPTER_CONFIG).is_file())
+                      if is_adapter_name(p.name) and (p / ADAPTER_CONFIG).is_file())
 
     def path(self, name: str) -> Path:
         folder = self.root / check_name(name)
@@ -99,10 +97,3 @@ class AdapterStore:
     def evict(self, name: str) -> None:
         self.session.remove_adapter(name)
         del self.resident[name]
-
-    def reload(self, name: str) -> None:
-        """Read `name` from disk again and replace the resident copy (after the file was retrained)."""
-        if name in self.resident:
-            info = self.session.add_adapter(name, read_adapter(self.path(name)))
-            self.resident[name] = info.nbytes
-            self.resident.move_to_end(name)

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,9 +23,16 @@ from loraforge.lora.config import LoraConfig
 from loraforge.lora.layer import LoraEmbedding
 from loraforge.lora.model import PEFT_PREFIX, LoraModel
 
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+"""What an adapter in a store folder (`DIR/<name>/`) may be called: no '/', no leading dot, so none leaves DIR."""
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 log = logging.getLogger("loraforge")
+
+
+def is_adapter_name(name: object) -> bool:
+    """True when `name` can name an adapter folder (`ADAPTER_NAME`, and no '..' anywhere)."""
+    return isinstance(name, str) and ADAPTER_NAME.fullmatch(name) is not None and ".." not in name
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:

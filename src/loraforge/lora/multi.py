@@ -171,10 +171,7 @@ class MultiLoraLinear(nn.Module):
             a_cat, b_cat, mask, _ = stacks
             h = (x[:, 0].to(a_cat.dtype) @ a_cat.T) * mask  # (B, G·R): each row keeps its own adapter's block
             return result + (h @ b_cat.T).unsqueeze(1).to(result.dtype)  # (B, 1, out)
-        for slot, rows in routing.groups:  # prefill: each adapter on its own rows
-            if slot in self.lora_a:
-                result = result.index_add(0, rows, self._delta(slot, x[rows]).to(result.dtype))  # (n, T, out)
-        return result
+        return self._add_groups(result, x)  # prefill: each adapter on its own rows
 
     def _forward_few_rows(self, x: torch.Tensor) -> torch.Tensor:
         """The same sum for a few rows (tokens), computed transposed by `forward_t`. With the rows as the small
@@ -185,10 +182,15 @@ class MultiLoraLinear(nn.Module):
         yt = self.forward_t(x.reshape(-1, shape[-1]).T, with_lora=one_token or self.routing.rows is None)
         y = yt.T.contiguous().view(*shape[:-1], yt.shape[0])  # (B, T, out), row-major again
         if self.routing.rows is not None and not one_token:  # a mixed prefill of a few tokens: adapters on their rows
-            for slot, rows in self.routing.groups:
-                if slot in self.lora_a:
-                    y = y.index_add(0, rows, self._delta(slot, x[rows]))
+            y = self._add_groups(y, x)
         return y
+
+    def _add_groups(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`result` plus each present adapter's delta on its own rows (a mixed batch of many tokens per row)."""
+        for slot, rows in self.routing.groups:
+            if slot in self.lora_a:
+                result = result.index_add(0, rows, self._delta(slot, x[rows]).to(result.dtype))  # (n, T, out)
+        return result
 
     def forward_t(self, xt: torch.Tensor, with_lora: bool = True) -> torch.Tensor:
         """yᵀ = W xᵀ + b (+ s·B A xᵀ for the batch's one adapter, or B_cat (mask ⊙ A_cat xᵀ) for a mixed batch

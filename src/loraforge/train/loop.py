@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 import json
 import logging
 import math
@@ -30,7 +29,7 @@ from loraforge.data.packing import collate_packed, pack, packing_supported
 from loraforge.data.split import train_val_split
 from loraforge.errors import LoraforgeError
 from loraforge.lora import LoraConfig, LoraModel, save_adapter
-from loraforge.lora.adapter import atomic_write
+from loraforge.lora.adapter import atomic_write, is_adapter_name
 from loraforge.models import load_model
 from loraforge.train import checkpoint as ckpt
 from loraforge.train.kernels import packed_attention_on, packed_attention_supported, patched_for_training
@@ -42,7 +41,6 @@ from loraforge.train.schedule import make_optimizer
 
 log = logging.getLogger("loraforge")
 SUMMARY_FILE = "train_summary.json"
-USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # as infer.store.NAME_PATTERN: a folder name, no escape
 CONFIG_FILE = "train_config.yaml"
 
 
@@ -115,7 +113,7 @@ def train_per_user(cfg: TrainConfig, *, resume: bool = False, progress: bool = T
                               recipe=cfg.recipe, columns=cfg.columns, fmt=cfg.data_format,
                               file_format=cfg.file_format, max_examples=cfg.max_examples or None, seed=cfg.seed)
     for user in groups:
-        if not USER_NAME.fullmatch(user) or ".." in user:
+        if not is_adapter_name(user):
             raise LoraforgeError(f"{cfg.data}: {cfg.per_user} value {user!r} cannot name an adapter folder: use 1-64 "
                                  "letters, digits, '.', '_' or '-', starting with a letter or digit")
     results: dict[str, TrainResult] = {}
