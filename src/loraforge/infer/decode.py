@@ -53,7 +53,8 @@ def decode_step(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, ma
     xt = inner.embed_tokens(ids)[:, 0].T.contiguous()  # (H, B)
     cos, sin = inner.rotary_emb(xt, position_ids=positions)  # (B, 1, hd) each
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, 1, hd)
-    keep = mask.bool()[:, None, None, :]  # (B, 1, 1, T): a row attends to its own real tokens
+    bias = torch.zeros(mask.shape, dtype=xt.dtype, device=xt.device).masked_fill_(mask == 0, float("-inf"))
+    bias = bias[:, None, None, :]  # (B, 1, 1, T): a row attends to its own real tokens only
     n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
     for i, layer in enumerate(inner.layers[:config.num_hidden_layers]):
         attn, mlp = layer.self_attn, layer.mlp
@@ -63,12 +64,22 @@ def decode_step(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, ma
         v = _heads(attn.v_proj.forward_t(ht), n_kv, B)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         k, v = cache.layers[i].update(k, v)  # (B, nkv, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=attn.scaling,
-                                           enable_gqa=n_heads != n_kv)  # (B, nh, 1, hd)
-        xt = xt + attn.o_proj.forward_t(y.permute(1, 3, 0, 2).reshape(-1, B))  # (H, B)
+        y = _attend(q, k, v, bias, attn.scaling)  # (B, nkv, g, hd)
+        xt = xt + attn.o_proj.forward_t(y.permute(1, 2, 3, 0).reshape(-1, B))  # (H, B)
         ht = _rms_t(layer.post_attention_layernorm, xt)
         xt = xt + mlp.down_proj.forward_t(F.silu(mlp.gate_proj.forward_t(ht)) * mlp.up_proj.forward_t(ht))
     return model.lm_head.forward_t(_rms_t(inner.norm, xt)).T.float()  # (B, V)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q kᵀ · scale + bias) v for one query per row, grouped-query: q (B, nh, 1, hd), k and v (B, nkv, T, hd)
+    -> (B, nkv, nh/nkv, hd), heads in q's order. Each kv head serves its group of query heads by a view, never
+    repeated in memory as SDPA's math path does (its `enable_gqa` copies K and V every step)."""
+    B, nh, _, hd = q.shape
+    n_kv = k.shape[1]
+    scores = torch.matmul(q.reshape(B, n_kv, nh // n_kv, hd), k.transpose(-1, -2))  # (B, nkv, g, T)
+    weights = torch.softmax(torch.add(bias, scores, alpha=scale), dim=-1, dtype=torch.float32)  # as eager: fp32
+    return torch.matmul(weights.to(v.dtype), v)
 
 
 def _rms_t(norm: nn.Module, xt: torch.Tensor) -> torch.Tensor:
