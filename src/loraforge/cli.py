@@ -80,7 +80,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.adapters:  # a store: --adapter names adapters in it
         session = InferenceSession.open(args.model, dtype=args.dtype, device=args.device)
         store = AdapterStore(args.adapters, session, max_resident_mb=args.max_resident_mb)
-        store.ensure(names)
+        names = store.ensure(names)  # the names the session holds them by
     else:  # --adapter gives folders, each named by its last path part
         session = InferenceSession.open(args.model, names, dtype=args.dtype, device=args.device)
         names = list(session.adapters)
@@ -184,6 +184,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from loraforge.serve.main import serve
+
+    return serve(args.model, args.adapters, host=args.host, port=args.port, api_key=args.api_key, dtype=args.dtype,
+                 device=args.device, max_resident_mb=args.max_resident_mb, max_batch=args.max_batch,
+                 max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap, max_body_kb=args.max_body_kb)
+
+
 def _add_device_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default="float32",
                         help="auto: bfloat16 where this CPU/GPU runs it natively (much faster), else float32")
@@ -279,6 +287,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/eval",
                    help="folder for results.json, predictions.jsonl, report.md, report.html and plots")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("serve", help="serve the base and an adapter store over the OpenAI API (model = adapter name)")
+    p.add_argument("--model", help=f"base model, a name or a folder (default: {DEFAULT_MODEL})")
+    p.add_argument("--adapters", metavar="DIR", help="adapter store: DIR/<name>/, each served as model <name>")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback needs --api-key")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free one; the log says which)")
+    p.add_argument("--api-key", help="clients send 'Authorization: Bearer KEY' (default: $LORAFORGE_API_KEY)")
+    p.add_argument("--max-resident-mb", type=float, default=0, help="cap on adapters held in memory (0: none)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 429")
+    p.add_argument("--max-tokens-cap", type=int, default=2048, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body; more gets 413")
+    _add_device_flags(p)
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("demo", help="fine-tune the default model on the bundled sample and compare answers")
     p.add_argument("--steps", type=int, default=40)

@@ -75,6 +75,14 @@ def render_chat(
     return text
 
 
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], where: str = "messages"
+                    ) -> list[int]:
+    """The ids of a conversation so far followed by the template's generation prompt: what a model continues to
+    write the next assistant turn (one user turn gives the ids `encode_prompt` gives, as training rendered them)."""
+    require_chat_template(tokenizer, where)
+    return list(tokenizer(_render(tokenizer, messages, True, where), add_special_tokens=False)["input_ids"])
+
+
 def messages_from_record(fields: Fields, fmt: str) -> list[dict[str, str]]:
     """The conversation of a `messages` or `sharegpt` record as `[{"role", "content"}]`, checked.
 

@@ -81,7 +81,7 @@ class Request:
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    """"stop" (a stop token, which ends output_ids) or "length" (max_new_tokens reached)."""
+    """"stop" (a stop token, which ends output_ids), "length" (max_new_tokens reached) or "cancelled"."""
 
     @property
     def done(self) -> bool:
@@ -132,6 +132,17 @@ class Engine:
                                  f"{self.max_positions} tokens; shorten the prompt or lower max_new_tokens")
         self.waiting.append(request)
         return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop `request` now (a client went away, or its text met a stop string): it leaves the queue or the batch,
+        and its cache row is freed before the next step. Call it between steps."""
+        if request.finish_reason is None:
+            request.finish_reason = "cancelled"
+        if request in self.waiting:
+            self.waiting.remove(request)
+        keep = [i for i, row in enumerate(self.rows) if row.request is not request]
+        if len(keep) < len(self.rows):
+            self._keep(keep)
 
     @property
     def has_work(self) -> bool:

@@ -5,6 +5,10 @@ dot). Resident adapters form an LRU set bounded by a memory cap and/or a count: 
 resident reads it from disk (`lora.read_adapter`, safetensors only) and evicts the least recently used adapters
 that no request holds until it fits. A file that does not fit the base is refused with the reason, and the live
 model is left as it was.
+
+A server replaces an adapter while requests are decoding on it (`replace`): the new weights go into the session under
+a new resident name (`alice@2`; `@` is never part of an adapter name), new requests get it (`resident_name`), and
+requests already in flight keep the old weights until they finish and `collect` drops them.
 """
 from __future__ import annotations
 
@@ -29,6 +33,10 @@ def check_name(name: str) -> str:
     return name
 
 
+class StoreFull(LoraforgeError):
+    """Every resident adapter is in use and the cap leaves no room for another: retry when a request finishes."""
+
+
 class AdapterStore:
     """Adapters on disk under `root`, made resident in `session` on demand, least recently used evicted first."""
 
@@ -43,7 +51,9 @@ class AdapterStore:
         self.session = session
         self.cap_bytes = int(max_resident_mb * 2**20)
         self.cap_count = max_resident
-        self.resident: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
+        self.resident: OrderedDict[str, int] = OrderedDict()  # resident name -> bytes, least recently used first
+        self.current: dict[str, str] = {}  # adapter name -> the resident name new requests use (name, or name@N)
+        self._versions: dict[str, int] = {}
         self.load_seconds: list[float] = []  # one entry per cold load, for /metrics and the benchmark
 
     def names(self) -> list[str]:
@@ -61,18 +71,60 @@ class AdapterStore:
     def resident_bytes(self) -> int:
         return sum(self.resident.values())
 
-    def ensure(self, names: Iterable[str | None], *, pinned: Iterable[str] = ()) -> None:
-        """Make every adapter in `names` resident (None is the base), evicting only adapters that are neither in
-        `names` nor in `pinned` (those in-flight requests use)."""
-        wanted = [n for n in dict.fromkeys(names) if n is not None]
-        keep = set(wanted) | set(pinned)
-        for name in wanted:
-            if name in self.resident:
-                self.resident.move_to_end(name)
+    def ensure(self, names: Iterable[str | None], *, pinned: Iterable[str] = ()) -> list[str | None]:
+        """Make every adapter in `names` resident (None is the base); their resident names, in order. Evicts only
+        adapters that are neither in `names` nor in `pinned` (the resident names in-flight requests use)."""
+        names = list(names)
+        keep = set(pinned) | {self.current[n] for n in names if n in self.current}
+        for name in dict.fromkeys(n for n in names if n is not None):
+            if name in self.current:
+                self.resident.move_to_end(self.current[name])
             else:
-                self._load(name, keep)
+                self.current[name] = self._load(name, name, keep)
+                keep.add(name)
+        return [None if n is None else self.current[n] for n in names]
 
-    def _load(self, name: str, keep: set[str]) -> None:
+    def resident_name(self, name: str) -> str | None:
+        """The resident name new requests on adapter `name` use, None when it is not resident."""
+        return self.current.get(name)
+
+    def replace(self, name: str, *, pinned: Iterable[str] = ()) -> str:
+        """Read adapter `name` from disk again (its files were replaced); its new resident name. When no request in
+        `pinned` uses the old weights they are replaced in place; otherwise the new ones load beside them."""
+        old = self.current.get(name)
+        pinned = set(pinned)
+        if old is None or old not in pinned:
+            resident = old or name
+        else:
+            self._versions[name] = self._versions.get(name, 1) + 1
+            resident = f"{name}@{self._versions[name]}"
+        if old is None or resident != old:
+            self.current[name] = self._load(name, resident, pinned | {resident})
+            return resident
+        nbytes = self.resident.pop(old)  # replaced in place: its bytes are counted again by _load
+        try:
+            self._load(name, old, pinned | {old})
+        except LoraforgeError:
+            self.resident[old] = nbytes  # refused before anything changed: the old weights still serve
+            raise
+        return old
+
+    def unload(self, name: str, *, pinned: Iterable[str] = ()) -> None:
+        """Drop adapter `name` from memory (it stays on disk and loads again on its next use). Weights that
+        in-flight requests use stay until they finish (`collect`)."""
+        if name not in self.current:
+            raise LoraforgeError(f"adapter {name!r} is not resident; resident: {', '.join(self.current) or 'none'}")
+        del self.current[name]
+        self.collect(pinned)
+
+    def collect(self, pinned: Iterable[str] = ()) -> None:
+        """Free the weights that no adapter name points to any more (replaced or unloaded) and no request uses."""
+        pinned, live = set(pinned), set(self.current.values())
+        for resident in [r for r in self.resident if r not in live and r not in pinned]:
+            self.session.remove_adapter(resident)
+            del self.resident[resident]
+
+    def _load(self, name: str, resident: str, keep: set[str]) -> str:
         start = time.perf_counter()
         weights = read_adapter(self.path(name))
         incoming = weights.nbytes
@@ -82,18 +134,22 @@ class AdapterStore:
         while self._over(incoming, 1):
             victim = next((n for n in self.resident if n not in keep), None)
             if victim is None:
-                raise LoraforgeError(f"cannot make room for adapter {name}: every resident adapter is in use; raise "
-                                     "--max-resident-mb / the resident count, or send fewer adapters at once")
+                raise StoreFull(f"cannot make room for adapter {name}: every resident adapter is in use; raise "
+                                "--max-resident-mb / the resident count, or send fewer adapters at once")
             self.evict(victim)
-        info = self.session.add_adapter(name, weights)
-        self.resident[name] = info.nbytes
+        info = self.session.add_adapter(resident, weights)
+        self.resident[resident] = info.nbytes
         self.load_seconds.append(time.perf_counter() - start)
         log.debug("loaded adapter %s (%.1f MiB) in %.1f ms", name, info.nbytes / 2**20, 1e3 * self.load_seconds[-1])
+        return resident
 
     def _over(self, incoming: int, count: int) -> bool:
         return bool((self.cap_bytes and self.resident_bytes + incoming > self.cap_bytes)
                     or (self.cap_count and len(self.resident) + count > self.cap_count))
 
-    def evict(self, name: str) -> None:
-        self.session.remove_adapter(name)
-        del self.resident[name]
+    def evict(self, resident: str) -> None:
+        """Take resident weights out of memory (the least recently used, when the cap needs room)."""
+        self.session.remove_adapter(resident)
+        del self.resident[resident]
+        for name in [n for n, r in self.current.items() if r == resident]:
+            del self.current[name]

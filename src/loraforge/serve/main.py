@@ -1,0 +1,78 @@
+"""`loraforge serve`: load the base and the adapter store, bind the socket, run uvicorn until SIGTERM/SIGINT.
+
+uvicorn's graceful shutdown gives what the issue asks of a stop: the listening socket closes (no new requests), the
+requests in flight finish, then the engine thread stops and the process exits 0.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import signal
+import socket
+
+from loraforge.errors import LoraforgeError
+from loraforge.serve.app import ServeSettings, create_app
+
+log = logging.getLogger("loraforge")
+KEY_ENV = "LORAFORGE_API_KEY"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, or a LoraforgeError saying why it cannot be had."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise LoraforgeError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port or --host") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(model: str | None, adapters: str | None, *, host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, dtype: str = "float32", device: str = "cpu", max_resident_mb: float = 0,
+          max_batch: int = 16, max_queue: int = 64, max_tokens_cap: int = 2048, max_body_kb: int = 1024) -> int:
+    import uvicorn
+
+    from loraforge.config import DEFAULT_MODEL
+    from loraforge.infer.session import InferenceSession
+    from loraforge.infer.store import AdapterStore
+
+    api_key = api_key or os.environ.get(KEY_ENV) or None
+    if not is_loopback(host) and api_key is None:
+        raise LoraforgeError(f"--host {host} is reachable from other machines: give --api-key KEY (or set {KEY_ENV}) "
+                             "so that only your clients can use the server, or bind 127.0.0.1")
+    for flag, value in (("--max-batch", max_batch), ("--max-queue", max_queue), ("--max-tokens-cap", max_tokens_cap),
+                        ("--max-body-kb", max_body_kb)):
+        if value < 1:
+            raise LoraforgeError(f"{flag} must be at least 1, got {value}")
+    sock = bind(host, port)
+    session = InferenceSession.open(model or DEFAULT_MODEL, dtype=dtype, device=device)
+    store = AdapterStore(adapters, session, max_resident_mb=max_resident_mb) if adapters else None
+    name = model or DEFAULT_MODEL
+    settings = ServeSettings(model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+                             max_tokens_cap=max_tokens_cap, max_body_bytes=max_body_kb * 1024)
+    app = create_app(session, store, settings)
+    bound_host, bound_port = sock.getsockname()[:2]
+    log.info("serving %s%s on http://%s:%d/v1 (key %s)", name,
+             f" and the adapters in {adapters}" if adapters else "", bound_host, bound_port,
+             "required" if api_key else "not set: loopback only, admin routes off")
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=None, lifespan="on")
+    # uvicorn turns SIGTERM into a graceful stop, then re-raises it to the handler it found: make that one a no-op,
+    # so a stopped server exits 0 as a finished job does.
+    signal.signal(signal.SIGTERM, lambda *_: log.info("stopped: the requests in flight were finished"))
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
