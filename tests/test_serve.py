@@ -205,8 +205,9 @@ def test_errors_come_back_in_openai_shape(live):
         client.completions.create(model="alice", prompt=PROMPT, logprobs=2)
     assert e.value.body["param"] == "logprobs"
     headers = {"Authorization": f"Bearer {KEY}"}
-    big = httpx.post(live.url + "/v1/completions", headers=headers, content=b"x" * 5000)
-    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+    with pytest.raises(openai.APIStatusError) as e:
+        client.completions.create(model="alice", prompt="the " * 1200, max_tokens=4)  # a 5 kB body, cap 4 kB
+    assert e.value.status_code == 413 and e.value.body["code"] == "request_too_large"
     chunked = httpx.post(live.url + "/v1/completions", headers=headers, content=iter([b"x" * 3000] * 2))
     assert chunked.status_code == 413
     bad = httpx.post(live.url + "/v1/completions", headers=headers, content=b"{not json")
@@ -225,9 +226,9 @@ def test_a_full_queue_answers_429_with_retry_after(world):
                                    temperature=0) for _ in range(2)]
             while server.worker.stats()["queue_depth"] < 2:
                 time.sleep(0.01)
-            response = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": PROMPT})
-            assert response.status_code == 429 and response.headers["retry-after"] == "1"
-            assert response.json()["error"]["code"] == "queue_full"
+            with pytest.raises(openai.RateLimitError) as e:
+                client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3)
+            assert e.value.response.headers["retry-after"] == "1" and e.value.body["code"] == "queue_full"
             hold.set()
             assert all(p.result().choices[0].finish_reason for p in pending)
         metrics = httpx.get(server.url + "/metrics").text

@@ -196,18 +196,18 @@ class MultiLoraLinear(nn.Module):
         """yᵀ = W xᵀ + b (+ s·B A xᵀ for the batch's one adapter, or B_cat (mask ⊙ A_cat xᵀ) for a mixed batch
         of one token per row): xt (in, N) -> (out, N), N the rows. The decode step keeps activations this way."""
         routing = self.routing
-        yt = torch.mm(self.base_layer.weight, xt)  # (out, N)
+        yt = torch.mm(self.base_layer.weight, xt)  # (out, N), a new tensor: the sums below go into it in place
         if with_lora and routing.uniform is not None and routing.uniform in self.lora_a:
             slot = routing.uniform
             a, b = self.lora_a[slot], self.lora_b[slot]
-            yt = torch.addmm(yt, b, torch.mm(a, xt.to(a.dtype)), alpha=self.lora_s[slot])
+            yt.addmm_(b, torch.mm(a, xt.to(a.dtype)), alpha=self.lora_s[slot])
         elif with_lora and routing.rows is not None and self.lora_a:
             stacks = self._stacks()
             if stacks is not None:
                 a_cat, b_cat, _, mask_t = stacks
-                yt = torch.addmm(yt, b_cat, torch.mm(a_cat, xt) * mask_t)  # (out, N)
+                yt.addmm_(b_cat, torch.mm(a_cat, xt).mul_(mask_t))  # (out, N)
         if self.base_layer.bias is not None:
-            yt = yt + self.base_layer.bias[:, None]
+            yt.add_(self.base_layer.bias[:, None])
         return yt
 
     def extra_repr(self) -> str:

@@ -172,7 +172,11 @@ def create_app(session: InferenceSession, store: AdapterStore | None, settings: 
         for prompt, limit, choice in specs:
             index = len(jobs)
             sink = _sink(loop, events, index)
-            jobs.append(Job(prompt, adapter, body.params(limit, choice), sink))
+            try:
+                params = body.params(limit, choice)
+            except BadField as e:
+                raise ApiError(400, str(e), param=e.param) from None
+            jobs.append(Job(prompt, adapter, params, sink))
             streams.append(TextStream(session.tokenizer, body.stop_strings()))
         try:
             for job in jobs:
@@ -322,11 +326,12 @@ def _completion_prompts(prompt, tokenizer) -> list[list[int]]:
     """OpenAI's four prompt forms: text, texts, token ids, lists of token ids."""
     if isinstance(prompt, str):
         return [list(tokenizer(prompt)["input_ids"])]
-    if prompt and all(isinstance(p, int) for p in prompt):
-        return [list(prompt)]
-    prompts = [list(tokenizer(p)["input_ids"]) if isinstance(p, str) else list(p) for p in prompt]
-    if not prompts:
+    if not prompt:
         raise ApiError(400, "prompt is an empty list", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        prompts = [list(prompt)]
+    else:
+        prompts = [list(tokenizer(p)["input_ids"]) if isinstance(p, str) else list(p) for p in prompt]
     vocab = len(tokenizer)
     if any(not 0 <= t < vocab for p in prompts for t in p):
         raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")

@@ -30,6 +30,7 @@ class Sampling(BaseModel):
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int = Field(default=0, ge=0)  # not OpenAI's; vLLM's extension
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever comes (benchmarks)
     n: int = Field(default=1, ge=1, le=8)
     seed: int | None = None
     stop: str | list[str] | None = None
@@ -62,7 +63,7 @@ class Sampling(BaseModel):
         seed = None if self.seed is None else self.seed + choice
         try:
             return SamplingParams(max_new_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                                  top_k=self.top_k, seed=seed)
+                                  top_k=self.top_k, seed=seed, ignore_eos=self.ignore_eos)
         except LoraforgeError as e:
             raise BadField("temperature", str(e)) from None
 
