@@ -57,7 +57,7 @@ def test_per_user_trains_one_adapter_each_from_its_own_records(store, llama_dir)
 
 
 def test_per_user_loads_the_base_once(llama_dir, tmp_path, monkeypatch):
-    import loraforge.train.loop as loop
+    import loraforge.train.loop as loop  # train_per_user loads through loop.load_model
 
     calls = []
     real = loop.load_model

@@ -20,7 +20,7 @@ from helpers import session_of
 from loraforge.infer.predict import predict_file, predict_generative
 from loraforge.lora import LoraConfig, LoraModel, save_adapter
 from loraforge.models import load_model
-from loraforge.train.heads import train_head
+from loraforge.train import train as train_head  # the one loop trains heads too
 
 READERS = Path(__file__).parent / "fixtures" / "readers"
 E2E = READERS / "e2e_train_head.csv"

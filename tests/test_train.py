@@ -45,7 +45,7 @@ def golden_run(llama_dir, data_file, tmp_path_factory):
 
     cfg = _train(llama_dir, data_file, tmp_path_factory.mktemp("golden_out"))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop, "token_loss_sum", spy)
+        mp.setattr(loss_module, "token_loss_sum", spy)  # what the loop's loss module calls
         result = train(cfg, progress=False)
     return cfg, result, batches
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,6 +39,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         options = load_yaml(args.config) if args.config else {}
         cfg = build_config(TrainConfig, {**options, **flags}, source=args.config or "command line")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # start torchrun, which runs this command N times
+        if cfg.batch_size % args.nproc:
+            raise LoraforgeError(f"--batch-size {cfg.batch_size} is the global batch: it must divide by --nproc "
+                                 f"{args.nproc}; use a multiple of {args.nproc}")
+        return _torchrun(args.nproc, args.argv)
     result = train(cfg, resume=bool(args.resume), progress=not args.quiet)
     if cfg.per_user:
         for user, run in result.items():
@@ -49,6 +56,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"adapter written to {cfg.output}: {s['steps']} steps, final loss {s['final_loss']:.4f}, "
           f"{s['tokens_per_second']:.0f} tokens/s, peak RSS {s['peak_rss_mb']:.0f} MB")
     return 0
+
+
+def _torchrun(nproc: int, argv: list[str]) -> int:
+    """`torchrun --standalone --nproc-per-node N -m loraforge <argv without --nproc>`: N processes on this machine,
+    one gloo (CPU) or nccl (GPU) group; the options were checked here first, so a mistake fails once, with exit 2."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
+           "--", "loraforge", *rest]  # "--": torchrun's parser must not read our flags (--r would look like its --role)
+    logging.getLogger("loraforge").info("starting %d processes: %s", nproc, " ".join(cmd[1:]))
+    return subprocess.call(cmd)
 
 
 def prompt_ids(tokenizer, prompt: str, chat: bool, system: str | None = None) -> list[int]:
@@ -206,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune a LoRA adapter on a data file")
     p.add_argument("config", nargs="?", help="YAML file of options (flags override it)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest checkpoint")
+    p.add_argument("--nproc", type=int, default=1, help="train in N processes on this machine (torchrun, DDP or "
+                                                        "FSDP2 by --strategy); --batch-size is the global batch")
     _add_config_flags(p, TrainConfig)
     p.set_defaults(func=_cmd_train)
 
@@ -311,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="loraforge: %(message)s")
     from transformers.utils import logging as hf_logging
 

@@ -81,6 +81,10 @@ class TrainConfig:
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward: less memory, ~30% slower")
     compile: bool = _opt(False, "torch.compile the model (slow start, can be faster on long runs)")
     threads: int = _opt(0, "torch CPU threads (0 = torch's default: one per core)")
+    device: str = _opt("cpu", "where to train: cpu, cuda, cuda:N, or auto (a CUDA GPU when there is one); under "
+                              "torchrun each rank takes cuda:LOCAL_RANK")
+    strategy: str = _opt("ddp", "under torchrun: ddp (each rank holds the model, gradients averaged) or fsdp "
+                                "(FSDP2: fully_shard per decoder layer)")
 
     def __post_init__(self) -> None:
         self.target_modules = parse_targets(self.target_modules)
@@ -123,6 +127,10 @@ class TrainConfig:
             raise LoraforgeError(f"option 'val_split' must be in [0, 1), got {self.val_split!r}")
         if not (self.loraplus_lr_ratio >= 0 and self.max_grad_norm >= 0):
             raise LoraforgeError("options 'loraplus_lr_ratio' and 'max_grad_norm' must be >= 0")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise LoraforgeError(f"option 'strategy' must be ddp or fsdp, got {self.strategy!r}")
+        if not (self.device in ("cpu", "cuda", "auto") or re.fullmatch(r"cuda:\d+", self.device)):
+            raise LoraforgeError(f"option 'device' must be cpu, cuda, cuda:N or auto, got {self.device!r}")
         if self.on_bad_record not in ("error", "skip"):
             raise LoraforgeError(f"option 'on_bad_record' must be error or skip, got {self.on_bad_record!r}")
 

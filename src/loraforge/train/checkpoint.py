@@ -51,18 +51,28 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(output: Path, lm: LoraModel, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, state: TrainerState, keep: int) -> Path:
-    """Write `checkpoints/step-N` atomically, then drop all but the newest `keep` step folders."""
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, state: TrainerState, keep: int, *,
+                    rank: int = 0, world: int = 1) -> Path:
+    """Write `checkpoints/step-N` atomically, then drop all but the newest `keep` step folders. Under torchrun every
+    rank calls it: each writes its own RNG state (`rng-rank-R.safetensors`, beside the folder until rank 0 moves it
+    in), rank 0 the rest; the caller puts a barrier after it."""
     root = output / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step}"
     tmp = root / f".tmp-step-{state.step}"
+    if world > 1:
+        save_file(_rng_tensors(), root / f".rng-step-{state.step}-rank-{rank}.safetensors")
+        _barrier()
+    if rank != 0:
+        return final
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_adapter(lm, tmp)
     tensors, groups = _optimizer_tensors(optimizer)
-    tensors["rng.torch_cpu"] = torch.get_rng_state()
+    tensors.update(_rng_tensors())
     save_file(tensors, tmp / TENSORS_FILE)
+    for r in range(1, world):
+        os.replace(root / f".rng-step-{state.step}-rank-{r}.safetensors", tmp / f"rng-rank-{r}.safetensors")
     state.scheduler = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     state.param_groups = groups
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1) + "\n", encoding="utf-8")
@@ -78,6 +88,27 @@ def save_checkpoint(output: Path, lm: LoraModel, optimizer: torch.optim.Optimize
     return final
 
 
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    """This process's RNG states: the CPU generator, and each CUDA device's when CUDA is in use."""
+    tensors = {"rng.torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors.update({f"rng.torch_cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return tensors
+
+
+def _set_rng(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["rng.torch_cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.torch_cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
 def list_checkpoints(output: Path) -> list[Path]:
     """Complete step folders, oldest first. Half-written `.tmp-*` folders are never listed."""
     root = output / CHECKPOINTS
@@ -88,8 +119,8 @@ def list_checkpoints(output: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path, lm: LoraModel, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler) -> TrainerState:
-    """Restore adapter weights, AdamW moments, scheduler and RNG from `path`; return the trainer state."""
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int = 0) -> TrainerState:
+    """Restore adapter weights, AdamW moments, scheduler and this rank's RNG from `path`; the trainer state."""
     try:
         state = TrainerState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
         tensors = load_file(path / TENSORS_FILE)
@@ -106,7 +137,8 @@ def load_checkpoint(path: Path, lm: LoraModel, optimizer: torch.optim.Optimizer,
             params[name].copy_(value)
     optimizer.load_state_dict(_optimizer_state(tensors, state.param_groups))
     scheduler.load_state_dict({**scheduler.state_dict(), **state.scheduler})
-    torch.set_rng_state(tensors["rng.torch_cpu"])
+    rank_rng = path / f"rng-rank-{rank}.safetensors"
+    _set_rng(load_file(rank_rng) if rank and rank_rng.is_file() else tensors)
     return state
 
 

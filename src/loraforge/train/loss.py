@@ -68,6 +68,22 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     return total / max(count, 1)
 
 
+class CausalLMLoss(nn.Module):
+    """A causal LM and its loss as one module: `forward(batch)` is the sum of cross-entropy over the batch's learned
+    tokens. torch.compile, DDP and FSDP2 wrap this module, so the whole loss computation (the body, the head, the
+    fused cross-entropy) runs inside what they trace, synchronise and shard; reaching into the model from outside
+    would bypass them."""
+
+    def __init__(self, model: nn.Module, label_smoothing: float = 0.0):
+        super().__init__()
+        self.model = model
+        self.label_smoothing = label_smoothing
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k in _MODEL_INPUTS}  # tensors only: no counts for guards
+        return token_loss_sum(self.model, inputs, self.label_smoothing)[0]
+
+
 def learned_token_count(batch: dict[str, torch.Tensor]) -> int:
     """Tokens the loss is taken over: labels after the one-position shift that are not IGNORE_INDEX."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
