@@ -194,7 +194,7 @@ def test_errors_come_back_in_openai_shape(live):
         client.completions.create(model="alice", prompt=PROMPT, max_tokens=65)
     assert "cap of 64" in e.value.body["message"] and e.value.body["param"] == "max_tokens"
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model="alice", prompt="the " * 120, max_tokens=20)
+        client.completions.create(model="alice", prompt="the " * 250, max_tokens=20)
     assert e.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="alice", prompt=PROMPT, temperature=5)

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     group = parser.add_argument_group("options (also settable in the YAML file; flags win)")
     for f in dataclasses.fields(cls):
         group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
-                           type=_FLAG_TYPES.get(f.type, str), metavar=f.name.upper(), help=f.metadata["help"])
+                           type=_FLAG_TYPES.get(f.type, str), metavar=f.name.upper(),
+                           help=f.metadata["help"].replace("%", "%%"))  # argparse formats help with %
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -38,7 +40,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = resume_config(args.resume, flags)
     else:
         options = load_yaml(args.config) if args.config else {}
-        cfg = build_config(TrainConfig, {**options, **flags}, source=args.config or "command line")
+        try:
+            cfg = build_config(TrainConfig, {**options, **flags}, source=args.config or "command line")
+        except LoraforgeError as err:  # name what the user typed: --max-steps, not option 'max_steps'
+            raise LoraforgeError(re.sub(r"option '(\w+)'", lambda m: f"--{m.group(1).replace('_', '-')}"
+                                        if m.group(1) in flags else m.group(0), str(err))) from None
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # start torchrun, which runs this command N times
         if cfg.batch_size % args.nproc:
             raise LoraforgeError(f"--batch-size {cfg.batch_size} is the global batch: it must divide by --nproc "
@@ -226,8 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraforge", description="Fine-tune LLMs with LoRA, on a CPU or a GPU.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     sub = parser.add_subparsers(dest="command", required=True)
+    quiet = argparse.ArgumentParser(add_help=False)  # -q works before or after the subcommand
+    quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="only warnings and errors on stderr")
 
-    p = sub.add_parser("train", help="fine-tune a LoRA adapter on a data file")
+    p = sub.add_parser("train", parents=[quiet], help="fine-tune a LoRA adapter on a data file")
     p.add_argument("config", nargs="?", help="YAML file of options (flags override it)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest checkpoint")
     p.add_argument("--nproc", type=int, default=1, help="train in N processes on this machine (torchrun, DDP or "
@@ -235,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, TrainConfig)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("generate", help="generate text with a base model and optionally adapters (one batch)")
+    p = sub.add_parser("generate", parents=[quiet], help="generate text with a base model and optionally adapters (one batch)")
     p.add_argument("--model", help=f"base model (default: the adapters' base, else {DEFAULT_MODEL})")
     p.add_argument("--adapter", action="append", metavar="DIR_OR_NAME",
                    help="adapter folder, or a name in --adapters; repeat to answer with each (one mixed batch)")
@@ -255,19 +264,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_flags(p)
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("inspect", help="list a model's layers and what LoRA would train")
+    p = sub.add_parser("inspect", parents=[quiet], help="list a model's layers and what LoRA would train")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--r", type=int, default=TrainConfig.r)
     p.add_argument("--target-modules", type=parse_targets, default=None)
     p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser("merge", help="fold an adapter into its base and write a plain transformers model")
+    p = sub.add_parser("merge", parents=[quiet], help="fold an adapter into its base and write a plain transformers model")
     p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
     p.add_argument("--adapter", required=True, action="append", help="the adapter folder (once)")
     p.add_argument("--output", required=True)
     p.set_defaults(func=_cmd_merge)
 
-    p = sub.add_parser("predict", help="predict a data file with an encoder head or a decoder recipe, and score it")
+    p = sub.add_parser("predict", parents=[quiet], help="predict a data file with an encoder head or a decoder recipe, and score it")
     p.add_argument("--model", help="base model (default: the adapter's base)")
     p.add_argument("--adapter", action="append",
                    help="adapter folder (once); one with labels.json is a seq-cls/token-cls head")
@@ -285,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_flags(p)
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("eval", help="score a base model, few-shot prompts and adapters on the same records; report")
+    p = sub.add_parser("eval", parents=[quiet], help="score a base model, few-shot prompts and adapters on the same records; report")
     p.add_argument("--model", help=f"base model (default: the first adapter's base, else {DEFAULT_MODEL})")
     p.add_argument("--adapter", action="append", default=[], metavar="DIR",
                    help="adapter folder to compare; repeat for several (each on its own base unless --model)")
@@ -314,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for results.json, predictions.jsonl, report.md, report.html and plots")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("serve", help="serve the base and an adapter store over the OpenAI API (model = adapter name)")
+    p = sub.add_parser("serve", parents=[quiet], help="serve the base and an adapter store over the OpenAI API (model = adapter name)")
     p.add_argument("--model", help=f"base model, a name or a folder (default: {DEFAULT_MODEL})")
     p.add_argument("--adapters", metavar="DIR", help="adapter store: DIR/<name>/, each served as model <name>")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback needs --api-key")
@@ -328,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_flags(p)
     p.set_defaults(func=_cmd_serve)
 
-    p = sub.add_parser("demo", help="fine-tune the default model on the bundled sample and compare answers")
+    p = sub.add_parser("demo", parents=[quiet], help="fine-tune the default model on the bundled sample and compare answers")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--output", default="runs/demo")
     p.set_defaults(func=_cmd_demo)

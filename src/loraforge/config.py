@@ -46,6 +46,7 @@ class TrainConfig:
     file_format: str | None = _opt(None, "reader when the suffix does not say: jsonl, json, csv, tsv, text, conll")
     max_examples: int = _opt(0, "train on a seeded sample of N records (few-shot; stratified for classification)")
     output: str | None = _opt(None, "folder for the adapter, resolved config and train_summary.json")
+    overwrite: bool = _opt(False, "train into an --output that already holds a finished adapter, replacing it")
     per_user: str | None = _opt(None, "train one adapter per value of this record field (a user, customer, ...) into "
                                       "OUTPUT/<value>/, loading the base and tokenizing the data once; max_steps, "
                                       "max_examples and val_split apply to each")
@@ -62,7 +63,9 @@ class TrainConfig:
     label_smoothing: float = _opt(0.0, "label smoothing of the training loss (the LoRA paper's E2E run: 0.1); "
                                        "validation loss stays plain cross-entropy")
     max_grad_norm: float = _opt(1.0, "clip the adapter's gradient norm to this (0 = no clipping)")
-    max_steps: int = _opt(100, "optimizer steps to run")
+    max_steps: int = _opt(100, "optimizer steps to run (see epochs)")
+    epochs: float = _opt(0.0, "passes over the training data; when set, max_steps is computed from it (rows / "
+                              "(batch_size x grad_accum) per pass)")
     batch_size: int = _opt(8, "examples (or packed rows) per micro-batch")
     grad_accum: int = _opt(1, "micro-batches per optimizer step (gradient accumulation)")
     max_length: int = _opt(256, "tokens per example; longer ones are truncated (and counted)")
@@ -123,6 +126,8 @@ class TrainConfig:
             raise LoraforgeError(f"option 'schedule' must be cosine, linear or constant, got {self.schedule!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise LoraforgeError(f"option 'label_smoothing' must be in [0, 1), got {self.label_smoothing!r}")
+        if not self.epochs >= 0:
+            raise LoraforgeError(f"option 'epochs' must be >= 0, got {self.epochs!r}")
         if not 0.0 <= self.val_split < 1.0:
             raise LoraforgeError(f"option 'val_split' must be in [0, 1), got {self.val_split!r}")
         if not (self.loraplus_lr_ratio >= 0 and self.max_grad_norm >= 0):
@@ -209,11 +214,12 @@ def parse_mapping(value: str) -> dict[str, str]:
     return {k.strip(): v.strip() for k, v in pairs}
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    """`auto` is bfloat16 where matmuls run natively in it (a CUDA GPU with bf16, or a CPU with AVX512-BF16/AMX
-    through oneDNN), else float32: emulated bf16 is slower than fp32."""
+def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """`auto` is bfloat16 where matmuls run natively in it on `device` (a CUDA GPU with bf16, or a CPU with
+    AVX512-BF16/AMX through oneDNN), else float32: emulated bf16 is slower than fp32. The dtype follows the device:
+    a CPU run on a machine that also has a GPU decides by the CPU."""
     if name == "auto":
-        if torch.cuda.is_available():
+        if torch.device(device).type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
         return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]

@@ -95,14 +95,15 @@ class InferenceSession:
                 raise LoraforgeError("the head adapters differ in task or labels (labels.json); one session serves "
                                      "heads of one task and label set")
             require_encoder(model, first.task)
-            base_model, tokenizer = load_encoder_with_head(model, first.task, len(first.labels), resolve_dtype(dtype))
+            base_model, tokenizer = load_encoder_with_head(model, first.task, len(first.labels),
+                                                               resolve_dtype(dtype, resolve_device(device)))
             session = cls(base_model, tokenizer, base=model, kind=first.task, device=device, head=first)
         else:
             kind = architecture_kind(model)
             if kind != "decoder":
                 raise LoraforgeError(f"'{model}' is an {kind}: it cannot generate text. Give an adapter trained with "
                                      "--task seq-cls|token-cls (it has labels.json), or a decoder model")
-            base_model, tokenizer = load_model(model, dtype=resolve_dtype(dtype))
+            base_model, tokenizer = load_model(model, dtype=resolve_dtype(dtype, resolve_device(device)))
             session = cls(base_model, tokenizer, base=model, device=device)
         for name, folder in named.items():
             session.add_adapter(name, folder)

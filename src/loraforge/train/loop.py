@@ -60,7 +60,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
         torch.set_num_threads(cfg.threads)
     if cfg.task == "causal-lm":
         torch.manual_seed(cfg.seed)
-        model, tokenizer = load_model(cfg.model, dtype=resolve_dtype(cfg.dtype))
+        model, tokenizer = load_model(cfg.model, dtype=resolve_dtype(cfg.dtype, dist.device))
+        cfg = check_context(cfg, model)
         train_set, val_set, stats = _load_data(cfg, tokenizer)
         task = CausalTask(cfg, model.to(dist.device), tokenizer, train_set, val_set)
     else:
@@ -81,7 +82,8 @@ def train_per_user(cfg: TrainConfig, *, resume: bool = False, progress: bool = T
     dist = setup(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model, tokenizer = load_model(cfg.model, dtype=resolve_dtype(cfg.dtype))
+    model, tokenizer = load_model(cfg.model, dtype=resolve_dtype(cfg.dtype, dist.device))
+    cfg = check_context(cfg, model)
     model = model.to(dist.device)
     groups = load_examples_by(cfg.data, cfg.per_user, tokenizer, cfg.max_length, on_bad_record=cfg.on_bad_record,
                               recipe=cfg.recipe, columns=cfg.columns, fmt=cfg.data_format,
@@ -115,6 +117,7 @@ def fit(cfg: TrainConfig, task, stats, output: Path, dist: Dist = Dist(), *, res
     log.info("%s", lm.report())
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    cfg = plan_steps(cfg, len(task.rows))
     with stop_on_signals() as stop, task.training():  # lean training forwards, patched in before any wrapping
         forward = wrap(task.loss, dist, cfg.strategy, task.layers())
         if cfg.compile:
@@ -249,6 +252,36 @@ def evaluate(model: torch.nn.Module, examples: list, batch_size: int, pad_id: in
         inner.label_smoothing = smoothing
         model.train(was_training)
     return total / max(count, 1)
+
+
+def plan_steps(cfg: TrainConfig, rows: int) -> TrainConfig:
+    """max_steps from --epochs (passes over the rows), and a warning when a step must repeat rows."""
+    if cfg.epochs:
+        steps = max(1, math.ceil(cfg.epochs * rows / (cfg.batch_size * cfg.grad_accum)))
+        log.info("%g epochs of %d rows at %d a step: %d steps", cfg.epochs, rows, cfg.batch_size * cfg.grad_accum,
+                 steps)
+        cfg = dataclasses.replace(cfg, max_steps=steps)
+    if rows < cfg.batch_size:
+        log.warning("%d training rows, fewer than one batch of %d: every step repeats rows (lower --batch-size to "
+                    "%d to see each once a step)", rows, cfg.batch_size, rows)
+    return cfg
+
+
+def check_context(cfg: TrainConfig, model) -> TrainConfig:
+    """--max-length must fit the model's context (position embeddings, or RoPE's trained length): a value given
+    beyond it is refused; the default is lowered to it."""
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if not context or cfg.max_length <= context:
+        return cfg
+    if cfg.max_length == DEFAULT_MAX_LENGTH:
+        log.info("max_length: %s's context is %d tokens, less than the default %d; using %d", cfg.model, context,
+                 cfg.max_length, context)
+        return dataclasses.replace(cfg, max_length=context)
+    raise LoraforgeError(f"--max-length {cfg.max_length} is longer than {cfg.model}'s context of {context} tokens; "
+                         f"use --max-length {context} or less")
+
+
+DEFAULT_MAX_LENGTH = TrainConfig.__dataclass_fields__["max_length"].default
 
 
 def _load_data(cfg: TrainConfig, tokenizer) -> tuple[list, list, object]:

@@ -96,16 +96,35 @@ def train_flops(model: nn.Module, trainable: int, tokens: int, learned_tokens: i
     return tokens * (4.0 * body + 6.0 * trainable) + learned_tokens * 4.0 * head_n
 
 
-def measure_matmul_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 0.5) -> float:
-    """Sustained FLOP/s of a square matmul in `dtype` on this machine, now: the peak MFU is measured against."""
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
-    torch.mm(a, b)  # warm-up (oneDNN picks its kernel)
+def measure_matmul_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 0.5,
+                        device: torch.device | str = "cpu") -> float:
+    """Sustained FLOP/s of a square matmul in `dtype` on `device`, now: the peak MFU is measured against (a GPU
+    gets a larger matrix, so that it is busy)."""
+    device = torch.device(device)
+    size = 8192 if device.type == "cuda" else size
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    torch.mm(a, b)  # warm-up (oneDNN or cuBLAS picks its kernel)
+    _sync(device)
     runs, start = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - start) < seconds or runs < 3:
         torch.mm(a, b)
         runs += 1
+        _sync(device)
     return 2.0 * size**3 * runs / elapsed
+
+
+def peak_memory_mb(device: torch.device | str = "cpu") -> float:
+    """Peak memory of this process's work: `torch.cuda.max_memory_allocated` on a GPU, peak RSS on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return peak_rss_mb()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def summary_screen(summary: dict) -> str:

@@ -24,11 +24,11 @@ from loraforge.config import TrainConfig, build_config, load_yaml
 from loraforge.data import read_records
 from loraforge.errors import LoraforgeError
 from loraforge.lora import LoraModel, save_adapter
-from loraforge.lora.adapter import atomic_write
+from loraforge.lora.adapter import ADAPTER_WEIGHTS, atomic_write
 from loraforge.train import checkpoint as ckpt
 from loraforge.train.distributed import Dist, gathered
-from loraforge.train.observe import (METRICS_FILE, PLOT_FILE, MetricsLog, measure_matmul_peak, peak_rss_mb,
-                                     plot_loss_curve, rss_mb, train_flops)
+from loraforge.train.observe import (METRICS_FILE, PLOT_FILE, MetricsLog, measure_matmul_peak, peak_memory_mb,
+                                     peak_rss_mb, plot_loss_curve, rss_mb, train_flops)
 from loraforge.train.runtime import release_free_memory
 from loraforge.train.schedule import make_optimizer
 
@@ -97,6 +97,9 @@ def check_paths(cfg: TrainConfig, resume: bool) -> Path:
     output = Path(cfg.output)
     if output.exists() and not output.is_dir():
         raise LoraforgeError(f"--output {output} is a file; give a folder for the adapter")
+    if not resume and not cfg.overwrite and (output / ADAPTER_WEIGHTS).is_file():
+        raise LoraforgeError(f"--output {output} already holds a trained adapter; give a new folder, --overwrite to "
+                             f"replace it, or --resume {output} to continue its run")
     if not resume and ckpt.list_checkpoints(output):
         raise LoraforgeError(f"--output {output} holds checkpoints of an earlier run; continue it with --resume "
                              f"{output}, or choose a new folder")
@@ -210,7 +213,7 @@ def finish_run(run: Run, stats, **extra) -> dict:
     dtype = next(model.parameters()).dtype
     report = run.lm.report()
     flops = train_flops(model, report.trainable, state.tokens, state.learned_tokens)
-    peak = measure_matmul_peak(dtype) * run.dist.world
+    peak = measure_matmul_peak(dtype, device=run.dist.device) * run.dist.world
     summary = {
         "model": cfg.model,
         "steps": state.step,
@@ -222,6 +225,7 @@ def finish_run(run: Run, stats, **extra) -> dict:
         "best_val_loss": state.best_val_loss,
         "best_step": state.best_step,
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_memory_mb": round(peak_memory_mb(run.dist.device), 1),  # the GPU's allocations on CUDA
         "trainable_params": report.trainable,
         "total_params": report.total,
         "trainable_percent": round(100 * report.trainable / report.total, 4),

@@ -1,0 +1,65 @@
+"""What a new user tripped on when training: a finished adapter is never overwritten silently, --max-length is
+checked against the model, --epochs counts passes, a tiny dataset says that steps repeat rows, -q works after the
+subcommand, errors name the flags typed, and --help prints every option's text."""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from loraforge.cli import main
+from loraforge.train import loop
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _flags(llama_dir, data_file, out, *more: str) -> list[str]:
+    return ["train", "--model", str(llama_dir), "--data", str(data_file), "--output", str(out), "--max-steps", "2",
+            "--batch-size", "2", "--r", "2", "--lora-alpha", "4", "--lora-dropout", "0", "--seed", "0",
+            "--target-modules", "q_proj,v_proj", *more]
+
+
+def _error(err: str) -> str:
+    return next(line for line in err.splitlines() if line.startswith("loraforge: error:"))
+
+
+def test_a_finished_adapter_is_not_overwritten(llama_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_flags(llama_dir, data_file, out)) == 0
+    before = (out / "adapter_model.safetensors").read_bytes()
+    assert main(_flags(llama_dir, data_file, out, "--lr", "0.5")) == 2
+    message = _error(capsys.readouterr().err)
+    assert str(out) in message and "--overwrite" in message and "--resume" in message
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+    assert main(_flags(llama_dir, data_file, out, "--lr", "0.5", "--overwrite", "true")) == 0
+    assert (out / "adapter_model.safetensors").read_bytes() != before
+
+
+def test_max_length_beyond_the_models_context_is_refused(llama_dir, data_file, tmp_path, capsys):
+    assert main(_flags(llama_dir, data_file, tmp_path / "o", "--max-length", "1000000")) == 2
+    assert "--max-length 1000000 is longer than" in capsys.readouterr().err and not (tmp_path / "o" / "x").exists()
+
+
+def test_epochs_set_the_steps_and_a_tiny_dataset_says_it_repeats(llama_dir, data_file, tmp_path, caplog):
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="loraforge"):
+        assert main(_flags(llama_dir, data_file, out, "--epochs", "2", "--batch-size", "8", "--packing",
+                           "false")) == 0
+    steps = json.loads((out / loop.SUMMARY_FILE).read_text())["steps"]
+    assert steps == 2  # 5 records, 8 a step: ceil(2 x 5 / 8) = 2
+    assert "fewer than one batch of 8: every step repeats rows" in caplog.text
+
+
+def test_quiet_after_the_subcommand_and_flag_names_in_errors(llama_dir, data_file, tmp_path, capsys):
+    assert main([*_flags(llama_dir, data_file, tmp_path / "q"), "-q"]) == 0
+    assert "train:" not in capsys.readouterr().err  # no progress bar, no info lines
+    assert main(_flags(llama_dir, data_file, tmp_path / "e", "--warmup-steps", "-1")) == 2
+    assert "--warmup-steps must be" in _error(capsys.readouterr().err)
+
+
+def test_train_help_prints_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "~30% slower" in text and "{'option_strings'" not in text and "--epochs" in text
