@@ -83,7 +83,8 @@ class TrainConfig:
     keep_checkpoints: int = _opt(2, "how many step-N checkpoints to keep (the best one is kept apart)")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward: less memory, ~30% slower")
     compile: bool = _opt(False, "torch.compile the model (slow start, can be faster on long runs)")
-    threads: int = _opt(0, "torch CPU threads (0 = torch's default: one per core)")
+    threads: int = _opt(0, "torch CPU threads (0: one per CPU that other processes leave free, re-decided every "
+                           "step)")
     device: str = _opt("cpu", "where to train: cpu, cuda, cuda:N, or auto (a CUDA GPU when there is one); under "
                               "torchrun each rank takes cuda:LOCAL_RANK")
     strategy: str = _opt("ddp", "under torchrun: ddp (each rank holds the model, gradients averaged) or fsdp "

@@ -36,6 +36,7 @@ from loraforge.train.distributed import Dist, no_sync, setup, wrap
 from loraforge.train.kernels import packed_attention_on, packed_attention_supported, patched_for_training
 from loraforge.train.loss import CausalLMLoss, learned_token_count
 from loraforge.train.observe import summary_screen
+from loraforge.train.runtime import CpuShare
 from loraforge.train.run import (CONFIG_FILE, SUMMARY_FILE, TrainingInterrupted, TrainResult, batch_order,
                                  check_paths, checkpoint_or_stop, finish_run, finish_step, resume_config, start,
                                  stop_on_signals, track_best)
@@ -118,7 +119,8 @@ def fit(cfg: TrainConfig, task, stats, output: Path, dist: Dist = Dist(), *, res
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     cfg = plan_steps(cfg, len(task.rows))
-    with stop_on_signals() as stop, task.training():  # lean training forwards, patched in before any wrapping
+    cpu_share = CpuShare() if not cfg.threads and dist.world == 1 else contextlib.nullcontext()
+    with stop_on_signals() as stop, task.training(), cpu_share as cpus:  # lean forwards patched in before wrapping
         forward = wrap(task.loss, dist, cfg.strategy, task.layers())
         if cfg.compile:
             forward = torch.compile(forward, backend=COMPILE_BACKEND)
@@ -133,6 +135,8 @@ def fit(cfg: TrainConfig, task, stats, output: Path, dist: Dist = Dist(), *, res
         bar = tqdm(range(run.state.step + 1, cfg.max_steps + 1), desc="train", dynamic_ncols=True,
                    disable=not (progress and dist.main), initial=run.state.step, total=cfg.max_steps)
         for step in bar:
+            if cpus:
+                cpus.update()  # threads follow the CPUs other processes leave free
             start_time = time.perf_counter()
             batches = [task.batch(idx[dist.rank * share:(dist.rank + 1) * share])  # this rank's share
                        for idx in micro[(step - 1) * cfg.grad_accum: step * cfg.grad_accum]]
