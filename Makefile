@@ -26,7 +26,7 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not integration"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not integration and not cuda"
 
 clean:
 	rm -rf $(VENV) runs

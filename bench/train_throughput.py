@@ -45,14 +45,15 @@ def write_alpaca(folder: Path) -> tuple[Path, Path]:
 
 # ---- workers (each in its own process) -------------------------------------------------------------------------
 def run_loraforge(a: argparse.Namespace) -> dict:
-    from loraforge.config import TrainConfig
+    from loraforge.config import DEFAULT_MODEL, TrainConfig
     from loraforge.train import train
 
-    cfg = TrainConfig(data=a.data, output=a.out, r=16, lora_alpha=32, lora_dropout=0.05, target_modules=a.targets,
-                      lr=a.lr, max_steps=a.steps, batch_size=a.batch_size, max_length=a.max_length, seed=0,
-                      dtype="bfloat16")
+    cfg = TrainConfig(model=a.model or DEFAULT_MODEL, data=a.data, output=a.out, r=16, lora_alpha=32,
+                      lora_dropout=0.05, target_modules=a.targets, lr=a.lr, max_steps=a.steps, batch_size=a.batch_size,
+                      max_length=a.max_length, seed=0, dtype="bfloat16", device=a.device)
     s = train(cfg, progress=False).summary
-    return {"tokens": s["train_tokens"], "seconds": s["train_seconds"], "peak_rss_mb": s["peak_rss_mb"],
+    peak = s["peak_memory_mb"] if a.device.startswith("cuda") else s["peak_rss_mb"]
+    return {"tokens": s["train_tokens"], "seconds": s["train_seconds"], "peak_rss_mb": peak,
             "learned_tokens": None, "losses": s["losses"]}
 
 
@@ -66,13 +67,14 @@ def run_peft(a: argparse.Namespace) -> dict:
     from loraforge.data import load_examples
     from loraforge.models import DEFAULT_MODEL, resolve_model
 
-    folder = resolve_model(DEFAULT_MODEL)
+    folder = resolve_model(a.model or DEFAULT_MODEL)
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(folder)
     examples, _ = load_examples(a.data, tokenizer, a.max_length)
     dataset = [{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)}
                for e in examples]
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    cuda = a.device.startswith("cuda")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(a.device)
     targets = a.targets if a.targets == "all-linear" else a.targets.split(",")
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=targets,
                                              task_type="CAUSAL_LM"))
@@ -100,34 +102,36 @@ def run_peft(a: argparse.Namespace) -> dict:
 
     args = TrainingArguments(output_dir=a.out + "_trainer", per_device_train_batch_size=a.batch_size,
                              max_steps=a.steps, learning_rate=a.lr, lr_scheduler_type="cosine", warmup_steps=0,
-                             bf16=True, use_cpu=True, logging_steps=1, save_strategy="no", report_to=[], seed=0,
+                             bf16=True, use_cpu=not cuda, logging_steps=1, save_strategy="no", report_to=[], seed=0,
                              dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate, callbacks=[StepTimer()])
     trainer.train()
     model.save_pretrained(a.out)
-    return {"tokens": counted["tokens"], "seconds": StepTimer.seconds,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "losses": StepTimer.losses}
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"tokens": counted["tokens"], "seconds": StepTimer.seconds, "peak_rss_mb": peak,
+            "losses": StepTimer.losses}
 
 
 # ---- the driver ------------------------------------------------------------------------------------------------
 def spawn(side: str, targets: str, data: Path, out: Path, a: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--targets", targets, "--data", str(data), "--out", str(out),
            "--steps", str(a.steps), "--batch-size", str(a.batch_size), "--max-length", str(a.max_length),
-           "--lr", str(a.lr)]
+           "--lr", str(a.lr), "--device", a.device] + (["--model", a.model] if a.model else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode != 0:
         sys.exit(f"{side} worker failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def eval_loss(adapter: Path, eval_file: Path, max_length: int) -> float:
+def eval_loss(adapter: Path, eval_file: Path, max_length: int, model_name: str | None = None) -> float:
     """Both adapters through one evaluator: fp32, loraforge's loss on the response tokens, 64 held-out examples."""
     from loraforge.data import load_examples, pad_id_for
     from loraforge.lora import load_adapter
     from loraforge.models import DEFAULT_MODEL, load_model
     from loraforge.train.loop import evaluate
 
-    model, tokenizer = load_model(DEFAULT_MODEL)
+    model, tokenizer = load_model(model_name or DEFAULT_MODEL)
     load_adapter(model, adapter)
     examples, _ = load_examples(eval_file, tokenizer, max_length)
     return evaluate(model, examples, 8, pad_id_for(tokenizer))
@@ -152,6 +156,8 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--targets", default="q_proj,v_proj;all-linear", help="';'-separated target configs")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (peak memory is then the GPU's allocations)")
+    p.add_argument("--model", help="a transformers folder (default: the default model)")
     p.add_argument("--worker", choices=["loraforge", "peft"], help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -165,8 +171,8 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="lf_bench_"))
     train_file, eval_file = write_alpaca(tmp)
-    peak_bf16 = measure_matmul_peak(torch.bfloat16, seconds=2.0)
-    peak_fp32 = measure_matmul_peak(torch.float32, seconds=2.0)
+    peak_bf16 = measure_matmul_peak(torch.bfloat16, seconds=2.0, device=a.device)
+    peak_fp32 = measure_matmul_peak(torch.float32, seconds=2.0, device=a.device)
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"# measured matmul peak (1024^3, this run): bf16 {peak_bf16 / 1e12:.3f} TFLOP/s, "
@@ -179,7 +185,7 @@ def main() -> None:
         for side in ("loraforge", "peft"):  # alternate: one side, then the other, for each config
             out = tmp / f"{side}-{targets.replace(',', '+')}"
             results[side] = spawn(side, targets, train_file, out, a)
-            results[side]["eval_loss"] = eval_loss(out, eval_file, a.max_length)
+            results[side]["eval_loss"] = eval_loss(out, eval_file, a.max_length, a.model)
             r = results[side]
             r["tokens_per_second"] = r["tokens"] / r["seconds"]
             r["mfu_bf16"] = model_flops(r["tokens"], targets) / r["seconds"] / peak_bf16

@@ -192,7 +192,9 @@ class CausalTask:
         if self.packed:
             log.info("packing: %d examples in %d rows of up to %d tokens", len(train_set), len(self.rows),
                      cfg.max_length)
-        self.per_example_attention = self.packed and packed_attention_supported(model)
+        # per-example attention (loops over each row's examples, with host syncs) pays on a CPU; a GPU runs
+        # transformers' attention over the block-diagonal mask it builds from the packed position ids
+        self.per_example_attention = self.packed and model.device.type == "cpu" and packed_attention_supported(model)
         self.model = model
         self.loss = CausalLMLoss(model, cfg.label_smoothing)
         self.best_scores: dict = {}

@@ -1,0 +1,63 @@
+"""The CUDA path, run by bench/gpu_check.sh on a GPU (`pytest -m cuda`); `make test` deselects them (pyproject's
+addopts), so a CPU machine never runs them, and a GPU run that cannot reach CUDA fails instead of skipping.
+
+- the golden loss list (tests/golden/tiny_llama_losses.json, fp32 on the CPU) trained on the GPU in fp32: within 1e-4
+  (TF32 is off in fp32 training; cuBLAS reduces in another order than MKL);
+- a PEFT round trip on the GPU: our adapter loaded by PEFT gives our logits within the fp32 tolerance;
+- the decode engine on the GPU gives the CPU's greedy tokens.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraforge.config import TrainConfig
+from loraforge.train import train
+from tolerances import FP32, max_abs_diff
+
+pytestmark = pytest.mark.cuda
+GOLDEN = Path(__file__).parent / "golden" / "tiny_llama_losses.json"
+
+
+def test_cuda_is_there():
+    assert torch.cuda.is_available(), "the cuda tests need a CUDA GPU (bench/gpu_check.sh runs them on one)"
+
+
+def test_golden_losses_on_cuda(llama_dir, data_file, tmp_path):
+    golden = json.loads(GOLDEN.read_text(encoding="utf-8"))
+    cfg = TrainConfig(model=str(llama_dir), data=str(data_file), output=str(tmp_path / "o"), device="cuda",
+                      **golden["options"])
+    summary = train(cfg, progress=False).summary
+    assert summary["steps"] == len(golden["losses"])
+    assert max(abs(a - b) for a, b in zip(summary["losses"], golden["losses"])) <= 1e-4
+    assert summary["peak_memory_mb"] > 0 and summary["peak_memory_mb"] != summary["peak_rss_mb"]
+
+
+def test_peft_round_trip_on_cuda(tmp_path):
+    import peft
+
+    from helpers import tiny_llama
+    from loraforge.lora import LoraConfig, LoraModel, save_adapter
+
+    torch.manual_seed(0)
+    lm = LoraModel(tiny_llama().cuda(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                   init_lora_weights=False))
+    folder = save_adapter(lm, tmp_path / "a")
+    ids = torch.randint(4, 60, (2, 9), device="cuda")
+    with torch.no_grad():
+        ours = lm.model(input_ids=ids).logits
+        theirs = peft.PeftModel.from_pretrained(tiny_llama().cuda(), str(folder)).eval()(input_ids=ids).logits
+    assert max_abs_diff(ours, theirs) <= FP32
+
+
+def test_engine_on_cuda_gives_the_cpus_greedy_tokens(llama_dir):
+    from loraforge.infer import InferenceSession, SamplingParams, generate_many
+
+    prompts = [[1, 5, 6, 7], [1, 9, 10], [1, 11, 12, 13, 14]]
+    params = SamplingParams(max_new_tokens=12)
+    cpu = generate_many(InferenceSession.open(str(llama_dir)), prompts, params)
+    gpu = generate_many(InferenceSession.open(str(llama_dir), device="cuda"), prompts, params)
+    assert gpu == cpu
