@@ -63,3 +63,12 @@ def test_train_help_prints_every_option(capsys):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "~30% slower" in text and "{'option_strings'" not in text and "--epochs" in text
+
+
+def test_a_wrong_columns_field_lists_the_files_columns(llama_dir, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"q": "the pub", "a": "the river"}\n', encoding="utf-8")
+    assert main(_flags(llama_dir, data, tmp_path / "o", "--columns", "instruction=question,output=a")) == 2
+    message = _error(capsys.readouterr().err)
+    assert 'd.jsonl:1: field "question" (as "instruction") is missing' in message
+    assert 'the record has "q", "a"' in message

@@ -102,7 +102,9 @@ class Fields:
     def value(self, key: str) -> Any:
         """The raw value; a missing field is an error."""
         if self.name(key) not in self.record.fields:
-            raise self.error(key, "is missing")
+            have = ", ".join(f'"{k}"' for k in self.record.fields) or "none"
+            fix = f"the record has {have}" + ("; rename with --columns ours=theirs" if self.record.fields else "")
+            raise self.error(key, "is missing", fix)
         return self.record.fields[self.name(key)]
 
     def text(self, key: str) -> str:
