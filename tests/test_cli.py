@@ -167,8 +167,8 @@ def test_merge_into_a_non_empty_folder_exits_2(adapter_dir, tmp_path, capsys):
 
 # ---- more mistakes, in-process: each once ended in a traceback or was silently accepted ---------------------------
 MORE_MISTAKES = {
-    "weight_decay": (["--weight-decay", "-1"], ["'weight_decay'", ">= 0"]),  # was AdamW's ValueError traceback
-    "warmup_steps": (["--warmup-steps", "-1"], ["'warmup_steps'", ">= 0"]),  # was accepted
+    "weight_decay": (["--weight-decay", "-1"], ["--weight-decay", ">= 0"]),  # was AdamW's ValueError traceback
+    "warmup_steps": (["--warmup-steps", "-1"], ["--warmup-steps", ">= 0"]),  # was accepted; named as typed
     "output_is_a_file": (["--output", "{file}"], ["{file}", "is a file"]),  # was FileExistsError after training
 }
 
@@ -225,7 +225,7 @@ def _bad_inputs(tmp: Path, llama_dir: Path, gpt2_dir: Path, data_file: Path) -> 
         "yaml_unknown_key": (["train", str(unknown)],
                              [str(unknown), "learning_rate", "Known options:", "lr", "max_steps"]),
         "yaml_syntax_error": (["train", str(broken_yaml)], [f"{broken_yaml}:3", "not valid YAML"]),
-        "negative_lr": ([*train, "--data", str(data_file), "--lr", "-1"], ["'lr'", "positive", "-1"]),
+        "negative_lr": ([*train, "--data", str(data_file), "--lr", "-1"], ["--lr", "positive", "-1"]),
         "missing_data": ([*train, "--data", str(tmp / "nope.jsonl")], [str(tmp / "nope.jsonl"), "not found"]),
         "broken_json_line": ([*train, "--data", str(broken_json)], [f"{broken_json}:2", "not valid JSON"]),
     }

@@ -16,6 +16,8 @@ from pathlib import Path
 from loraforge.config import (DEFAULT_MODEL, TrainConfig, build_config, load_yaml, parse_bool, parse_mapping,
                               parse_targets)
 from loraforge.errors import LoraforgeError
+from loraforge.options import (DemoOptions, EvalOptions, GenerateOptions, InspectOptions, MergeOptions,
+                               PredictOptions, ServeOptions, from_namespace)
 
 log = logging.getLogger("loraforge")
 _FLAG_TYPES = {"int": int, "float": float, "bool": parse_bool}
@@ -28,6 +30,27 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
                            type=_FLAG_TYPES.get(f.type, str), metavar=f.name.upper(),
                            help=f.metadata["help"].replace("%", "%%"))  # argparse formats help with %
+
+
+def _add_option_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field of a subcommand's options dataclass (`loraforge.options`), typed and documented there."""
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    for f in dataclasses.fields(cls):
+        meta = dict(f.metadata)
+        group = meta.pop("group", None)
+        if group is not None and group not in groups:
+            groups[group] = parser.add_mutually_exclusive_group()
+        target = parser if group is None else groups[group]
+        kwargs = {"help": meta.pop("help").replace("%", "%%"), **meta}
+        if kwargs.get("action") != "store_true":
+            kwargs["type"] = _OPTION_TYPES[f.type]
+        if kwargs.get("action") != "append":
+            kwargs["default"] = f.default
+        target.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, **kwargs)
+
+
+_OPTION_TYPES = {"int": int, "float": float, "str": str, "str | None": str, "float | None": float,
+                 "int | None": int, "list[str] | None": str, "list[str]": str, "list[str] | str | None": str}
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -201,7 +224,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                              "max_new_tokens", "batch_size", "max_length", "dtype", "device", "threads",
                                              "samples", "output")}
     columns = parse_mapping(args.columns) if args.columns else None
-    result = run_eval(EvalConfig(**options, adapters=tuple(args.adapter), columns=columns))
+    result = run_eval(EvalConfig(**options, adapters=tuple(args.adapter or ()), columns=columns))
     print(comparison_table(result.models))
     print(f"written to {args.output}: " + ", ".join(path.name for path in result.files.values()))
     return 0
@@ -222,12 +245,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                  max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap, max_body_kb=args.max_body_kb)
 
 
-def _add_device_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default="float32",
-                        help="auto: bfloat16 where this CPU/GPU runs it natively (much faster), else float32")
-    parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraforge", description="Fine-tune LLMs with LoRA, on a CPU or a GPU.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
@@ -244,103 +261,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, TrainConfig)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("generate", parents=[quiet], help="generate text with a base model and optionally adapters (one batch)")
-    p.add_argument("--model", help=f"base model (default: the adapters' base, else {DEFAULT_MODEL})")
-    p.add_argument("--adapter", action="append", metavar="DIR_OR_NAME",
-                   help="adapter folder, or a name in --adapters; repeat to answer with each (one mixed batch)")
-    p.add_argument("--adapters", metavar="DIR", help="an adapter store: DIR/<name>/ (e.g. from train --per-user)")
-    p.add_argument("--max-resident-mb", type=float, default=0, help="with --adapters: cap on resident adapters")
-    p.add_argument("--prompt", required=True, help="the text to continue, or the user turn with --chat")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--system", help="with --chat: the system prompt (default: the one the adapter was trained "
-                                    "with, else the template's own)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
-    mode.add_argument("--temperature", type=float, help="sample with this temperature instead of greedy")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0: all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (with --temperature)")
-    _add_device_flags(p)
-    p.set_defaults(func=_cmd_generate)
-
-    p = sub.add_parser("inspect", parents=[quiet], help="list a model's layers and what LoRA would train")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--r", type=int, default=TrainConfig.r)
-    p.add_argument("--target-modules", type=parse_targets, default=None)
-    p.set_defaults(func=_cmd_inspect)
-
-    p = sub.add_parser("merge", parents=[quiet], help="fold an adapter into its base and write a plain transformers model")
-    p.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
-    p.add_argument("--adapter", required=True, action="append", help="the adapter folder (once)")
-    p.add_argument("--output", required=True)
-    p.set_defaults(func=_cmd_merge)
-
-    p = sub.add_parser("predict", parents=[quiet], help="predict a data file with an encoder head or a decoder recipe, and score it")
-    p.add_argument("--model", help="base model (default: the adapter's base)")
-    p.add_argument("--adapter", action="append",
-                   help="adapter folder (once); one with labels.json is a seq-cls/token-cls head")
-    p.add_argument("--data", required=True, help="records to predict (any format `train` reads)")
-    p.add_argument("--recipe", help="decoder: the task recipe (sst2, conll2003, squad, e2e, ...); head: reads records")
-    p.add_argument("--task", choices=("seq-cls", "token-cls", "causal-lm"),
-                   help="default: the adapter's (labels.json), else causal-lm")
-    p.add_argument("--columns", help="field renames, ours=theirs: text=sentence")
-    p.add_argument("--file-format", help="reader when the suffix does not say: jsonl, json, csv, tsv, text, conll")
-    p.add_argument("--output", help="write one JSON line per record: prediction, reference, generated text")
-    p.add_argument("--max-examples", type=int, default=0, help="predict only the first N records (0 = all)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=512, help="head: tokens per record; longer ones are cut")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="decoder: tokens generated per answer")
-    _add_device_flags(p)
-    p.set_defaults(func=_cmd_predict)
-
-    p = sub.add_parser("eval", parents=[quiet], help="score a base model, few-shot prompts and adapters on the same records; report")
-    p.add_argument("--model", help=f"base model (default: the first adapter's base, else {DEFAULT_MODEL})")
-    p.add_argument("--adapter", action="append", default=[], metavar="DIR",
-                   help="adapter folder to compare; repeat for several (each on its own base unless --model)")
-    p.add_argument("--data", required=True, help="records to score, e.g. a dev split (never the official test)")
-    p.add_argument("--recipe", help="task recipe (e2e, sst2, conll2003, squad, ...); lm or none: perplexity")
-    p.add_argument("--task", choices=("generate", "text"),
-                   help="generate and score with the recipe's metric, or text: perplexity (default: by recipe)")
-    p.add_argument("--columns", help="field renames, ours=theirs: text=sentence")
-    p.add_argument("--file-format", help="reader when the suffix does not say: jsonl, json, csv, tsv, text, conll")
-    p.add_argument("--data-format", help="record shape for --task text without a recipe (default: detected)")
-    p.add_argument("--max-examples", type=int, default=0,
-                   help="score the first N examples (records sharing an input count once for BLEU/ROUGE/QA)")
-    p.add_argument("--few-shot", type=int, default=0, metavar="K",
-                   help="also score the base model with K in-context examples from --few-shot-data")
-    p.add_argument("--few-shot-data", metavar="FILE",
-                   help="where the K examples come from, e.g. the training file (scored prompts are skipped)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the few-shot draw")
-    p.add_argument("--num-beams", type=int, default=1, help="1 = greedy; more = beam search")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (left-padded)")
-    p.add_argument("--max-length", type=int, default=512, help="text task: tokens per example or chunk")
-    _add_device_flags(p)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = one per core)")
-    p.add_argument("--samples", type=int, default=8, help="examples shown side by side in the report")
-    p.add_argument("--output", default="runs/eval",
-                   help="folder for results.json, predictions.jsonl, report.md, report.html and plots")
-    p.set_defaults(func=_cmd_eval)
-
-    p = sub.add_parser("serve", parents=[quiet], help="serve the base and an adapter store over the OpenAI API (model = adapter name)")
-    p.add_argument("--model", help=f"base model, a name or a folder (default: {DEFAULT_MODEL})")
-    p.add_argument("--adapters", metavar="DIR", help="adapter store: DIR/<name>/, each served as model <name>")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback needs --api-key")
-    p.add_argument("--port", type=int, default=8000, help="port (0: any free one; the log says which)")
-    p.add_argument("--api-key", help="clients send 'Authorization: Bearer KEY' (default: $LORAFORGE_API_KEY)")
-    p.add_argument("--max-resident-mb", type=float, default=0, help="cap on adapters held in memory (0: none)")
-    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 429")
-    p.add_argument("--max-tokens-cap", type=int, default=2048, help="largest max_tokens a request may ask for")
-    p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body; more gets 413")
-    _add_device_flags(p)
-    p.set_defaults(func=_cmd_serve)
-
-    p = sub.add_parser("demo", parents=[quiet], help="fine-tune the default model on the bundled sample and compare answers")
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--output", default="runs/demo")
-    p.set_defaults(func=_cmd_demo)
+    for name, cls, func, help_text in (
+            ("generate", GenerateOptions, _cmd_generate,
+             "generate text with a base model and optionally adapters (one batch)"),
+            ("serve", ServeOptions, _cmd_serve,
+             "serve the base and an adapter store over the OpenAI API (model = adapter name)"),
+            ("predict", PredictOptions, _cmd_predict,
+             "predict a data file with an encoder head or a decoder recipe, and score it"),
+            ("eval", EvalOptions, _cmd_eval,
+             "score a base model, few-shot prompts and adapters on the same records; report"),
+            ("inspect", InspectOptions, _cmd_inspect, "list a model's layers and what LoRA would train"),
+            ("merge", MergeOptions, _cmd_merge, "fold an adapter into its base and write a plain transformers model"),
+            ("demo", DemoOptions, _cmd_demo, "fine-tune the default model on the bundled sample and compare answers")):
+        p = sub.add_parser(name, parents=[quiet], help=help_text)
+        _add_option_flags(p, cls)
+        p.set_defaults(func=func, options=cls)
     return parser
 
 
@@ -352,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars: noise before our own lines
     try:
-        return args.func(args)
+        return args.func(from_namespace(args.options, args) if hasattr(args, "options") else args)
     except LoraforgeError as err:
         # One line, as promised above, even for messages built of several (e.g. a layer summary).
         message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())

@@ -1,0 +1,154 @@
+"""Every subcommand's options as one typed dataclass (litgpt's idea; `TrainConfig` in config.py is train's).
+
+The CLI builds each subcommand's flags from these fields (name, type, default, help, and argparse extras such as
+`action="append"` in the metadata), and the command receives the dataclass, validated on creation. An option is
+written once, here, and documented once.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from loraforge.config import DEFAULT_MODEL, parse_targets
+from loraforge.errors import LoraforgeError
+
+
+def opt(default: Any, help: str, **flag: Any) -> Any:
+    """A field with its help text and argparse extras (action, choices, metavar, required, group)."""
+    return field(default=default, metadata={"help": help, **flag})
+
+
+@dataclass
+class DeviceOptions:
+    dtype: str = opt("float32", "auto: bfloat16 where this CPU/GPU runs it natively (much faster), else float32",
+                     choices=("float32", "bfloat16", "auto"))
+    device: str = opt("cpu", "auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class SamplingOptions:
+    max_new_tokens: int = opt(64, "tokens generated per answer at most")
+    greedy: bool = opt(False, "greedy decoding (the default)", action="store_true", group="mode")
+    temperature: float | None = opt(None, "sample with this temperature instead of greedy", group="mode")
+    top_p: float = opt(1.0, "nucleus sampling threshold (with --temperature)")
+    top_k: int = opt(0, "sample from the k likeliest tokens (0: all)")
+    seed: int = opt(0, "seed of the sampling generator (with --temperature)")
+
+    def __post_init__(self) -> None:
+        _at_least(self, "max_new_tokens", 1)
+
+
+@dataclass
+class GenerateOptions(SamplingOptions, DeviceOptions):
+    prompt: str | None = opt(None, "the text to continue, or the user turn with --chat", required=True)
+    model: str | None = opt(None, f"base model (default: the adapters' base, else {DEFAULT_MODEL})")
+    adapter: list[str] | None = opt(None, "adapter folder, or a name in --adapters; repeat to answer with each (one "
+                                          "mixed batch)", action="append", metavar="DIR_OR_NAME")
+    adapters: str | None = opt(None, "an adapter store: DIR/<name>/ (e.g. from train --per-user)", metavar="DIR")
+    max_resident_mb: float = opt(0.0, "with --adapters: cap on resident adapters")
+    chat: bool = opt(False, "wrap the prompt in the model's chat template", action="store_true")
+    system: str | None = opt(None, "with --chat: the system prompt (default: the one the adapter was trained "
+                                   "with, else the template's own)")
+
+
+@dataclass
+class InspectOptions:
+    model: str = opt(DEFAULT_MODEL, "the model whose layers to list")
+    r: int = opt(16, "LoRA rank for the parameter count")
+    target_modules: list[str] | str | None = opt(None, "modules to wrap: comma-separated name suffixes, a regex, or "
+                                                       "all-linear (default: per architecture)")
+
+    def __post_init__(self) -> None:
+        self.target_modules = parse_targets(self.target_modules)
+        _at_least(self, "r", 1)
+
+
+@dataclass
+class MergeOptions:
+    adapter: list[str] | None = opt(None, "the adapter folder (once)", action="append", required=True)
+    output: str | None = opt(None, "folder for the merged model (new or empty)", required=True)
+    model: str | None = opt(None, "base model (default: the adapter's base_model_name_or_path)")
+
+
+@dataclass
+class PredictOptions(DeviceOptions):
+    data: str | None = opt(None, "records to predict (any format `train` reads)", required=True)
+    model: str | None = opt(None, "base model (default: the adapter's base)")
+    adapter: list[str] | None = opt(None, "adapter folder (once); one with labels.json is a seq-cls/token-cls head",
+                                    action="append")
+    recipe: str | None = opt(None, "decoder: the task recipe (sst2, conll2003, squad, e2e, ...); head: reads records")
+    task: str | None = opt(None, "default: the adapter's (labels.json), else causal-lm",
+                           choices=("seq-cls", "token-cls", "causal-lm"))
+    columns: str | None = opt(None, "field renames, ours=theirs: text=sentence")
+    file_format: str | None = opt(None, "reader when the suffix does not say: jsonl, json, csv, tsv, text, conll")
+    output: str | None = opt(None, "write one JSON line per record: prediction, reference, generated text")
+    max_examples: int = opt(0, "predict only the first N records (0 = all)")
+    batch_size: int = opt(16, "records per forward")
+    max_length: int = opt(512, "head: tokens per record; longer ones are cut")
+    max_new_tokens: int = opt(64, "decoder: tokens generated per answer")
+
+
+@dataclass
+class EvalOptions(DeviceOptions):
+    data: str | None = opt(None, "records to score, e.g. a dev split (never the official test)", required=True)
+    model: str | None = opt(None, f"base model (default: the first adapter's base, else {DEFAULT_MODEL})")
+    adapter: list[str] = opt(None, "adapter folder to compare; repeat for several (each on its own base unless "
+                                   "--model)", action="append", metavar="DIR")
+    recipe: str | None = opt(None, "task recipe (e2e, sst2, conll2003, squad, ...); lm or none: perplexity")
+    task: str | None = opt(None, "generate and score with the recipe's metric, or text: perplexity (default: by "
+                                 "recipe)", choices=("generate", "text"))
+    columns: str | None = opt(None, "field renames, ours=theirs: text=sentence")
+    file_format: str | None = opt(None, "reader when the suffix does not say: jsonl, json, csv, tsv, text, conll")
+    data_format: str | None = opt(None, "record shape for --task text without a recipe (default: detected)")
+    max_examples: int = opt(0, "score the first N examples (records sharing an input count once for "
+                               "BLEU/ROUGE/QA)")
+    few_shot: int = opt(0, "also score the base model with K in-context examples from --few-shot-data",
+                        metavar="K")
+    few_shot_data: str | None = opt(None, "where the K examples come from, e.g. the training file (scored prompts "
+                                          "are skipped)", metavar="FILE")
+    seed: int = opt(0, "seed of the few-shot draw")
+    num_beams: int = opt(1, "1 = greedy; more = beam search")
+    max_new_tokens: int = opt(64, "tokens generated per answer at most")
+    batch_size: int = opt(8, "prompts generated together (left-padded)")
+    max_length: int = opt(512, "text task: tokens per example or chunk")
+    threads: int = opt(0, "torch CPU threads (0 = one per core)")
+    samples: int = opt(8, "examples shown side by side in the report")
+    output: str = opt("runs/eval", "folder for results.json, predictions.jsonl, report.md, report.html and plots")
+
+
+@dataclass
+class ServeOptions(DeviceOptions):
+    model: str | None = opt(None, f"base model, a name or a folder (default: {DEFAULT_MODEL})")
+    adapters: str | None = opt(None, "adapter store: DIR/<name>/, each served as model <name>", metavar="DIR")
+    host: str = opt("127.0.0.1", "address to bind; anything but loopback needs --api-key")
+    port: int = opt(8000, "port (0: any free one; the log says which)")
+    api_key: str | None = opt(None, "clients send 'Authorization: Bearer KEY' (default: $LORAFORGE_API_KEY)")
+    max_resident_mb: float = opt(0.0, "cap on adapters held in memory (0: none)")
+    max_batch: int = opt(16, "requests decoded together")
+    max_queue: int = opt(64, "requests waiting beyond the batch; more get 429")
+    max_tokens_cap: int = opt(2048, "largest max_tokens a request may ask for")
+    max_body_kb: int = opt(1024, "largest request body; more gets 413")
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_queue", "max_tokens_cap", "max_body_kb"):
+            _at_least(self, name, 1)
+        if not 0 <= self.port <= 65535:
+            raise LoraforgeError(f"--port must be 0-65535, got {self.port}")
+
+
+@dataclass
+class DemoOptions:
+    steps: int = opt(40, "training steps")
+    output: str = opt("runs/demo", "folder for the demo's adapter")
+
+
+def _at_least(options: Any, name: str, low: int) -> None:
+    value = getattr(options, name)
+    if value < low:
+        raise LoraforgeError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+
+
+def from_namespace(cls: type, namespace: Any) -> Any:
+    """The options dataclass from parsed flags (every field is a flag of the same name)."""
+    return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)})
