@@ -237,12 +237,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
+def _cmd_serve(options) -> int:
     from loraforge.serve.main import serve
 
-    return serve(args.model, args.adapters, host=args.host, port=args.port, api_key=args.api_key, dtype=args.dtype,
-                 device=args.device, max_resident_mb=args.max_resident_mb, max_batch=args.max_batch,
-                 max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap, max_body_kb=args.max_body_kb)
+    return serve(options)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,8 @@ METRICS_FILE = "metrics.jsonl"
 TASKS = ("causal-lm", "seq-cls", "token-cls")
 
 
-def _opt(default: Any, help: str, **kw: Any) -> Any:
+def opt(default: Any, help: str, **kw: Any) -> Any:
+    """A config field with its help text (and, for the CLI, argparse extras: action, choices, metavar, ...)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
@@ -32,62 +33,62 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 class TrainConfig:
     """Everything `loraforge train` needs. Validated on creation."""
 
-    model: str = _opt(DEFAULT_MODEL, "base model: a built-in name, a transformers folder or a .gguf file")
-    task: str = _opt("causal-lm", "what to train: causal-lm (a decoder writes the answer), seq-cls (an encoder's "
+    model: str = opt(DEFAULT_MODEL, "base model: a built-in name, a transformers folder or a .gguf file")
+    task: str = opt("causal-lm", "what to train: causal-lm (a decoder writes the answer), seq-cls (an encoder's "
                                   "classifier head: one label per text) or token-cls (one tag per word)")
-    labels: list[str] | None = _opt(None, "seq-cls/token-cls: the label names in id order, comma-separated "
+    labels: list[str] | None = opt(None, "seq-cls/token-cls: the label names in id order, comma-separated "
                                           "(default: those in the data, sorted)")
-    data: str | None = _opt(None, "training data: .jsonl/.json/.csv/.tsv/.txt file (or folder of .txt), or CoNLL")
-    recipe: str | None = _opt(None, "task recipe: sst2, pubmedqa, conll2003, dialogsum, scitldr, squad, cmrc2018, "
+    data: str | None = opt(None, "training data: .jsonl/.json/.csv/.tsv/.txt file (or folder of .txt), or CoNLL")
+    recipe: str | None = opt(None, "task recipe: sst2, pubmedqa, conll2003, dialogsum, scitldr, squad, cmrc2018, "
                                     "e2e, lm (default: detect text/instruction/chat records)")
-    data_format: str | None = _opt(None, "record shape when not detected: text, text_chunks, instruction, "
+    data_format: str | None = opt(None, "record shape when not detected: text, text_chunks, instruction, "
                                          "prompt_completion, messages, sharegpt")
-    columns: dict[str, str] | None = _opt(None, "field renames, ours=theirs: instruction=en_instruction,output=en_output")
-    file_format: str | None = _opt(None, "reader when the suffix does not say: jsonl, json, csv, tsv, text, conll")
-    max_examples: int = _opt(0, "train on a seeded sample of N records (few-shot; stratified for classification)")
-    output: str | None = _opt(None, "folder for the adapter, resolved config and train_summary.json")
-    overwrite: bool = _opt(False, "train into an --output that already holds a finished adapter, replacing it")
-    per_user: str | None = _opt(None, "train one adapter per value of this record field (a user, customer, ...) into "
+    columns: dict[str, str] | None = opt(None, "field renames, ours=theirs: instruction=en_instruction,output=en_output")
+    file_format: str | None = opt(None, "reader when the suffix does not say: jsonl, json, csv, tsv, text, conll")
+    max_examples: int = opt(0, "train on a seeded sample of N records (few-shot; stratified for classification)")
+    output: str | None = opt(None, "folder for the adapter, resolved config and train_summary.json")
+    overwrite: bool = opt(False, "train into an --output that already holds a finished adapter, replacing it")
+    per_user: str | None = opt(None, "train one adapter per value of this record field (a user, customer, ...) into "
                                       "OUTPUT/<value>/, loading the base and tokenizing the data once; max_steps, "
                                       "max_examples and val_split apply to each")
-    r: int = _opt(16, "LoRA rank")
-    lora_alpha: float = _opt(32.0, "LoRA alpha; the update is scaled by lora_alpha / r")
-    lora_dropout: float = _opt(0.05, "dropout on the LoRA input during training")
-    target_modules: list[str] | str | None = _opt(
+    r: int = opt(16, "LoRA rank")
+    lora_alpha: float = opt(32.0, "LoRA alpha; the update is scaled by lora_alpha / r")
+    lora_dropout: float = opt(0.05, "dropout on the LoRA input during training")
+    target_modules: list[str] | str | None = opt(
         None, "modules to wrap: comma-separated name suffixes, a regex, or all-linear (default: per architecture)")
-    lr: float = _opt(2e-4, "peak learning rate (AdamW)")
-    weight_decay: float = _opt(0.0, "AdamW weight decay on the LoRA parameters")
-    warmup_steps: int = _opt(0, "linear warmup steps before the schedule's decay")
-    schedule: str = _opt("cosine", "learning-rate schedule after warmup: cosine, linear or constant")
-    loraplus_lr_ratio: float = _opt(0.0, "LoRA+: the B matrices' lr is lr x this ratio (0 = off; the paper uses 16)")
-    label_smoothing: float = _opt(0.0, "label smoothing of the training loss (the LoRA paper's E2E run: 0.1); "
+    lr: float = opt(2e-4, "peak learning rate (AdamW)")
+    weight_decay: float = opt(0.0, "AdamW weight decay on the LoRA parameters")
+    warmup_steps: int = opt(0, "linear warmup steps before the schedule's decay")
+    schedule: str = opt("cosine", "learning-rate schedule after warmup: cosine, linear or constant")
+    loraplus_lr_ratio: float = opt(0.0, "LoRA+: the B matrices' lr is lr x this ratio (0 = off; the paper uses 16)")
+    label_smoothing: float = opt(0.0, "label smoothing of the training loss (the LoRA paper's E2E run: 0.1); "
                                        "validation loss stays plain cross-entropy")
-    max_grad_norm: float = _opt(1.0, "clip the adapter's gradient norm to this (0 = no clipping)")
-    max_steps: int = _opt(100, "optimizer steps to run (see epochs)")
-    epochs: float = _opt(0.0, "passes over the training data; when set, max_steps is computed from it (rows / "
+    max_grad_norm: float = opt(1.0, "clip the adapter's gradient norm to this (0 = no clipping)")
+    max_steps: int = opt(100, "optimizer steps to run (see epochs)")
+    epochs: float = opt(0.0, "passes over the training data; when set, max_steps is computed from it (rows / "
                               "(batch_size x grad_accum) per pass)")
-    batch_size: int = _opt(8, "examples (or packed rows) per micro-batch")
-    grad_accum: int = _opt(1, "micro-batches per optimizer step (gradient accumulation)")
-    max_length: int = _opt(256, "tokens per example; longer ones are truncated (and counted)")
-    packing: bool = _opt(True, "pack several examples into each row (attention stays within each example)")
-    seed: int = _opt(0, "seed for LoRA init, data order and dropout: the same seed gives the same run")
-    dtype: str = _opt("auto", "compute dtype of the frozen base: bfloat16 (fast; LoRA weights and optimizer stay "
+    batch_size: int = opt(8, "examples (or packed rows) per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step (gradient accumulation)")
+    max_length: int = opt(256, "tokens per example; longer ones are truncated (and counted)")
+    packing: bool = opt(True, "pack several examples into each row (attention stays within each example)")
+    seed: int = opt(0, "seed for LoRA init, data order and dropout: the same seed gives the same run")
+    dtype: str = opt("auto", "compute dtype of the frozen base: bfloat16 (fast; LoRA weights and optimizer stay "
                               "float32), float32 (exact), or auto: bfloat16 where the hardware has it")
-    on_bad_record: str = _opt("error", "what a malformed record does: error (stop) or skip (count and go on)")
-    log_every: int = _opt(1, "steps between progress-bar updates")
-    val_data: str | None = _opt(None, "validation file (same format as data)")
-    val_split: float = _opt(0.0, "fraction of the training records held out for validation when no val_data")
-    eval_every: int = _opt(0, "evaluate on the validation set every N steps (0 = only at the end)")
-    early_stopping: int = _opt(0, "stop after N evaluations without a better validation loss (0 = never)")
-    save_every: int = _opt(0, "write checkpoints/step-N every N steps (0 = only on SIGINT/SIGTERM)")
-    keep_checkpoints: int = _opt(2, "how many step-N checkpoints to keep (the best one is kept apart)")
-    gradient_checkpointing: bool = _opt(False, "recompute activations in backward: less memory, ~30% slower")
-    compile: bool = _opt(False, "torch.compile the model (slow start, can be faster on long runs)")
-    threads: int = _opt(0, "torch CPU threads (0: one per CPU that other processes leave free, re-decided every "
+    on_bad_record: str = opt("error", "what a malformed record does: error (stop) or skip (count and go on)")
+    log_every: int = opt(1, "steps between progress-bar updates")
+    val_data: str | None = opt(None, "validation file (same format as data)")
+    val_split: float = opt(0.0, "fraction of the training records held out for validation when no val_data")
+    eval_every: int = opt(0, "evaluate on the validation set every N steps (0 = only at the end)")
+    early_stopping: int = opt(0, "stop after N evaluations without a better validation loss (0 = never)")
+    save_every: int = opt(0, "write checkpoints/step-N every N steps (0 = only on SIGINT/SIGTERM)")
+    keep_checkpoints: int = opt(2, "how many step-N checkpoints to keep (the best one is kept apart)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward: less memory, ~30% slower")
+    compile: bool = opt(False, "torch.compile the model (slow start, can be faster on long runs)")
+    threads: int = opt(0, "torch CPU threads (0: one per CPU that other processes leave free, re-decided every "
                            "step)")
-    device: str = _opt("cpu", "where to train: cpu, cuda, cuda:N, or auto (a CUDA GPU when there is one); under "
+    device: str = opt("cpu", "where to train: cpu, cuda, cuda:N, or auto (a CUDA GPU when there is one); under "
                               "torchrun each rank takes cuda:LOCAL_RANK")
-    strategy: str = _opt("ddp", "under torchrun: ddp (each rank holds the model, gradients averaged) or fsdp "
+    strategy: str = opt("ddp", "under torchrun: ddp (each rank holds the model, gradients averaged) or fsdp "
                                 "(FSDP2: fully_shard per decoder layer)")
 
     def __post_init__(self) -> None:

@@ -7,16 +7,11 @@ written once, here, and documented once.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from loraforge.config import DEFAULT_MODEL, parse_targets
+from loraforge.config import DEFAULT_MODEL, opt, parse_targets
 from loraforge.errors import LoraforgeError
-
-
-def opt(default: Any, help: str, **flag: Any) -> Any:
-    """A field with its help text and argparse extras (action, choices, metavar, required, group)."""
-    return field(default=default, metadata={"help": help, **flag})
 
 
 @dataclass

@@ -42,33 +42,29 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(model: str | None, adapters: str | None, *, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, dtype: str = "float32", device: str = "cpu", max_resident_mb: float = 0,
-          max_batch: int = 16, max_queue: int = 64, max_tokens_cap: int = 2048, max_body_kb: int = 1024) -> int:
+def serve(options) -> int:
+    """Run the server for `options` (a `loraforge.options.ServeOptions`) until SIGTERM/SIGINT; the exit code."""
     import uvicorn
 
     from loraforge.config import DEFAULT_MODEL
     from loraforge.infer.session import InferenceSession
     from loraforge.infer.store import AdapterStore
 
-    api_key = api_key or os.environ.get(KEY_ENV) or None
-    if not is_loopback(host) and api_key is None:
-        raise LoraforgeError(f"--host {host} is reachable from other machines: give --api-key KEY (or set {KEY_ENV}) "
-                             "so that only your clients can use the server, or bind 127.0.0.1")
-    for flag, value in (("--max-batch", max_batch), ("--max-queue", max_queue), ("--max-tokens-cap", max_tokens_cap),
-                        ("--max-body-kb", max_body_kb)):
-        if value < 1:
-            raise LoraforgeError(f"{flag} must be at least 1, got {value}")
-    sock = bind(host, port)
-    session = InferenceSession.open(model or DEFAULT_MODEL, dtype=dtype, device=device)
-    store = AdapterStore(adapters, session, max_resident_mb=max_resident_mb) if adapters else None
-    name = model or DEFAULT_MODEL
-    settings = ServeSettings(model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
-                             max_tokens_cap=max_tokens_cap, max_body_bytes=max_body_kb * 1024)
+    o = options
+    api_key = o.api_key or os.environ.get(KEY_ENV) or None
+    if not is_loopback(o.host) and api_key is None:
+        raise LoraforgeError(f"--host {o.host} is reachable from other machines: give --api-key KEY (or set "
+                             f"{KEY_ENV}) so that only your clients can use the server, or bind 127.0.0.1")
+    sock = bind(o.host, o.port)
+    name = o.model or DEFAULT_MODEL
+    session = InferenceSession.open(name, dtype=o.dtype, device=o.device)
+    store = AdapterStore(o.adapters, session, max_resident_mb=o.max_resident_mb) if o.adapters else None
+    settings = ServeSettings(model_name=name, api_key=api_key, max_batch=o.max_batch, max_queue=o.max_queue,
+                             max_tokens_cap=o.max_tokens_cap, max_body_bytes=o.max_body_kb * 1024)
     app = create_app(session, store, settings)
     bound_host, bound_port = sock.getsockname()[:2]
     log.info("serving %s%s on http://%s:%d/v1 (key %s)", name,
-             f" and the adapters in {adapters}" if adapters else "", bound_host, bound_port,
+             f" and the adapters in {o.adapters}" if o.adapters else "", bound_host, bound_port,
              "required" if api_key else "not set: loopback only, admin routes off")
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=None, lifespan="on")
     # uvicorn turns SIGTERM into a graceful stop, then re-raises it to the handler it found: make that one a no-op,
