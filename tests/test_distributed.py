@@ -139,8 +139,9 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def test_kill_9_of_one_rank_then_resume_reproduces_the_uninterrupted_run(llama_dir, data_file, tmp_path):
-    long = ["--max-steps", "60", "--save-every", "2", "--lr", "1e-3"]
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_kill_9_of_one_rank_then_resume_reproduces_the_uninterrupted_run(llama_dir, data_file, tmp_path, strategy):
+    long = ["--max-steps", "60", "--save-every", "2", "--lr", "1e-3", "--strategy", strategy]
     flags = ["--model", str(llama_dir), "--data", str(data_file), *STEPS, *long]
     assert main(["-q", "train", "--nproc", "2", "--output", str(tmp_path / "straight"), *flags]) == 0
     cut = tmp_path / "cut"

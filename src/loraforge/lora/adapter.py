@@ -47,11 +47,13 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def save_adapter(lm: LoraModel, directory: str | Path) -> Path:
-    """Write the adapter so that `peft.PeftModel.from_pretrained(base, directory)` loads it."""
+def save_adapter(lm: LoraModel, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the adapter so that `peft.PeftModel.from_pretrained(base, directory)` loads it. `state` is
+    `lm.adapter_state_dict()` when the caller already took it (under FSDP2 every rank must, one writes)."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in lm.adapter_state_dict().items()}
+    state = lm.adapter_state_dict() if state is None else state
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     atomic_write(out / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(lm.config.to_peft_dict(), indent=2) + "\n"
     atomic_write(out / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

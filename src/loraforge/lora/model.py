@@ -115,7 +115,9 @@ class LoraModel:
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter as PEFT saves it: `base_model.model.<path>.lora_A.weight` and so on."""
-        return {PEFT_PREFIX + k: p.detach() for k, p in self.adapter_parameters().items()}
+        # a parameter sharded by FSDP2 (a DTensor) is gathered whole: a collective, so every rank calls this
+        return {PEFT_PREFIX + k: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+                for k, p in self.adapter_parameters().items()}
 
     def report(self) -> ParamReport:
         params = self.adapter_parameters()

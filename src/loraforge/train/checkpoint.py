@@ -60,6 +60,8 @@ def save_checkpoint(output: Path, lm: LoraModel, optimizer: torch.optim.Optimize
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step}"
     tmp = root / f".tmp-step-{state.step}"
+    adapter = lm.adapter_state_dict()  # on every rank: FSDP2's shards are gathered here
+    tensors, groups = _optimizer_tensors(optimizer)
     if world > 1:
         save_file(_rng_tensors(), root / f".rng-step-{state.step}-rank-{rank}.safetensors")
         _barrier()
@@ -67,8 +69,7 @@ def save_checkpoint(output: Path, lm: LoraModel, optimizer: torch.optim.Optimize
         return final
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_adapter(lm, tmp)
-    tensors, groups = _optimizer_tensors(optimizer)
+    save_adapter(lm, tmp, adapter)
     tensors.update(_rng_tensors())
     save_file(tensors, tmp / TENSORS_FILE)
     for r in range(1, world):
@@ -134,8 +135,8 @@ def load_checkpoint(path: Path, lm: LoraModel, optimizer: torch.optim.Optimizer,
             if name not in params or params[name].shape != value.shape:
                 raise LoraforgeError(f"checkpoint {path} does not match this run's adapter (key {key}); "
                                      "resume with the same options the run started with")
-            params[name].copy_(value)
-    optimizer.load_state_dict(_optimizer_state(tensors, state.param_groups))
+            params[name].copy_(_like(value, params[name]))
+    optimizer.load_state_dict(_optimizer_state(tensors, state.param_groups, optimizer))
     scheduler.load_state_dict({**scheduler.state_dict(), **state.scheduler})
     rank_rng = path / f"rng-rank-{rank}.safetensors"
     _set_rng(load_file(rank_rng) if rank and rank_rng.is_file() else tensors)
@@ -143,28 +144,47 @@ def load_checkpoint(path: Path, lm: LoraModel, optimizer: torch.optim.Optimizer,
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """AdamW's state as whole tensors (FSDP2's sharded moments gathered: a collective, every rank calls it)."""
     sd = optimizer.state_dict()
-    tensors = {f"state.{idx}.{name}": t.detach().contiguous()
+    tensors = {f"state.{idx}.{name}": _whole(t).detach().cpu().contiguous()
                for idx, entries in sd["state"].items() for name, t in entries.items()}
     return tensors, sd["param_groups"]
 
 
-def _optimizer_state(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dict:
+def _optimizer_state(tensors: dict[str, torch.Tensor], groups: list[dict], optimizer: torch.optim.Optimizer) -> dict:
+    """The state dict `optimizer.load_state_dict` takes, each moment laid out as its parameter is (sharded again
+    under FSDP2, on the parameter's device)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("state."):
             _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value
+            param = params[int(idx)]
+            state.setdefault(int(idx), {})[name] = _like(value, param) if value.shape == param.shape else value
     return {"state": state, "param_groups": groups}
 
 
-def save_best(output: Path, lm: LoraModel) -> Path:
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`value` (a whole tensor from a file) laid out as `param`: a DTensor with its mesh and placements (a
+    collective: every rank calls it), else on its device and in its dtype."""
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(value.to(param.device_mesh.device_type), param.device_mesh, param.placements)
+    return value.to(device=param.device, dtype=param.dtype)
+
+
+def save_best(output: Path, lm: LoraModel, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Keep the adapter with the best validation loss in `checkpoints/best`, swapped in whole."""
     root = output / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     best, tmp, old = root / "best", root / ".tmp-best", root / ".old-best"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(lm, tmp)
+    save_adapter(lm, tmp, state)
     if best.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.rename(best, old)

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -93,22 +92,6 @@ def wrap(module: nn.Module, run_dist: Dist, strategy: str, layers: list[nn.Modul
         fully_shard(module)
         return module
     raise LoraforgeError(f"--strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
-
-
-@contextmanager
-def gathered(module: nn.Module) -> Iterator[None]:
-    """Inside the block every FSDP2-sharded module under `module` holds its full parameters, so the adapter can be
-    read and saved whole (FSDP2 saving only rank 0's shard is a known trap). A collective: every rank enters it."""
-    from torch.distributed.fsdp import FSDPModule
-
-    sharded = [m for m in module.modules() if isinstance(m, FSDPModule)]
-    for m in sharded:
-        m.unshard()
-    try:
-        yield
-    finally:
-        for m in sharded:
-            m.reshard()
 
 
 def no_sync(forward: nn.Module, last: bool):

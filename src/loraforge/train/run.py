@@ -26,7 +26,7 @@ from loraforge.errors import LoraforgeError
 from loraforge.lora import LoraModel, save_adapter
 from loraforge.lora.adapter import ADAPTER_WEIGHTS, atomic_write
 from loraforge.train import checkpoint as ckpt
-from loraforge.train.distributed import Dist, gathered
+from loraforge.train.distributed import Dist
 from loraforge.train.observe import (METRICS_FILE, PLOT_FILE, MetricsLog, measure_matmul_peak, peak_memory_mb,
                                      peak_rss_mb, plot_loss_curve, rss_mb, train_flops)
 from loraforge.train.runtime import release_free_memory
@@ -119,9 +119,6 @@ def start(cfg: TrainConfig, output: Path, lm: LoraModel, forward: nn.Module, dis
                                           loraplus_lr_ratio=cfg.loraplus_lr_ratio, schedule=cfg.schedule,
                                           warmup=cfg.warmup_steps, total=cfg.max_steps)
     state = ckpt.TrainerState()
-    if dist.world > 1 and cfg.strategy == "fsdp" and (resume or cfg.save_every):
-        raise LoraforgeError("--strategy fsdp writes no checkpoints yet, so --save-every and --resume need "
-                             "--strategy ddp (the LoRA weights are small: DDP holds them whole on every rank)")
     if resume:
         last = ckpt.list_checkpoints(output)
         if not last:
@@ -169,9 +166,9 @@ def track_best(run: Run, val_loss: float) -> tuple[bool, bool]:
     state = run.state
     if state.best_val_loss is None or val_loss < state.best_val_loss:
         state.best_val_loss, state.best_step, state.evals_without_improvement = val_loss, state.step, 0
-        with gathered(run.forward):
-            if run.dist.main:
-                ckpt.save_best(run.output, run.lm)
+        adapter = run.lm.adapter_state_dict()  # every rank (FSDP2 gathers), rank 0 writes
+        if run.dist.main:
+            ckpt.save_best(run.output, run.lm, adapter)
         return True, False
     state.evals_without_improvement += 1
     return False, 0 < run.cfg.early_stopping <= state.evals_without_improvement
@@ -181,10 +178,6 @@ def checkpoint_or_stop(run: Run, signum: int | None) -> None:
     """After a step: write checkpoints/step-N when due or when a signal came (every rank agreed on `signum`); on a
     signal, stop with a message."""
     cfg, state = run.cfg, run.state
-    sharded = run.dist.world > 1 and cfg.strategy == "fsdp"
-    if signum and sharded:
-        raise TrainingInterrupted(f"stopped by {signal.Signals(signum).name} after step {state.step}; runs under "
-                                  "--strategy fsdp write no checkpoints yet, so this one cannot be resumed")
     if (cfg.save_every and state.step % cfg.save_every == 0) or signum:
         ckpt.save_checkpoint(run.output, run.lm, run.optimizer, run.scheduler, state, cfg.keep_checkpoints,
                              rank=run.dist.rank, world=run.dist.world)
@@ -200,9 +193,9 @@ def finish_run(run: Run, stats, **extra) -> dict:
     `extra`'s keys after the common ones). Other ranks return the same summary without writing."""
     cfg, output, state, model = run.cfg, run.output, run.state, run.model
     best = output / ckpt.CHECKPOINTS / "best"
-    with gathered(run.forward):
-        if run.dist.main and not (state.best_step is not None and best.is_dir()):
-            save_adapter(run.lm, output)
+    adapter = run.lm.adapter_state_dict()  # every rank (FSDP2 gathers the LoRA weights only), rank 0 writes
+    if run.dist.main and not (state.best_step is not None and best.is_dir()):
+        save_adapter(run.lm, output, adapter)
     if run.dist.main:
         if state.best_step is not None and best.is_dir():
             for name in ("adapter_model.safetensors", "adapter_config.json"):
