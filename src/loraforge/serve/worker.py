@@ -125,8 +125,11 @@ class EngineWorker:
                 self._calls.clear()
             for fn, future in calls:
                 self._run_call(fn, future)
-            self._drop_cancelled()
-            self._admit()
+            try:
+                self._drop_cancelled()
+                self._admit()
+            except Exception:  # a bug: log it and keep serving (the step below fails its requests if it must)
+                log.exception("engine loop")
             if self.engine.has_work:
                 self._step()
 
@@ -167,7 +170,9 @@ class EngineWorker:
                 with self._wake:
                     self._queue.appendleft(job)  # waits for a request to finish and free its adapter
                 return
-            except LoraforgeError as e:
+            except Exception as e:  # a refused adapter (LoraforgeError: 400) or a failure reading it (500)
+                if not isinstance(e, LoraforgeError):
+                    log.exception("admitting a request failed")
                 job.sink(("error", e))
                 continue
             self._active.append(job)
