@@ -118,6 +118,9 @@ def fit(cfg: TrainConfig, task, stats, output: Path, dist: Dist = Dist(), *, res
     log.info("%s", lm.report())
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.batch_size % dist.world:
+        raise LoraforgeError(f"--batch-size {cfg.batch_size} is the global batch: it must divide by the "
+                             f"{dist.world} processes; use a multiple of {dist.world}")
     cfg = plan_steps(cfg, len(task.rows))
     cpu_share = CpuShare() if not cfg.threads and dist.world == 1 else contextlib.nullcontext()
     with stop_on_signals() as stop, task.training(), cpu_share as cpus:  # lean forwards patched in before wrapping
@@ -125,9 +128,6 @@ def fit(cfg: TrainConfig, task, stats, output: Path, dist: Dist = Dist(), *, res
         if cfg.compile:
             forward = torch.compile(forward, backend=COMPILE_BACKEND)
         run = start(cfg, output, lm, forward, dist, resume)
-        if cfg.batch_size % dist.world:
-            raise LoraforgeError(f"--batch-size {cfg.batch_size} is the global batch: it must divide by the "
-                                 f"{dist.world} processes; use a multiple of {dist.world}")
         share = cfg.batch_size // dist.world
         micro = batch_order(len(task.rows), cfg.batch_size, cfg.max_steps * cfg.grad_accum, cfg.seed)
 
