@@ -72,3 +72,28 @@ def test_a_wrong_columns_field_lists_the_files_columns(llama_dir, tmp_path, caps
     message = _error(capsys.readouterr().err)
     assert 'd.jsonl:1: field "question" (as "instruction") is missing' in message
     assert 'the record has "q", "a"' in message
+
+
+def test_threads_follow_the_cpus_other_processes_leave_free(monkeypatch):
+    """CpuShare's arithmetic on /proc samples: busy jiffies of our CPUs less our own over the wall time."""
+    import torch
+
+    from loraforge.train import runtime
+
+    threads = torch.get_num_threads()
+    samples = iter([(0, 0, 0.0), (100, 0, 1.0),     # first look: 100 jiffies busy in 1 s, none ours: 1 core
+                    (300, 190, 2.0),                 # 200 busy, 190 ours: others 0.1 core
+                    (550, 340, 3.0)])                # 250 busy, 150 ours: others 1.0 core
+    monkeypatch.setattr(runtime.CpuShare, "_sample", lambda self: next(samples))
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(runtime.os, "sysconf", lambda name: 100)
+    monkeypatch.setattr(runtime.time, "sleep", lambda s: None)
+    torch.set_num_threads(2)
+    try:
+        with runtime.CpuShare() as share:
+            assert share.threads == 1  # one of the two CPUs was taken before the first step
+            assert share.update() == 2  # others at 0.1 core: both free again
+            assert share.update() == 1 and torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2  # the run's end gives the process its threads back
+    finally:
+        torch.set_num_threads(threads)
