@@ -27,7 +27,8 @@ from loraforge.infer import InferenceSession, SamplingParams
 from loraforge.infer.store import AdapterStore
 from loraforge.lora import LoraConfig, LoraModel, save_adapter
 from loraforge.models import load_model
-from loraforge.serve import ServeSettings, create_app
+from loraforge.options import ServeOptions
+from loraforge.serve import create_app
 from loraforge.serve.main import bind
 from loraforge.serve.worker import EngineWorker, Job
 
@@ -68,7 +69,7 @@ class Live:
     def __init__(self, model_dir: Path, store: Path | None, **settings):
         self.session = InferenceSession.open(str(model_dir))
         self.store = AdapterStore(store, self.session) if store else None
-        self.app = create_app(self.session, self.store, ServeSettings(model_name="tiny", **settings))
+        self.app = create_app(self.session, self.store, ServeOptions(model="tiny", **settings))
         self.worker: EngineWorker = self.app.state.worker
         sock = bind("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -89,7 +90,7 @@ class Live:
 @pytest.fixture(scope="module")
 def live(world):
     model_dir, store, _ = world
-    server = Live(model_dir, store, api_key=KEY, max_tokens_cap=64, max_body_bytes=4096)
+    server = Live(model_dir, store, api_key=KEY, max_tokens_cap=64, max_body_kb=4)
     yield server
     server.stop()
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from loraforge.config import (DEFAULT_MODEL, TrainConfig, build_config, load_yaml, parse_bool, parse_mapping,
                               parse_targets)
 from loraforge.errors import LoraforgeError
-from loraforge.options import (DemoOptions, EvalOptions, GenerateOptions, InspectOptions, MergeOptions,
-                               PredictOptions, ServeOptions, from_namespace)
+from loraforge.options import (DemoOptions, GenerateOptions, InspectOptions, MergeOptions, PredictOptions,
+                               ServeOptions, from_namespace)
 
 log = logging.getLogger("loraforge")
 _FLAG_TYPES = {"int": int, "float": float, "bool": parse_bool}
@@ -37,7 +37,7 @@ def _add_option_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
     for f in dataclasses.fields(cls):
         meta = dict(f.metadata)
-        group = meta.pop("group", None)
+        group, flag = meta.pop("group", None), meta.pop("flag", f.name)
         if group is not None and group not in groups:
             groups[group] = parser.add_mutually_exclusive_group()
         target = parser if group is None else groups[group]
@@ -46,11 +46,12 @@ def _add_option_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["type"] = _OPTION_TYPES[f.type]
         if kwargs.get("action") != "append":
             kwargs["default"] = f.default
-        target.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, **kwargs)
+        target.add_argument(f"--{flag.replace('_', '-')}", dest=f.name, **kwargs)
 
 
 _OPTION_TYPES = {"int": int, "float": float, "str": str, "str | None": str, "float | None": float,
-                 "int | None": int, "list[str] | None": str, "list[str]": str, "list[str] | str | None": str}
+                 "int | None": int, "list[str] | None": str, "list[str] | str | None": str, "tuple[str, ...]": str,
+                 "dict[str, str] | None": str}
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -215,18 +216,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
+def _cmd_eval(cfg) -> int:
     from loraforge.eval.report import comparison_table
-    from loraforge.eval.run import EvalConfig, run_eval
+    from loraforge.eval.run import run_eval
 
-    options = {k: getattr(args, k) for k in ("data", "recipe", "model", "task", "file_format", "data_format",
-                                             "max_examples", "few_shot", "few_shot_data", "seed", "num_beams",
-                                             "max_new_tokens", "batch_size", "max_length", "dtype", "device", "threads",
-                                             "samples", "output")}
-    columns = parse_mapping(args.columns) if args.columns else None
-    result = run_eval(EvalConfig(**options, adapters=tuple(args.adapter or ()), columns=columns))
+    result = run_eval(cfg)
     print(comparison_table(result.models))
-    print(f"written to {args.output}: " + ", ".join(path.name for path in result.files.values()))
+    print(f"written to {cfg.output}: " + ", ".join(path.name for path in result.files.values()))
     return 0
 
 
@@ -259,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, TrainConfig)
     p.set_defaults(func=_cmd_train)
 
+    from loraforge.eval.run import EvalConfig
+
     for name, cls, func, help_text in (
             ("generate", GenerateOptions, _cmd_generate,
              "generate text with a base model and optionally adapters (one batch)"),
@@ -266,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
              "serve the base and an adapter store over the OpenAI API (model = adapter name)"),
             ("predict", PredictOptions, _cmd_predict,
              "predict a data file with an encoder head or a decoder recipe, and score it"),
-            ("eval", EvalOptions, _cmd_eval,
+            ("eval", EvalConfig, _cmd_eval,
              "score a base model, few-shot prompts and adapters on the same records; report"),
             ("inspect", InspectOptions, _cmd_inspect, "list a model's layers and what LoRA would train"),
             ("merge", MergeOptions, _cmd_merge, "fold an adapter into its base and write a plain transformers model"),

@@ -1,4 +1,5 @@
-"""Every subcommand's options as one typed dataclass (litgpt's idea; `TrainConfig` in config.py is train's).
+"""Every subcommand's options as one typed dataclass (litgpt's idea; train's is `config.TrainConfig`, eval's
+`eval.run.EvalConfig`).
 
 The CLI builds each subcommand's flags from these fields (name, type, default, help, and argparse extras such as
 `action="append"` in the metadata), and the command receives the dataclass, validated on creation. An option is
@@ -82,34 +83,6 @@ class PredictOptions(DeviceOptions):
     batch_size: int = opt(16, "records per forward")
     max_length: int = opt(512, "head: tokens per record; longer ones are cut")
     max_new_tokens: int = opt(64, "decoder: tokens generated per answer")
-
-
-@dataclass
-class EvalOptions(DeviceOptions):
-    data: str | None = opt(None, "records to score, e.g. a dev split (never the official test)", required=True)
-    model: str | None = opt(None, f"base model (default: the first adapter's base, else {DEFAULT_MODEL})")
-    adapter: list[str] = opt(None, "adapter folder to compare; repeat for several (each on its own base unless "
-                                   "--model)", action="append", metavar="DIR")
-    recipe: str | None = opt(None, "task recipe (e2e, sst2, conll2003, squad, ...); lm or none: perplexity")
-    task: str | None = opt(None, "generate and score with the recipe's metric, or text: perplexity (default: by "
-                                 "recipe)", choices=("generate", "text"))
-    columns: str | None = opt(None, "field renames, ours=theirs: text=sentence")
-    file_format: str | None = opt(None, "reader when the suffix does not say: jsonl, json, csv, tsv, text, conll")
-    data_format: str | None = opt(None, "record shape for --task text without a recipe (default: detected)")
-    max_examples: int = opt(0, "score the first N examples (records sharing an input count once for "
-                               "BLEU/ROUGE/QA)")
-    few_shot: int = opt(0, "also score the base model with K in-context examples from --few-shot-data",
-                        metavar="K")
-    few_shot_data: str | None = opt(None, "where the K examples come from, e.g. the training file (scored prompts "
-                                          "are skipped)", metavar="FILE")
-    seed: int = opt(0, "seed of the few-shot draw")
-    num_beams: int = opt(1, "1 = greedy; more = beam search")
-    max_new_tokens: int = opt(64, "tokens generated per answer at most")
-    batch_size: int = opt(8, "prompts generated together (left-padded)")
-    max_length: int = opt(512, "text task: tokens per example or chunk")
-    threads: int = opt(0, "torch CPU threads (0 = one per core)")
-    samples: int = opt(8, "examples shown side by side in the report")
-    output: str = opt("runs/eval", "folder for results.json, predictions.jsonl, report.md, report.html and plots")
 
 
 @dataclass

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from loraforge.config import DEFAULT_MODEL
+from loraforge.config import DEFAULT_MODEL, opt, parse_mapping
 from loraforge.data import IGNORE_INDEX, Record, Recipe, collate, get_recipe, load_examples, pad_id_for, read_records
 from loraforge.errors import LoraforgeError
 from loraforge.eval.fewshot import encode_few_shot, pick_shots
@@ -49,51 +49,46 @@ HEAD_CHUNK_ROWS = 1024
 
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig:
-    """What `loraforge eval` runs; each field is one flag."""
+    """What `loraforge eval` runs; each field is one flag (`--adapter` for `adapters`, repeated), built by the CLI."""
 
-    data: str
-    """The file to score (a dev split: never the official test split while developing)."""
-    recipe: str | None = None
-    """Task recipe (e2e, sst2, ...); none: perplexity of the data file in its detected format (`task="text"`)."""
-    model: str | None = None
-    """Base model; default: the first adapter's base, else the built-in default."""
-    adapters: tuple[str, ...] = ()
-    """Adapter folders, each evaluated on its base (this `model` if given, else its adapter_config's), added to one
-    session per base."""
-    task: str | None = None
-    """"generate" or "text" (perplexity); default: "text" for the lm recipe and for no recipe, else "generate"."""
-    columns: dict[str, str] | None = None
-    """Field renames for the recipe or format, ours -> the file's."""
-    file_format: str | None = None
-    """Reader when the suffix does not tell (jsonl, json, csv, tsv, text, conll); also for `few_shot_data`."""
-    data_format: str | None = None
-    """Record shape for `task="text"` without a recipe (text, text_chunks, instruction, ...); default: detected."""
-    max_examples: int = 0
-    """Score the first N examples (0 = all)."""
-    few_shot: int = 0
-    """Also evaluate the base model with K in-context examples from `few_shot_data` (0 = no few-shot row)."""
-    few_shot_data: str | None = None
-    """Where the in-context examples come from (e.g. the training file); records with a scored prompt are skipped."""
-    seed: int = 0
-    """Seed of the few-shot draw."""
-    num_beams: int = 1
-    """1 = greedy decoding; more = beam search."""
-    max_new_tokens: int = 64
-    batch_size: int = 8
-    max_length: int = 512
-    """Tokens per example for perplexity (longer examples are cut, `lm` text is chunked to this)."""
-    dtype: str = "float32"
-    """float32 or bfloat16 weights."""
-    device: str = "cpu"
-    """auto, cpu, cuda or cuda:N."""
-    threads: int = 0
-    """torch CPU threads (0 = torch's default, one per core); 1 is faster on a machine other jobs keep busy."""
-    samples: int = 8
-    """Examples shown side by side in the report."""
-    output: str = "runs/eval"
-    """Folder for results.json, predictions.jsonl, report.md, report.html and the plots."""
+    data: str = opt(None, "records to score, e.g. a dev split (never the official test)", required=True)
+    recipe: str | None = opt(None, "task recipe (e2e, sst2, conll2003, squad, ...); lm or none: perplexity of the "
+                                   "data file in its detected format")
+    model: str | None = opt(None, f"base model (default: the first adapter's base, else {DEFAULT_MODEL})")
+    adapters: tuple[str, ...] = opt((), "adapter folder to compare; repeat for several, each evaluated on its base "
+                                        "(--model if given, else its adapter_config's), one session per base",
+                                    flag="adapter", action="append", metavar="DIR")
+    task: str | None = opt(None, "generate and score with the recipe's metric, or text: perplexity (default: text "
+                                 "for the lm recipe and for no recipe, else generate)", choices=TASKS)
+    columns: dict[str, str] | None = opt(None, "field renames, ours=theirs: text=sentence")
+    file_format: str | None = opt(None, "reader when the suffix does not say: jsonl, json, csv, tsv, text, conll "
+                                        "(also for --few-shot-data)")
+    data_format: str | None = opt(None, "record shape for --task text without a recipe (text, text_chunks, "
+                                        "instruction, ...; default: detected)")
+    max_examples: int = opt(0, "score the first N examples (0 = all; records sharing an input count once for "
+                               "BLEU/ROUGE/QA)")
+    few_shot: int = opt(0, "also score the base model with K in-context examples from --few-shot-data", metavar="K")
+    few_shot_data: str | None = opt(None, "where the K examples come from, e.g. the training file (records with a "
+                                          "scored prompt are skipped)", metavar="FILE")
+    seed: int = opt(0, "seed of the few-shot draw")
+    num_beams: int = opt(1, "1 = greedy; more = beam search")
+    max_new_tokens: int = opt(64, "tokens generated per answer at most")
+    batch_size: int = opt(8, "prompts generated together (left-padded)")
+    max_length: int = opt(512, "text task: tokens per example (longer ones are cut, lm text is chunked to this)")
+    dtype: str = opt("float32", "float32, bfloat16, or auto: bfloat16 where this CPU/GPU runs it natively",
+                     choices=DTYPES)
+    device: str = opt("cpu", "auto, cpu, cuda or cuda:N")
+    threads: int = opt(0, "torch CPU threads (0 = torch's default, one per core); 1 is faster on a machine other "
+                          "jobs keep busy")
+    samples: int = opt(8, "examples shown side by side in the report")
+    output: str = opt("runs/eval", "folder for results.json, predictions.jsonl, report.md, report.html and plots")
 
     def __post_init__(self) -> None:
+        if not self.data:
+            raise LoraforgeError("eval needs the records to score: --data FILE (a dev split)")
+        object.__setattr__(self, "adapters", tuple(self.adapters or ()))  # flags arrive as a list, or None
+        if isinstance(self.columns, str):
+            object.__setattr__(self, "columns", parse_mapping(self.columns))
         task = self.task or ("text" if self.recipe in (None, "lm") else "generate")
         if task not in TASKS:
             raise LoraforgeError(f"unknown task {self.task!r}; choose one of: {', '.join(TASKS)}")

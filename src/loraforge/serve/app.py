@@ -17,37 +17,20 @@ import hmac
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from loraforge.config import DEFAULT_MODEL
 from loraforge.data.chat import chat_prompt_ids, read_system_prompt
 from loraforge.errors import LoraforgeError
 from loraforge.infer.session import InferenceSession
 from loraforge.infer.store import AdapterStore
+from loraforge.options import ServeOptions
 from loraforge.serve.protocol import BadField, ChatBody, CompletionBody, error_body, new_id, now, usage
 from loraforge.serve.text import TextStream
 from loraforge.serve.worker import EngineWorker, Job, QueueFull
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    """How the server runs (the CLI's `serve` flags)."""
-
-    model_name: str
-    """The id clients use for the base model (`model` in requests, `/v1/models`)."""
-    api_key: str | None = None
-    """Bearer key for every /v1 and /admin route (None: open, loopback only; admin routes then refuse)."""
-    max_batch: int = 16
-    """Requests decoded together."""
-    max_queue: int = 64
-    """Requests waiting for a row beyond those; more get 429."""
-    max_tokens_cap: int = 2048
-    """Largest max_tokens a request may ask for."""
-    max_body_bytes: int = 1 << 20
-    """Largest request body; more gets 413."""
 
 
 class ApiError(Exception):
@@ -57,9 +40,12 @@ class ApiError(Exception):
         self.status, self.body, self.headers = status, error_body(message, type_, code, param), headers
 
 
-def create_app(session: InferenceSession, store: AdapterStore | None, settings: ServeSettings) -> FastAPI:
-    worker = EngineWorker(session, store, max_batch=settings.max_batch, max_queue=settings.max_queue)
+def create_app(session: InferenceSession, store: AdapterStore | None, options: ServeOptions) -> FastAPI:
+    """The app serving `session` (and `store`'s adapters) as `options` say: the base's name is `options.model` (or
+    the default model's), and the key is `options.api_key` (None: open, loopback only; admin routes then refuse)."""
+    worker = EngineWorker(session, store, max_batch=options.max_batch, max_queue=options.max_queue)
     context = worker.engine.max_positions
+    base_name, cap = options.model or DEFAULT_MODEL, options.max_tokens_cap
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -71,7 +57,7 @@ def create_app(session: InferenceSession, store: AdapterStore | None, settings: 
     app.state.worker = worker
 
     counts: dict[int, int] = {}  # responses by status code, for /metrics
-    app.add_middleware(Guard, settings=settings, counts=counts)
+    app.add_middleware(Guard, api_key=options.api_key, max_body_bytes=options.max_body_kb * 1024, counts=counts)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
@@ -86,10 +72,10 @@ def create_app(session: InferenceSession, store: AdapterStore | None, settings: 
 
     def resolve(model: str) -> str | None:
         """The adapter a request's `model` names (None: the base); 404 for anything else."""
-        if model in (settings.model_name, session.base):
+        if model in (base_name, session.base):
             return None
         if store is None:
-            raise ApiError(404, f"the model {model!r} does not exist; this server serves {settings.model_name!r} "
+            raise ApiError(404, f"the model {model!r} does not exist; this server serves {base_name!r} "
                                 "(start it with --adapters DIR to serve adapters)", code="model_not_found",
                            param="model")
         try:
@@ -103,14 +89,14 @@ def create_app(session: InferenceSession, store: AdapterStore | None, settings: 
         """max_tokens for this prompt: the request's, or what fits; 400 when the request cannot fit."""
         if not prompt:
             raise ApiError(400, "the prompt is empty: give at least one token to continue", param=param)
-        room = context - len(prompt) if context else settings.max_tokens_cap
+        room = context - len(prompt) if context else cap
         if room < 1:
             raise ApiError(400, f"the prompt has {len(prompt)} tokens; this model's context is {context}",
                            code="context_length_exceeded", param=param)
         if wanted is None:
-            return min(room, settings.max_tokens_cap) if default_cap else min(16, room)
-        if wanted > settings.max_tokens_cap:
-            raise ApiError(400, f"max_tokens {wanted} is over this server's cap of {settings.max_tokens_cap}",
+            return min(room, cap) if default_cap else min(16, room)
+        if wanted > cap:
+            raise ApiError(400, f"max_tokens {wanted} is over this server's cap of {cap}",
                            param="max_tokens")
         if wanted > room:
             raise ApiError(400, f"prompt ({len(prompt)} tokens) + max_tokens ({wanted}) exceeds the model's context "
@@ -135,11 +121,11 @@ def create_app(session: InferenceSession, store: AdapterStore | None, settings: 
     @app.get("/v1/models")
     async def models():
         created = now()
-        data = [{"id": settings.model_name, "object": "model", "created": created, "owned_by": "loraforge",
+        data = [{"id": base_name, "object": "model", "created": created, "owned_by": "loraforge",
                  "root": session.base, "parent": None}]
         for name in store.names() if store else []:
             data.append({"id": name, "object": "model", "created": created, "owned_by": "loraforge",
-                         "root": name, "parent": settings.model_name})
+                         "root": name, "parent": base_name})
         return {"object": "list", "data": data}
 
     @app.post("/v1/completions")
@@ -372,8 +358,8 @@ class Guard:
     """ASGI middleware in front of every route: the API key, the body-size cap (413, read before any parsing; a
     body without Content-Length is buffered up to the cap), and the count of responses by status for /metrics."""
 
-    def __init__(self, app, settings: ServeSettings, counts: dict[int, int]):
-        self.app, self.settings, self.counts = app, settings, counts
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, counts: dict[int, int]):
+        self.app, self.api_key, self.cap, self.counts = app, api_key, max_body_bytes, counts
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -386,9 +372,9 @@ class Guard:
 
         headers = dict(scope["headers"])
         try:
-            path, cap = scope["path"], self.settings.max_body_bytes
+            path, cap = scope["path"], self.cap
             if path.startswith(("/v1/", "/admin/", "/metrics")):
-                _check_key(headers.get(b"authorization", b"").decode("latin-1"), self.settings.api_key,
+                _check_key(headers.get(b"authorization", b"").decode("latin-1"), self.api_key,
                            admin=path.startswith("/admin/"))
             length = headers.get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > cap):

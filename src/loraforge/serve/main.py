@@ -5,6 +5,7 @@ requests in flight finish, then the engine thread stops and the process exits 0.
 """
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -12,7 +13,7 @@ import signal
 import socket
 
 from loraforge.errors import LoraforgeError
-from loraforge.serve.app import ServeSettings, create_app
+from loraforge.serve.app import create_app
 
 log = logging.getLogger("loraforge")
 KEY_ENV = "LORAFORGE_API_KEY"
@@ -59,9 +60,7 @@ def serve(options) -> int:
     name = o.model or DEFAULT_MODEL
     session = InferenceSession.open(name, dtype=o.dtype, device=o.device)
     store = AdapterStore(o.adapters, session, max_resident_mb=o.max_resident_mb) if o.adapters else None
-    settings = ServeSettings(model_name=name, api_key=api_key, max_batch=o.max_batch, max_queue=o.max_queue,
-                             max_tokens_cap=o.max_tokens_cap, max_body_bytes=o.max_body_kb * 1024)
-    app = create_app(session, store, settings)
+    app = create_app(session, store, dataclasses.replace(o, api_key=api_key))
     bound_host, bound_port = sock.getsockname()[:2]
     log.info("serving %s%s on http://%s:%d/v1 (key %s)", name,
              f" and the adapters in {o.adapters}" if o.adapters else "", bound_host, bound_port,
