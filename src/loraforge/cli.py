@@ -70,9 +70,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise LoraforgeError(re.sub(r"option '(\w+)'", lambda m: f"--{m.group(1).replace('_', '-')}"
                                         if m.group(1) in flags else m.group(0), str(err))) from None
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:  # start torchrun, which runs this command N times
-        if cfg.batch_size % args.nproc:
-            raise LoraforgeError(f"--batch-size {cfg.batch_size} is the global batch: it must divide by --nproc "
-                                 f"{args.nproc}; use a multiple of {args.nproc}")
+        from loraforge.train.distributed import check_global_batch
+
+        check_global_batch(cfg.batch_size, args.nproc)  # here, so that a mistake fails once, not in every rank
         return _torchrun(args.nproc, args.argv)
     result = train(cfg, resume=bool(args.resume), progress=not args.quiet)
     if cfg.per_user:
@@ -101,7 +101,7 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
             rest.append(arg)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
            "--", "loraforge", *rest]  # "--": torchrun's parser must not read our flags (--r would look like its --role)
-    logging.getLogger("loraforge").info("starting %d processes: %s", nproc, " ".join(cmd[1:]))
+    log.info("starting %d processes: %s", nproc, " ".join(cmd[1:]))
     return subprocess.call(cmd)
 
 

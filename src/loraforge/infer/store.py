@@ -7,7 +7,7 @@ that no request holds until it fits. A file that does not fit the base is refuse
 model is left as it was.
 
 A server replaces an adapter while requests are decoding on it (`replace`): the new weights go into the session under
-a new resident name (`alice@2`; `@` is never part of an adapter name), new requests get it (`resident_name`), and
+a new resident name (`alice@2`; `@` is never part of an adapter name), new requests get it (`current`), and
 requests already in flight keep the old weights until they finish and `collect` drops them.
 """
 from __future__ import annotations
@@ -84,23 +84,18 @@ class AdapterStore:
                 keep.add(name)
         return [None if n is None else self.current[n] for n in names]
 
-    def resident_name(self, name: str) -> str | None:
-        """The resident name new requests on adapter `name` use, None when it is not resident."""
-        return self.current.get(name)
-
     def replace(self, name: str, *, pinned: Iterable[str] = ()) -> str:
         """Read adapter `name` from disk again (its files were replaced); its new resident name. When no request in
         `pinned` uses the old weights they are replaced in place; otherwise the new ones load beside them."""
-        old = self.current.get(name)
-        pinned = set(pinned)
-        if old is None or old not in pinned:
-            resident = old or name
-        else:
+        old, pinned = self.current.get(name), set(pinned)
+        if old is not None and old in pinned:  # in flight: the new weights go under a new resident name
             self._versions[name] = self._versions.get(name, 1) + 1
             resident = f"{name}@{self._versions[name]}"
-        if old is None or resident != old:
             self.current[name] = self._load(name, resident, pinned | {resident})
             return resident
+        if old is None:
+            self.current[name] = self._load(name, name, pinned | {name})
+            return name
         nbytes = self.resident.pop(old)  # replaced in place: its bytes are counted again by _load
         try:
             self._load(name, old, pinned | {old})

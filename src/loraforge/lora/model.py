@@ -60,6 +60,11 @@ class ParamReport:
                 f" vs full fine-tuning {self.full_ft_memory_bytes / gb:.2f} GiB")
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """`t` whole: a tensor sharded by FSDP2 (a DTensor) is gathered, a collective every rank must call."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 class LoraModel:
     """A transformers model with one LoRA adapter injected, and the config that made it."""
 
@@ -115,9 +120,7 @@ class LoraModel:
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter as PEFT saves it: `base_model.model.<path>.lora_A.weight` and so on."""
-        # a parameter sharded by FSDP2 (a DTensor) is gathered whole: a collective, so every rank calls this
-        return {PEFT_PREFIX + k: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
-                for k, p in self.adapter_parameters().items()}
+        return {PEFT_PREFIX + k: whole(p).detach() for k, p in self.adapter_parameters().items()}
 
     def report(self) -> ParamReport:
         params = self.adapter_parameters()

@@ -18,6 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from loraforge.errors import LoraforgeError
 from loraforge.lora import LoraModel, save_adapter
+from loraforge.lora.model import whole
+from loraforge.train.distributed import Dist
 from loraforge.lora.adapter import ADAPTER_WEIGHTS
 
 CHECKPOINTS = "checkpoints"
@@ -51,41 +53,41 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(output: Path, lm: LoraModel, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, state: TrainerState, keep: int, *,
-                    rank: int = 0, world: int = 1) -> Path:
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, state: TrainerState, keep: int,
+                    dist: Dist = Dist()) -> Path:
     """Write `checkpoints/step-N` atomically, then drop all but the newest `keep` step folders. Under torchrun every
     rank calls it: each writes its own RNG state (`rng-rank-R.safetensors`, beside the folder until rank 0 moves it
-    in), rank 0 the rest; the caller puts a barrier after it."""
+    in), rank 0 the rest; every rank returns once the folder is complete."""
     root = output / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step}"
     tmp = root / f".tmp-step-{state.step}"
     adapter = lm.adapter_state_dict()  # on every rank: FSDP2's shards are gathered here
     tensors, groups = _optimizer_tensors(optimizer)
-    if world > 1:
-        save_file(_rng_tensors(), root / f".rng-step-{state.step}-rank-{rank}.safetensors")
-        _barrier()
-    if rank != 0:
-        return final
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_adapter(lm, tmp, adapter)
-    tensors.update(_rng_tensors())
-    save_file(tensors, tmp / TENSORS_FILE)
-    for r in range(1, world):
-        os.replace(root / f".rng-step-{state.step}-rank-{r}.safetensors", tmp / f"rng-rank-{r}.safetensors")
-    state.scheduler = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    state.param_groups = groups
-    (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1) + "\n", encoding="utf-8")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():  # a re-run of the same step after a resume: replace it whole
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(root)
-    for old in list_checkpoints(output)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if dist.world > 1:
+        save_file(_rng_tensors(), root / f".rng-step-{state.step}-rank-{dist.rank}.safetensors")
+        dist.barrier()
+    if dist.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_adapter(lm, tmp, adapter)
+        tensors.update(_rng_tensors())
+        save_file(tensors, tmp / TENSORS_FILE)
+        for r in range(1, dist.world):
+            os.replace(root / f".rng-step-{state.step}-rank-{r}.safetensors", tmp / f"rng-rank-{r}.safetensors")
+        state.scheduler = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+        state.param_groups = groups
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1) + "\n", encoding="utf-8")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # a re-run of the same step after a resume: replace it whole
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        for old in list_checkpoints(output)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()  # the folder is complete before any rank goes on
     return final
 
 
@@ -102,12 +104,6 @@ def _set_rng(tensors: dict[str, torch.Tensor]) -> None:
     cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.torch_cuda."))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    dist.barrier()
 
 
 def list_checkpoints(output: Path) -> list[Path]:
@@ -146,7 +142,7 @@ def load_checkpoint(path: Path, lm: LoraModel, optimizer: torch.optim.Optimizer,
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """AdamW's state as whole tensors (FSDP2's sharded moments gathered: a collective, every rank calls it)."""
     sd = optimizer.state_dict()
-    tensors = {f"state.{idx}.{name}": _whole(t).detach().cpu().contiguous()
+    tensors = {f"state.{idx}.{name}": whole(t).detach().cpu().contiguous()
                for idx, entries in sd["state"].items() for name, t in entries.items()}
     return tensors, sd["param_groups"]
 
@@ -162,10 +158,6 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], groups: list[dict], optim
             param = params[int(idx)]
             state.setdefault(int(idx), {})[name] = _like(value, param) if value.shape == param.shape else value
     return {"state": state, "param_groups": groups}
-
-
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

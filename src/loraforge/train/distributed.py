@@ -54,6 +54,13 @@ class Dist:
             dist.barrier()
 
 
+def check_global_batch(batch_size: int, world: int) -> None:
+    """--batch-size is the global batch: each of the `world` processes takes an equal share of it."""
+    if batch_size % world:
+        raise LoraforgeError(f"--batch-size {batch_size} is the global batch: it must divide by the {world} "
+                             f"processes; use a multiple of {world}")
+
+
 def setup(device: str = "cpu") -> Dist:
     """Join the process group when started by torchrun (WORLD_SIZE > 1); the rank's device. Idempotent."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

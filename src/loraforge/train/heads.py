@@ -21,9 +21,10 @@ from loraforge.data.encode import PEFT_TASK_TYPES, HeadSpec, collate_head
 from loraforge.data.split import sample_few_shot, train_val_split
 from loraforge.errors import LoraforgeError
 from loraforge.heads import run_head, score_head
-from loraforge.lora import LoraConfig, LoraModel
+from loraforge.lora import LoraModel
 from loraforge.models import load_encoder_with_head, require_encoder
 from loraforge.train.distributed import Dist
+from loraforge.train.run import inject
 
 log = logging.getLogger("loraforge")
 
@@ -95,9 +96,7 @@ class HeadTask:
         return cls(cfg, model.to(dist.device), tokenizer, spec, train_set, val_set), stats
 
     def inject(self, cfg: TrainConfig, output: Path, resume: bool, dist: Dist) -> LoraModel:
-        lm = LoraModel(self.model, LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                              target_modules=cfg.target_modules, task_type=PEFT_TASK_TYPES[cfg.task],
-                                              base_model_name_or_path=cfg.model))
+        lm = inject(self.model, cfg, PEFT_TASK_TYPES[cfg.task])
         if not lm.saved_modules:
             raise LoraforgeError(f"{type(self.model).__name__} has no head named "
                                  f"{' or '.join(lm.config.modules_to_save)} to train; loraforge knows the heads "

@@ -28,18 +28,18 @@ from loraforge.data.chat import write_system_prompt
 from loraforge.data.packing import collate_packed, pack, packing_supported
 from loraforge.data.split import train_val_split
 from loraforge.errors import LoraforgeError
-from loraforge.lora import LoraConfig, LoraModel
+from loraforge.lora import LoraModel
 from loraforge.lora.adapter import is_adapter_name
 from loraforge.models import load_model
 from loraforge.train import checkpoint as ckpt
-from loraforge.train.distributed import Dist, no_sync, setup, wrap
+from loraforge.train.distributed import Dist, check_global_batch, no_sync, setup, wrap
 from loraforge.train.kernels import packed_attention_on, packed_attention_supported, patched_for_training
 from loraforge.train.loss import CausalLMLoss, learned_token_count
 from loraforge.train.observe import summary_screen
 from loraforge.train.runtime import CpuShare
 from loraforge.train.run import (CONFIG_FILE, SUMMARY_FILE, TrainingInterrupted, TrainResult, batch_order,
-                                 check_paths, checkpoint_or_stop, finish_run, finish_step, resume_config, start,
-                                 stop_on_signals, track_best)
+                                 check_paths, checkpoint_or_stop, finish_run, finish_step, inject, resume_config,
+                                 start, stop_on_signals, track_best)
 
 log = logging.getLogger("loraforge")
 __all__ = ["CONFIG_FILE", "SUMMARY_FILE", "TrainResult", "TrainingInterrupted", "batch_order", "evaluate", "fit",
@@ -118,9 +118,7 @@ def fit(cfg: TrainConfig, task, stats, output: Path, dist: Dist = Dist(), *, res
     log.info("%s", lm.report())
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.batch_size % dist.world:
-        raise LoraforgeError(f"--batch-size {cfg.batch_size} is the global batch: it must divide by the "
-                             f"{dist.world} processes; use a multiple of {dist.world}")
+    check_global_batch(cfg.batch_size, dist.world)
     cfg = plan_steps(cfg, len(task.rows))
     cpu_share = CpuShare() if not cfg.threads and dist.world == 1 else contextlib.nullcontext()
     with stop_on_signals() as stop, task.training(), cpu_share as cpus:  # lean forwards patched in before wrapping
@@ -200,9 +198,7 @@ class CausalTask:
         self.best_scores: dict = {}
 
     def inject(self, cfg: TrainConfig, output: Path, resume: bool, dist: Dist) -> LoraModel:
-        return LoraModel(self.model, LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                                target_modules=cfg.target_modules, task_type="CAUSAL_LM",
-                                                base_model_name_or_path=cfg.model))
+        return inject(self.model, cfg, "CAUSAL_LM")
 
     def layers(self) -> list[torch.nn.Module]:
         """The decoder layers, each sharded on its own under FSDP2."""

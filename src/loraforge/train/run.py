@@ -23,7 +23,7 @@ from torch import nn
 from loraforge.config import TrainConfig, build_config, load_yaml
 from loraforge.data import read_records
 from loraforge.errors import LoraforgeError
-from loraforge.lora import LoraModel, save_adapter
+from loraforge.lora import LoraConfig, LoraModel, save_adapter
 from loraforge.lora.adapter import ADAPTER_WEIGHTS, atomic_write
 from loraforge.train import checkpoint as ckpt
 from loraforge.train.distributed import Dist
@@ -88,6 +88,13 @@ def resume_config(output: str | Path, overrides: dict) -> TrainConfig:
     if not path.is_file():
         raise LoraforgeError(f"--resume {output}: no {CONFIG_FILE} there; give the output folder of a started run")
     return build_config(TrainConfig, {**load_yaml(path), **overrides, "output": str(output)}, source=str(path))
+
+
+def inject(model: nn.Module, cfg: TrainConfig, task_type: str) -> LoraModel:
+    """LoRA layers as `cfg` says (rank, alpha, dropout, targets) into `model`, saved with PEFT's `task_type`."""
+    return LoraModel(model, LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                       target_modules=cfg.target_modules, task_type=task_type,
+                                       base_model_name_or_path=cfg.model))
 
 
 def check_paths(cfg: TrainConfig, resume: bool) -> Path:
@@ -180,8 +187,7 @@ def checkpoint_or_stop(run: Run, signum: int | None) -> None:
     cfg, state = run.cfg, run.state
     if (cfg.save_every and state.step % cfg.save_every == 0) or signum:
         ckpt.save_checkpoint(run.output, run.lm, run.optimizer, run.scheduler, state, cfg.keep_checkpoints,
-                             rank=run.dist.rank, world=run.dist.world)
-        run.dist.barrier()  # every rank's RNG file is in before anyone goes on
+                             run.dist)
     if signum:
         raise TrainingInterrupted(
             f"stopped by {signal.Signals(signum).name} after step {state.step}; checkpoint written to "
