@@ -13,8 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from loraforge.config import (DEFAULT_MODEL, TrainConfig, build_config, load_yaml, parse_bool, parse_mapping,
-                              parse_targets)
+from loraforge.config import DEFAULT_MODEL, TrainConfig, build_config, load_yaml, parse_bool, parse_mapping
 from loraforge.errors import LoraforgeError
 from loraforge.options import (DemoOptions, GenerateOptions, InspectOptions, MergeOptions, PredictOptions,
                                ServeOptions, from_namespace)
@@ -126,7 +125,7 @@ def _one(values: list[str] | None, flag: str, why: str) -> str | None:
     return values[0] if values else None
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
+def _cmd_generate(args: GenerateOptions) -> int:
     from loraforge.infer import InferenceSession, SamplingParams, generate_many
     from loraforge.infer.store import AdapterStore
 
@@ -153,7 +152,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_inspect(args: argparse.Namespace) -> int:
+def _cmd_inspect(args: InspectOptions) -> int:
     from loraforge.lora import LoraConfig, LoraModel
     from loraforge.models import describe_modules, load_model
 
@@ -169,7 +168,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_merge(args: argparse.Namespace) -> int:
+def _cmd_merge(args: MergeOptions) -> int:
     import shutil
     import tempfile
 
@@ -196,7 +195,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_predict(args: argparse.Namespace) -> int:
+def _cmd_predict(args: PredictOptions) -> int:
     from loraforge.infer.predict import predict_file
 
     columns = parse_mapping(args.columns) if args.columns else None
@@ -226,14 +225,14 @@ def _cmd_eval(cfg) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+def _cmd_demo(args: DemoOptions) -> int:
     from loraforge.demo import run_demo
 
     run_demo(steps=args.steps, output=Path(args.output))
     return 0
 
 
-def _cmd_serve(options) -> int:
+def _cmd_serve(options: ServeOptions) -> int:
     from loraforge.serve.main import serve
 
     return serve(options)
