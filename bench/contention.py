@@ -33,14 +33,20 @@ VARIANTS = {  # label: (environment, extra flags)
 }
 
 
-def one_run(env: dict[str, str], flags: list[str], steps: int, out: Path) -> float:
-    """Median seconds per step (steps 2..) of a short training run in a fresh process."""
+def demo_train_command(out: Path, steps: int, *flags: str) -> list[str]:
+    """`loraforge train` on the demo's data and LoRA setup, for `steps` steps into `out`, with `flags` added (the
+    benchmarks that train the demo's setup share it: this one and bench/distributed.py)."""
     from loraforge.demo import sample_path
 
-    cmd = [sys.executable, "-m", "loraforge", "-q", "train", "--data", str(sample_path("e2e_demo.jsonl")),
-           "--output", str(out), "--max-steps", str(steps), "--batch-size", "8", "--r", "16", "--lora-alpha", "32",
-           "--target-modules", "all-linear", "--lr", "1e-3", "--max-length", "128", "--seed", "0", *flags]
-    subprocess.run(cmd, check=True, env={**os.environ, **env}, stdout=subprocess.DEVNULL)
+    return [sys.executable, "-m", "loraforge", "-q", "train", "--data", str(sample_path("e2e_demo.jsonl")),
+            "--output", str(out), "--max-steps", str(steps), "--batch-size", "8", "--r", "16", "--lora-alpha", "32",
+            "--target-modules", "all-linear", "--lr", "1e-3", "--max-length", "128", "--seed", "0", *flags]
+
+
+def one_run(env: dict[str, str], flags: list[str], steps: int, out: Path) -> float:
+    """Median seconds per step (steps 2..) of a short training run in a fresh process."""
+    subprocess.run(demo_train_command(out, steps, *flags), check=True, env={**os.environ, **env},
+                   stdout=subprocess.DEVNULL)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     seconds = [row["seconds"] for row in rows if "loss" in row]
     return statistics.median(b - a for a, b in zip(seconds[:-1], seconds[1:]))

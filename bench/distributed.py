@@ -18,14 +18,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from contention import demo_train_command  # noqa: E402  (the demo's training command, shared)
+
 
 def run(out: Path, steps: int, nproc: int, strategy: str = "ddp") -> dict:
-    from loraforge.demo import sample_path
-
-    cmd = [sys.executable, "-m", "loraforge", "-q", "train", "--data", str(sample_path("e2e_demo.jsonl")),
-           "--output", str(out), "--max-steps", str(steps), "--batch-size", "8", "--r", "16", "--lora-alpha", "32",
-           "--target-modules", "all-linear", "--lr", "1e-3", "--max-length", "128", "--seed", "0", "--dtype",
-           "float32", "--lora-dropout", "0", "--threads", "1", "--nproc", str(nproc), "--strategy", strategy]
+    cmd = demo_train_command(out, steps, "--dtype", "float32", "--lora-dropout", "0", "--threads", "1", "--nproc",
+                             str(nproc), "--strategy", strategy)
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
     return json.loads((out / "train_summary.json").read_text())
 
