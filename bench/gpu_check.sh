@@ -2,39 +2,79 @@
 # The one place for GPU checks: everything loraforge claims on a CUDA GPU, in under 8 minutes on one GPU.
 #
 #   bash bench/gpu_check.sh            # from the repository root, with the venv built (make install)
+#   bash bench/gpu_check.sh tests big  # some sections: tests small small-matched big big-matched
 #
 # 1. the CUDA-marked tests (tests/test_cuda.py): golden losses, a PEFT round trip and the decode engine on the GPU;
 # 2. training tokens/s and peak GPU memory against PEFT + transformers Trainer on the same GPU, same config:
-#    the default model, then a 1B-class Llama built from random weights (no bigger model is on disk);
+#    a. the default model (SmolLM2-135M); where its GGUF is not installed, its architecture with random weights,
+#       built from ARCH (a folder with its config.json and tokenizer): speed and memory depend on shapes only;
+#    b. a 1B-class Llama built from random weights (no bigger model is on disk).
 # Later capabilities (QLoRA, serving) add their GPU checks here.
-set -euo pipefail
-PY=${PY:-.venv/bin/python}
-export HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+#
+# Environment: PY (the python; default .venv/bin/python, else python3), ARCH (see 2a), ALPACA (the alpaca_zh_en
+# folder; default ../shared/data/alpaca_zh_en). Every section runs; the script fails at the end if any failed.
+set -uo pipefail
+if [ -z "${PY:-}" ]; then
+    if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+export HF_HUB_OFFLINE=1 PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+ALPACA=${ALPACA:-../shared/data/alpaca_zh_en}
+WORK=$(mktemp -d)
+FAILED=()
+section() { echo; echo "== $1"; }
+check() { "$@" || FAILED+=("$*"); }
 
-echo "== 1. CUDA tests"
-$PY -m pytest -q -m cuda tests/test_cuda.py
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import torch, transformers, peft; print('torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
 
-echo "== 2a. training throughput and peak memory vs PEFT + Trainer: default model"
-$PY bench/train_throughput.py --device cuda --steps 30 --batch-size 16 --max-length 512
+want() { [ ${#SECTIONS[@]} -eq 0 ] || [[ " ${SECTIONS[*]} " == *" $1 "* ]]; }
+SECTIONS=("$@")
 
-echo "== 2b. the same on a 1B-class Llama (random weights, SmolLM2's tokenizer)"
-BIG=$(mktemp -d)/llama-1b
-$PY - "$BIG" <<'PY'
-import sys
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from loraforge.models import DEFAULT_MODEL, resolve_model
+if want tests; then
+    section "1. CUDA tests"
+    check $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
+fi
 
-tok = AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL))
-config = LlamaConfig(vocab_size=len(tok), hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                     num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
-                     tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-with torch.device("cuda"):
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-print(f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters")
-model.save_pretrained(sys.argv[1])
-tok.save_pretrained(sys.argv[1])
-PY
-$PY bench/train_throughput.py --device cuda --model "$BIG" --steps 20 --batch-size 8 --max-length 512 \
-    --targets all-linear
+# The default model, or its architecture with random weights
+if $PY -c "from loraforge.models import DEFAULT_MODEL, resolve_model; resolve_model(DEFAULT_MODEL)" 2>/dev/null; then
+    SMALL=""
+else
+    SMALL=$WORK/smollm2-135m-random
+    if want small || want small-matched || want big || want big-matched; then
+        check $PY bench/random_model.py --like "${ARCH:?the default model is not installed: set ARCH to a folder with its config.json and tokenizer}" --output "$SMALL"
+    fi
+fi
+SMALL_ARGS=(--device cuda --alpaca "$ALPACA" --steps 30 --batch-size 16 --max-length 512 ${SMALL:+--model "$SMALL" --no-eval})
+# loraforge packs 16 rows of 512 tokens (~8,050 real tokens a step); PEFT pads each example (~106 real tokens on
+# average): 76 examples a step give it the same real tokens, and Trainer's length grouping keeps its padding low.
+if want small; then
+    section "2a. training tokens/s and peak GPU memory vs PEFT + Trainer: the default model, the same batch"
+    check $PY bench/train_throughput.py "${SMALL_ARGS[@]}"
+fi
+if want small-matched; then
+    section "2a'. the same, PEFT given as many real tokens a step (76 examples, length-grouped)"
+    check $PY bench/train_throughput.py "${SMALL_ARGS[@]}" --targets all-linear --peft-batch-size 76 \
+        --peft-sampling group_by_length
+fi
+
+BIG=$WORK/llama-1b
+if want big || want big-matched; then
+    section "2b. a 1B-class Llama (random weights, the default model's tokenizer)"
+    check $PY bench/random_model.py --size 1b ${ARCH:+--like "$ARCH"} ${SMALL:+--like "$SMALL"} --output "$BIG"
+fi
+BIG_ARGS=(--device cuda --alpaca "$ALPACA" --model "$BIG" --no-eval --steps 20 --batch-size 8 --max-length 512
+          --targets all-linear)
+if want big; then
+    section "2b. the 1B model, the same batch"
+    check $PY bench/train_throughput.py "${BIG_ARGS[@]}"
+fi
+if want big-matched; then
+    section "2b'. the 1B model, PEFT given as many real tokens a step (38 examples, length-grouped)"
+    check $PY bench/train_throughput.py "${BIG_ARGS[@]}" --peft-batch-size 38 --peft-sampling group_by_length
+fi
+
+rm -rf "$WORK"
+if [ ${#FAILED[@]} -gt 0 ]; then
+    echo; echo "FAILED:"; printf '  %s\n' "${FAILED[@]}"; exit 1
+fi
+echo; echo "gpu_check: all sections passed"

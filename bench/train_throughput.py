@@ -25,15 +25,15 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-DATA = HERE.parent.parent / "shared" / "data" / "alpaca_zh_en"
+ALPACA = HERE.parent.parent / "shared" / "data" / "alpaca_zh_en"
 N_TRAIN, N_EVAL = 2000, 64
 
 
-def write_alpaca(folder: Path) -> tuple[Path, Path]:
+def write_alpaca(folder: Path, source: Path = ALPACA) -> tuple[Path, Path]:
     """English Alpaca records as loraforge instruction JSONL: train from part 0, eval from part 1 (records with an
     empty output, a handful, are left out)."""
     def convert(part: str, n: int, path: Path) -> Path:
-        rows = [r for r in json.loads((DATA / part).read_text(encoding="utf-8")) if r["en_output"].strip()][:n]
+        rows = [r for r in json.loads((source / part).read_text(encoding="utf-8")) if r["en_output"].strip()][:n]
         with open(path, "w", encoding="utf-8") as fh:
             for r in rows:
                 fh.write(json.dumps({"instruction": r["en_instruction"], "input": r["en_input"],
@@ -100,7 +100,8 @@ def run_peft(a: argparse.Namespace) -> dict:
             if logs and "loss" in logs:
                 StepTimer.losses.append(logs["loss"])
 
-    args = TrainingArguments(output_dir=a.out + "_trainer", per_device_train_batch_size=a.batch_size,
+    args = TrainingArguments(output_dir=a.out + "_trainer", per_device_train_batch_size=a.peft_batch_size,
+                             train_sampling_strategy=a.peft_sampling,
                              max_steps=a.steps, learning_rate=a.lr, lr_scheduler_type="cosine", warmup_steps=0,
                              bf16=True, use_cpu=not cuda, logging_steps=1, save_strategy="no", report_to=[], seed=0,
                              dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
@@ -117,7 +118,8 @@ def run_peft(a: argparse.Namespace) -> dict:
 def spawn(side: str, targets: str, data: Path, out: Path, a: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--targets", targets, "--data", str(data), "--out", str(out),
            "--steps", str(a.steps), "--batch-size", str(a.batch_size), "--max-length", str(a.max_length),
-           "--lr", str(a.lr), "--device", a.device] + (["--model", a.model] if a.model else [])
+           "--lr", str(a.lr), "--device", a.device, "--peft-batch-size", str(a.peft_batch_size),
+           "--peft-sampling", a.peft_sampling] + (["--model", a.model] if a.model else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode != 0:
         sys.exit(f"{side} worker failed:\n{proc.stderr[-3000:]}")
@@ -137,13 +139,16 @@ def eval_loss(adapter: Path, eval_file: Path, max_length: int, model_name: str |
     return evaluate(model, examples, 8, pad_id_for(tokenizer))
 
 
-def model_flops(tokens: int, trainable_targets: str) -> float:
+def model_flops(tokens: int, trainable_targets: str, model_name: str | None = None) -> float:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     from loraforge.config import parse_targets
     from loraforge.lora import LoraConfig, LoraModel
-    from loraforge.models import DEFAULT_MODEL, load_model
+    from loraforge.models import DEFAULT_MODEL, resolve_model
     from loraforge.train.observe import train_flops
 
-    model, _ = load_model(DEFAULT_MODEL)
+    with torch.device("meta"):  # shapes only: no weights are read or allocated
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model(model_name or DEFAULT_MODEL)))
     lm = LoraModel(model, LoraConfig(r=16, lora_alpha=32, target_modules=parse_targets(trainable_targets)))
     # every real token counted as passing the head: an upper bound that favours neither side
     return train_flops(model, lm.report().trainable, tokens, tokens)
@@ -155,13 +160,21 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--peft-batch-size", type=int, help="PEFT's examples a step (default: --batch-size). loraforge "
+                   "packs --batch-size rows of --max-length tokens; PEFT pads each example, so a token-matched "
+                   "comparison gives it more examples a step")
+    p.add_argument("--peft-sampling", default="random", choices=["random", "group_by_length"],
+                   help="Trainer's train_sampling_strategy (group_by_length pads less)")
     p.add_argument("--targets", default="q_proj,v_proj;all-linear", help="';'-separated target configs")
     p.add_argument("--device", default="cpu", help="cpu or cuda (peak memory is then the GPU's allocations)")
     p.add_argument("--model", help="a transformers folder (default: the default model)")
+    p.add_argument("--alpaca", type=Path, default=ALPACA, help="the alpaca_zh_en data folder")
+    p.add_argument("--no-eval", action="store_true", help="skip the eval loss (models with random weights)")
     p.add_argument("--worker", choices=["loraforge", "peft"], help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     a = p.parse_args()
+    a.peft_batch_size = a.peft_batch_size or a.batch_size
     if a.worker:
         result = (run_loraforge if a.worker == "loraforge" else run_peft)(a)
         print(json.dumps(result))
@@ -170,7 +183,7 @@ def main() -> None:
     from loraforge.train.observe import measure_matmul_peak
 
     tmp = Path(tempfile.mkdtemp(prefix="lf_bench_"))
-    train_file, eval_file = write_alpaca(tmp)
+    train_file, eval_file = write_alpaca(tmp, a.alpaca)
     peak_bf16 = measure_matmul_peak(torch.bfloat16, seconds=2.0, device=a.device)
     peak_fp32 = measure_matmul_peak(torch.float32, seconds=2.0, device=a.device)
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {platform.processor() or platform.machine()}, "
@@ -178,23 +191,25 @@ def main() -> None:
     print(f"# measured matmul peak (1024^3, this run): bf16 {peak_bf16 / 1e12:.3f} TFLOP/s, "
           f"fp32 {peak_fp32 / 1e12:.3f} TFLOP/s")
     print(f"# {a.steps} steps x batch {a.batch_size}, max_length {a.max_length}, lr {a.lr}, "
-          f"Alpaca-en {N_TRAIN} train / {N_EVAL} eval\n")
+          f"Alpaca-en {N_TRAIN} train / {N_EVAL} eval; PEFT: {a.peft_batch_size} examples a step, "
+          f"{a.peft_sampling} sampling\n")
     rows = []
     for targets in a.targets.split(";"):
         results = {}
         for side in ("loraforge", "peft"):  # alternate: one side, then the other, for each config
             out = tmp / f"{side}-{targets.replace(',', '+')}"
             results[side] = spawn(side, targets, train_file, out, a)
-            results[side]["eval_loss"] = eval_loss(out, eval_file, a.max_length, a.model)
+            results[side]["eval_loss"] = float("nan") if a.no_eval else eval_loss(out, eval_file, a.max_length,
+                                                                                    a.model)
             r = results[side]
             r["tokens_per_second"] = r["tokens"] / r["seconds"]
-            r["mfu_bf16"] = model_flops(r["tokens"], targets) / r["seconds"] / peak_bf16
+            r["mfu_bf16"] = model_flops(r["tokens"], targets, a.model) / r["seconds"] / peak_bf16
             print(f"{targets:<16} {side:<10} {r['tokens']:>7} real tokens in {r['seconds']:7.1f} s = "
-                  f"{r['tokens_per_second']:7.1f} tok/s | peak RSS {r['peak_rss_mb']:6.0f} MB | eval loss "
+                  f"{r['tokens_per_second']:7.1f} tok/s | peak mem {r['peak_rss_mb']:6.0f} MB | eval loss "
                   f"{r['eval_loss']:.4f} | MFU {100 * r['mfu_bf16']:.1f}% of bf16 peak", flush=True)
         lf, pf = results["loraforge"], results["peft"]
         rows.append((targets, lf, pf))
-    print("\n| targets | tok/s loraforge | tok/s PEFT | speed ratio | RSS loraforge MB | RSS PEFT MB | RSS ratio "
+    print("\n| targets | tok/s loraforge | tok/s PEFT | speed ratio | mem loraforge MB | mem PEFT MB | mem ratio "
           "| eval loss loraforge | eval loss PEFT | MFU loraforge | MFU PEFT |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for targets, lf, pf in rows:

@@ -4,7 +4,8 @@ addopts), so a CPU machine never runs them, and a GPU run that cannot reach CUDA
 - the golden loss list (tests/golden/tiny_llama_losses.json, fp32 on the CPU) trained on the GPU in fp32: within 1e-4
   (TF32 is off in fp32 training; cuBLAS reduces in another order than MKL);
 - a PEFT round trip on the GPU: our adapter loaded by PEFT gives our logits within the fp32 tolerance;
-- the decode engine on the GPU gives the CPU's greedy tokens.
+- the decode engine on the GPU gives the CPU's greedy tokens;
+- packed attention in bf16 runs torch's varlen flash attention, equal to each example alone.
 """
 from __future__ import annotations
 
@@ -51,6 +52,34 @@ def test_peft_round_trip_on_cuda(tmp_path):
         ours = lm.model(input_ids=ids).logits
         theirs = peft.PeftModel.from_pretrained(tiny_llama().cuda(), str(folder)).eval()(input_ids=ids).logits
     assert max_abs_diff(ours, theirs) <= FP32
+
+
+def test_varlen_attention_on_cuda_equals_each_example_alone():
+    import torch.nn.functional as F
+
+    from loraforge.train.kernels import Segments, varlen_applies, varlen_attention
+
+    gen = torch.Generator().manual_seed(0)
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 4, 5, 0, 1, 2, 3]], device="cuda")
+    segments = Segments.of(positions)
+    q, k, v = (torch.randn(20, h, 64, generator=gen).to("cuda", torch.bfloat16) for h in (8, 2, 2))
+    assert varlen_applies(q)
+    out = varlen_attention(q, k, v, segments, 0.125)
+    starts = segments.cu_seqlens.tolist()
+    for a, b in zip(starts, starts[1:]):
+        alone = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1),
+                                               v[a:b].transpose(0, 1), is_causal=True, scale=0.125,
+                                               enable_gqa=True).transpose(0, 1)
+        assert max_abs_diff(out[a:b].float(), alone.float()) <= 2e-2  # bf16
+
+
+def test_packed_attention_in_bf16_on_cuda_agrees_with_the_models_own(llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from loraforge.train.kernels import packed_attention_supported
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16).cuda()
+    assert packed_attention_supported(model)  # the probe ran the varlen kernel against the model's own attention
 
 
 def test_engine_on_cuda_gives_the_cpus_greedy_tokens(llama_dir):

@@ -183,7 +183,7 @@ def test_decode_step_equals_transformers_forward(tmp_path):
     """Same cache, same left-padded rows, a mix of adapters: decode_step's logits are transformers' forward's."""
     from fixtures.tiny_models import tiny_llama as gqa_llama  # 4 heads, 2 KV heads: grouped-query attention
     from loraforge.infer.decode import decode_step, supports
-    from loraforge.infer.engine import GrowingLayer
+    from loraforge.infer.engine import GrowingLayer, cache_keyword
 
     torch.manual_seed(0)
     folder = save_adapter(LoraModel(gqa_llama(), LoraConfig(r=2, target_modules="all-linear",
@@ -197,19 +197,20 @@ def test_decode_step_equals_transformers_forward(tmp_path):
     session.route(["a", None, "a"])
     from transformers import DynamicCache
 
+    kw = cache_keyword(model)
     caches = []
     for _ in range(2):
         cache = DynamicCache(config=model.config)
         cache.layers = [GrowingLayer() for _ in cache.layers]
         with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+            model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{kw: cache})
         caches.append(cache)
     new = torch.tensor([[3], [14], [21]])
     mask2 = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
     pos = positions[:, -1:] + 1
     ours = decode_step(model, new, pos, mask2, caches[0])
     with torch.no_grad():
-        theirs = model(input_ids=new, attention_mask=mask2, position_ids=pos, cache=caches[1],
-                       use_cache=True).logits[:, -1]
+        theirs = model(input_ids=new, attention_mask=mask2, position_ids=pos, use_cache=True,
+                       **{kw: caches[1]}).logits[:, -1]
     assert max_abs_diff(ours, theirs) <= FP32
     assert max_abs_diff(caches[0].layers[1].keys, caches[1].layers[1].keys) <= FP32

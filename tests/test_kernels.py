@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 
 from helpers import tiny_gpt2, tiny_llama, token_ids
 from loraforge.lora import LoraConfig, LoraModel
-from loraforge.train.kernels import (PACKED_ATTENTION, RMSNormFunction, SwiGLUFunction, packed_attention_on,
-                                     packed_attention_supported, patched_for_training, segment_lengths)
+from loraforge.train.kernels import (PACKED_ATTENTION, RMSNormFunction, Segments, SwiGLUFunction,
+                                     packed_attention_on, packed_attention_supported, patched_for_training,
+                                     segment_lengths, varlen_attention)
 from loraforge.train.loss import token_loss_sum
 from tolerances import max_abs_diff
 
@@ -126,6 +128,55 @@ def test_segment_lengths():
     assert segment_lengths(PACKED_POSITIONS) == [4, 3, 3, 6, 4]
     assert segment_lengths(torch.tensor([[0, 1, 2], [0, 0, 1]])) == [3, 1, 2]
     assert segment_lengths(torch.tensor([[3, 4, 0, 1]])) == [2, 2]  # a row start is a start even without a 0
+
+
+def test_segments_are_found_once_a_batch():
+    segments = Segments.of(PACKED_POSITIONS)
+    assert segments.lengths == [4, 3, 3, 6, 4] and segments.max_len == 6
+    assert segments.cu_seqlens.dtype == torch.int32 and segments.cu_seqlens.tolist() == [0, 4, 7, 10, 16, 20]
+
+
+def _varlen_stand_in(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+    """torch >= 2.11's varlen_attn contract on the CPU (the real kernel is CUDA-only; tests/test_cuda.py runs it):
+    (N, H, D) layouts, examples cut at cu_q, causal when window_size == (-1, 0)."""
+    assert cu_q is cu_k and max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
+    assert enable_gqa or k.shape[1] == q.shape[1]
+    causal = tuple(window_size) == (-1, 0)
+    starts = cu_q.tolist()
+    return torch.cat([F.scaled_dot_product_attention(
+        q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=causal, scale=scale,
+        enable_gqa=enable_gqa).transpose(0, 1) for a, b in zip(starts, starts[1:])])
+
+
+def _varlen_stand_in_2_10(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, is_causal=False):
+    """torch 2.10's contract: is_causal, and no enable_gqa (key/value heads come repeated)."""
+    return _varlen_stand_in(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale,
+                            window_size=(-1, 0) if is_causal else (-1, -1))
+
+
+@pytest.mark.parametrize("kernel", [_varlen_stand_in, _varlen_stand_in_2_10])
+def test_varlen_attention_is_each_example_alone(kernel):
+    # the wiring (layouts, cu_seqlens, causal flag, grouped-query heads) against plain causal SDPA per example
+    gen = torch.Generator().manual_seed(0)
+    segments = Segments.of(PACKED_POSITIONS)
+    N, H, Hkv, D = 20, 4, 2, 8
+    q, k, v = (torch.randn(N, h, D, generator=gen) for h in (H, Hkv, Hkv))
+    out = varlen_attention(q, k, v, segments, 0.3, kernel=kernel)
+    starts = segments.cu_seqlens.tolist()
+    for a, b in zip(starts, starts[1:]):
+        alone = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1),
+                                               v[a:b].transpose(0, 1), is_causal=True, scale=0.3, enable_gqa=True)
+        assert max_abs_diff(out[a:b], alone.transpose(0, 1)) < 1e-6
+
+
+def test_packed_attention_segments_from_the_batch_give_the_same_logits():
+    lm = _lora_llama(torch.float32)
+    assert packed_attention_supported(lm.model)
+    with packed_attention_on(lm.model):
+        per_layer = lm.model(input_ids=PACKED_IDS, position_ids=PACKED_POSITIONS, use_cache=False).logits
+    with packed_attention_on(lm.model, PACKED_POSITIONS):
+        once = lm.model(input_ids=PACKED_IDS, position_ids=PACKED_POSITIONS, use_cache=False).logits
+    assert torch.equal(once, per_layer)
 
 
 def test_packed_attention_is_each_example_alone():

@@ -17,6 +17,7 @@ depends on the batch shape (tested). Requests join and leave between steps: cont
 """
 from __future__ import annotations
 
+import inspect
 import itertools
 import os
 from collections import deque
@@ -111,6 +112,7 @@ class Engine:
         pad = session.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.stop_ids, default=0)
         self.lean = supports(self.model)  # the written-out decode step (infer/decode.py) where it applies
+        self.cache_kw = cache_keyword(self.model)
         self.max_positions = getattr(self.model.config, "max_position_embeddings", None) or \
             getattr(self.model.config, "n_positions", None)
         self.waiting: deque[Request] = deque()
@@ -188,8 +190,8 @@ class Engine:
             logits = self._forward(decode_step, self.model, self.last[:, None], positions, self.mask, self.cache)
         else:
             logits = self._forward(self.model, input_ids=self.last[:, None], attention_mask=self.mask,
-                                   position_ids=positions, cache=self.cache, use_cache=True,
-                                   logits_to_keep=1).logits[:, -1].float()
+                                   position_ids=positions, use_cache=True, logits_to_keep=1,
+                                   **{self.cache_kw: self.cache}).logits[:, -1].float()
         for row in self.rows:
             row.position += 1
         return logits
@@ -211,8 +213,8 @@ class Engine:
                                  "which the engine does not batch yet")
         cache.layers = [GrowingLayer() for _ in cache.layers]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (n, T)
-        out = self._forward(self.model, input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                            use_cache=True, logits_to_keep=1)
+        out = self._forward(self.model, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                            logits_to_keep=1, **{self.cache_kw: cache})
         self._append(cache, mask)
         for r in requests:
             self.rows.append(_Row(r, _generator(r.params, device), frozenset(r.params.stop_token_ids)
@@ -289,6 +291,12 @@ class GrowingLayer(DynamicLayer):
         self._k[:, :, :T], self._v[:, :, :T] = keys, values
         self.keys, self.values = self._k[:, :, :T], self._v[:, :, :T]
         self.device, self.is_initialized = keys.device, True
+
+
+def cache_keyword(model) -> str:
+    """The name `model`'s forward takes its KV cache by: `cache` since transformers 5.2x, `past_key_values` before
+    (an unknown keyword is swallowed by `**kwargs`, and the model would then fill a cache of its own)."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 def stop_ids(tokenizer, model) -> list[int]:

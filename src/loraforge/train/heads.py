@@ -118,7 +118,7 @@ class HeadTask:
     def tokens(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["attention_mask"].sum())
 
-    def context(self):
+    def context(self, batch: dict[str, torch.Tensor]):
         return contextlib.nullcontext()
 
     def training(self):

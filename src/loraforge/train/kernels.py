@@ -8,7 +8,8 @@ are most of the memory, and masked attention is a third of the time. Three repla
 - The SwiGLU MLP keeps silu(gate) next to gate and up. `SwiGLUFunction` keeps gate and up only and recomputes silu
   (one elementwise op) in backward.
 - Packed rows get a block-diagonal mask from transformers, and SDPA's masked path scores all T x T pairs.
-  `packed_attention` runs one unmasked causal SDPA per packed example instead.
+  `packed_attention` runs one unmasked causal SDPA per packed example instead, or on a CUDA GPU one varlen
+  flash-attention call over all of them (`cu_seqlens` found once a batch).
 
 The forward values of the first two are the numbers transformers computes, op for op. `patched_for_training(model)`
 swaps them in for the length of a `with` block, on modules that pass a numerical probe against their own forward
@@ -18,8 +19,13 @@ switched on per packed batch with `packed_attention_on`, after `packed_attention
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
+import inspect
+import itertools
 import types
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -118,28 +124,86 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
 PACKED_ATTENTION = "loraforge_packed"
 
 
+@dataclass(frozen=True)
+class Segments:
+    """The packed examples of a batch, found once a step (not once a layer): their lengths row after row, and for
+    the GPU kernel their cumulative starts (N+1,) int32 on the batch's device and the longest length."""
+    lengths: list[int]
+    cu_seqlens: torch.Tensor
+    max_len: int
+
+    @classmethod
+    def of(cls, position_ids: torch.Tensor) -> Segments:
+        lengths = segment_lengths(position_ids)
+        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=position_ids.device)
+        return cls(lengths, cu, max(lengths))
+
+
+_SEGMENTS: contextvars.ContextVar[Segments | None] = contextvars.ContextVar("loraforge_segments", default=None)
+
+
 def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      position_ids: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """Causal attention over packed rows, one unmasked SDPA call per packed example. A transformers attention
-    function: query (B, H, T, D), key and value (B, Hkv, T, D); returns (B, T, H, D).
+    """Causal attention over packed rows, each packed example on its own. A transformers attention function: query
+    (B, H, T, D), key and value (B, Hkv, T, D); returns (B, T, H, D).
 
     For packed rows transformers builds a block-diagonal (B, 1, T, T) mask, repeats the key/value heads, and SDPA
     takes its masked path over all T x T scores (a third of a step's time on the default model). Cut where
     `position_ids` restart, each example is a plain causal attention: only sum(L_i^2) scores, no mask, GQA native.
+    On a CUDA GPU in bf16/fp16 all examples go to one varlen flash-attention call (`varlen_attention`); elsewhere
+    one unmasked SDPA call per example.
     """
     if position_ids is None or attention_mask is not None or query.shape[2] != key.shape[2]:
         raise RuntimeError("packed_attention needs packed rows: position_ids, no attention mask, no cache")
     B, H, T, D = query.shape
-    lengths = segment_lengths(position_ids.expand(B, -1))
+    segments = _SEGMENTS.get() or Segments.of(position_ids.expand(B, -1))
+    if varlen_applies(query) and not (dropout and module.training):
+        q = query.transpose(1, 2).reshape(B * T, H, D)  # every row's examples end to end
+        k = key.transpose(1, 2).reshape(B * T, key.shape[1], D)
+        v = value.transpose(1, 2).reshape(B * T, value.shape[1], D)
+        return varlen_attention(q, k, v, segments, scaling).view(B, T, H, D), None
     q = query.transpose(0, 1).reshape(H, B * T, D)  # every row's examples end to end
     k = key.transpose(0, 1).reshape(key.shape[1], B * T, D)
     v = value.transpose(0, 1).reshape(value.shape[1], B * T, D)
     gqa = k.shape[0] != H
+    lengths = segments.lengths
     out = torch.cat([F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, is_causal=True, scale=scaling,
                                                     enable_gqa=gqa)
                      for qs, ks, vs in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1))], dim=1)
     return out.view(H, B, T, D).permute(1, 2, 0, 3), None
+
+
+def varlen_applies(query: torch.Tensor) -> bool:
+    """torch's varlen flash attention runs on CUDA in half precision."""
+    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _varlen_kernel() is not None
+
+
+@functools.cache
+def _varlen_kernel():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.10
+        return None
+    return varlen_attn
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments,
+                     scaling: float | None, kernel=None) -> torch.Tensor:
+    """Causal attention of every packed example at once: q (N, H, D), k and v (N, Hkv, D) with the examples end to
+    end as `segments` says; returns (N, H, D). `kernel` is torch's `varlen_attn` (a stand-in in CPU tests)."""
+    kernel = kernel or _varlen_kernel()
+    params = inspect.signature(kernel).parameters
+    # causal: window_size=(-1, 0) since torch 2.11, is_causal=True in 2.10
+    options = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            options["enable_gqa"] = True
+        else:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    cu = segments.cu_seqlens
+    return kernel(q, k, v, cu, cu, segments.max_len, segments.max_len, scale=scaling, **options)
 
 
 def segment_lengths(position_ids: torch.Tensor) -> list[int]:
@@ -180,15 +244,18 @@ def packed_attention_supported(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def packed_attention_on(model: nn.Module) -> Iterator[None]:
+def packed_attention_on(model: nn.Module, position_ids: torch.Tensor | None = None) -> Iterator[None]:
     """Within the block the model attends per packed example (check `packed_attention_supported` first). Only for
-    packed batches: transformers builds no mask for a custom attention, so a padded batch would be read unmasked."""
+    packed batches: transformers builds no mask for a custom attention, so a padded batch would be read unmasked.
+    Given the batch's `position_ids`, its examples are found here once, not in every layer."""
     config = model.config
     original, config._attn_implementation = config._attn_implementation, PACKED_ATTENTION
+    token = _SEGMENTS.set(Segments.of(position_ids) if position_ids is not None else None)
     try:
         yield
     finally:
         config._attn_implementation = original
+        _SEGMENTS.reset(token)
 
 
 @contextlib.contextmanager

@@ -141,7 +141,7 @@ def fit(cfg: TrainConfig, task, stats, output: Path, dist: Dist = Dist(), *, res
             units = dist.sum([sum(task.units(b) for b in batches)])[0]  # every learned token of the step weighs
             loss_sum = 0.0                                                 # the same, on every rank
             for k, batch in enumerate(batches):
-                with no_sync(forward, last=k == len(batches) - 1), task.context():
+                with no_sync(forward, last=k == len(batches) - 1), task.context(batch):
                     total = forward(batch)
                     # DDP/FSDP average the ranks' gradients; x world turns that into the sum over the step's units
                     (total * dist.world / max(units, 1)).backward()
@@ -190,9 +190,10 @@ class CausalTask:
         if self.packed:
             log.info("packing: %d examples in %d rows of up to %d tokens", len(train_set), len(self.rows),
                      cfg.max_length)
-        # per-example attention (loops over each row's examples, with host syncs) pays on a CPU; a GPU runs
-        # transformers' attention over the block-diagonal mask it builds from the packed position ids
-        self.per_example_attention = self.packed and model.device.type == "cpu" and packed_attention_supported(model)
+        # attention per packed example: SDPA per example on a CPU, varlen flash attention on a GPU in half
+        # precision; a GPU in fp32 runs transformers' attention over the block-diagonal mask it builds instead
+        self.packed_attention = self.packed and packed_attention_supported(model) and (
+            model.device.type == "cpu" or model.dtype in (torch.float16, torch.bfloat16))
         self.model = model
         self.loss = CausalLMLoss(model, cfg.label_smoothing)
         self.best_scores: dict = {}
@@ -216,8 +217,10 @@ class CausalTask:
     def tokens(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["num_tokens"]) if "num_tokens" in batch else count_tokens(batch)
 
-    def context(self):
-        return packed_attention_on(self.model) if self.per_example_attention else contextlib.nullcontext()
+    def context(self, batch: dict[str, torch.Tensor]):
+        if not self.packed_attention:
+            return contextlib.nullcontext()
+        return packed_attention_on(self.model, batch["position_ids"])
 
     def training(self):
         return patched_for_training(self.model)
