@@ -44,7 +44,7 @@ else
         check $PY bench/random_model.py --like "${ARCH:?the default model is not installed: set ARCH to a folder with its config.json and tokenizer}" --output "$SMALL"
     fi
 fi
-SMALL_ARGS=(--device cuda --alpaca "$ALPACA" --steps 30 --batch-size 16 --max-length 512 ${SMALL:+--model "$SMALL" --no-eval})
+SMALL_ARGS=(--device cuda --alpaca "$ALPACA" --steps 30 --batch-size 16 --max-length 512 --warmup 3 ${SMALL:+--model "$SMALL" --no-eval})
 # loraforge packs 16 rows of 512 tokens (~8,050 real tokens a step); PEFT pads each example (~106 real tokens on
 # average): 76 examples a step give it the same real tokens, and Trainer's length grouping keeps its padding low.
 if want small; then
@@ -63,7 +63,7 @@ if want big || want big-matched; then
     check $PY bench/random_model.py --size 1b ${ARCH:+--like "$ARCH"} ${SMALL:+--like "$SMALL"} --output "$BIG"
 fi
 BIG_ARGS=(--device cuda --alpaca "$ALPACA" --model "$BIG" --no-eval --steps 20 --batch-size 8 --max-length 512
-          --targets all-linear)
+          --targets all-linear --warmup 3)
 if want big; then
     section "2b. the 1B model, the same batch"
     check $PY bench/train_throughput.py "${BIG_ARGS[@]}"

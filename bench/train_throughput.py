@@ -53,8 +53,13 @@ def run_loraforge(a: argparse.Namespace) -> dict:
                       max_length=a.max_length, seed=0, dtype="bfloat16", device=a.device)
     s = train(cfg, progress=False).summary
     peak = s["peak_memory_mb"] if a.device.startswith("cuda") else s["peak_rss_mb"]
-    return {"tokens": s["train_tokens"], "seconds": s["train_seconds"], "peak_rss_mb": peak,
-            "learned_tokens": None, "losses": s["losses"]}
+    tokens, seconds = s["train_tokens"], s["train_seconds"]
+    if a.warmup:  # metrics.jsonl holds the running totals after each step
+        from loraforge.config import METRICS_FILE
+        after = [json.loads(line) for line in (Path(a.out) / METRICS_FILE).read_text().splitlines()][a.warmup - 1]
+        tokens, seconds = tokens - after["tokens"], seconds - after["seconds"]
+    return {"tokens": tokens, "seconds": seconds, "peak_rss_mb": peak, "learned_tokens": None,
+            "losses": s["losses"]}
 
 
 def run_peft(a: argparse.Namespace) -> dict:
@@ -78,23 +83,23 @@ def run_peft(a: argparse.Namespace) -> dict:
     targets = a.targets if a.targets == "all-linear" else a.targets.split(",")
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=targets,
                                              task_type="CAUSAL_LM"))
-    counted = {"tokens": 0}
+    step_tokens: list[int] = []
     base_collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
     def collate(features):
         batch = base_collator(features)
-        counted["tokens"] += int(batch["attention_mask"].sum())
+        step_tokens.append(int(batch["attention_mask"].sum()))
         return batch
 
     class StepTimer(TrainerCallback):
-        seconds = 0.0
+        seconds: list[float] = []
         losses: list[float] = []
 
         def on_step_begin(self, args, state, control, **kw):
             self._t = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
-            StepTimer.seconds += time.perf_counter() - self._t
+            StepTimer.seconds.append(time.perf_counter() - self._t)
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
@@ -110,8 +115,8 @@ def run_peft(a: argparse.Namespace) -> dict:
     model.save_pretrained(a.out)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"tokens": counted["tokens"], "seconds": StepTimer.seconds, "peak_rss_mb": peak,
-            "losses": StepTimer.losses}
+    return {"tokens": sum(step_tokens[a.warmup:a.steps]), "seconds": sum(StepTimer.seconds[a.warmup:]),
+            "peak_rss_mb": peak, "losses": StepTimer.losses}
 
 
 # ---- the driver ------------------------------------------------------------------------------------------------
@@ -119,7 +124,7 @@ def spawn(side: str, targets: str, data: Path, out: Path, a: argparse.Namespace)
     cmd = [sys.executable, __file__, "--worker", side, "--targets", targets, "--data", str(data), "--out", str(out),
            "--steps", str(a.steps), "--batch-size", str(a.batch_size), "--max-length", str(a.max_length),
            "--lr", str(a.lr), "--device", a.device, "--peft-batch-size", str(a.peft_batch_size),
-           "--peft-sampling", a.peft_sampling] + (["--model", a.model] if a.model else [])
+           "--peft-sampling", a.peft_sampling, "--warmup", str(a.warmup)] + (["--model", a.model] if a.model else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode != 0:
         sys.exit(f"{side} worker failed:\n{proc.stderr[-3000:]}")
@@ -169,6 +174,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (peak memory is then the GPU's allocations)")
     p.add_argument("--model", help="a transformers folder (default: the default model)")
     p.add_argument("--alpaca", type=Path, default=ALPACA, help="the alpaca_zh_en data folder")
+    p.add_argument("--warmup", type=int, default=0, help="leave the first N steps out of the timing, both sides "
+                   "(a GPU's first steps warm up cuBLAS and the allocator)")
     p.add_argument("--no-eval", action="store_true", help="skip the eval loss (models with random weights)")
     p.add_argument("--worker", choices=["loraforge", "peft"], help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)

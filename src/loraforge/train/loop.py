@@ -120,7 +120,8 @@ def fit(cfg: TrainConfig, task, stats, output: Path, dist: Dist = Dist(), *, res
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     check_global_batch(cfg.batch_size, dist.world)
     cfg = plan_steps(cfg, len(task.rows))
-    cpu_share = CpuShare() if not cfg.threads and dist.world == 1 else contextlib.nullcontext()
+    cpu_share = CpuShare() if dist.device.type == "cpu" and not cfg.threads and dist.world == 1 \
+        else contextlib.nullcontext()  # threads that follow the free CPUs: a CPU-only matter
     with stop_on_signals() as stop, task.training(), cpu_share as cpus:  # lean forwards patched in before wrapping
         forward = wrap(task.loss, dist, cfg.strategy, task.layers())
         if cfg.compile:

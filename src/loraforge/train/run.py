@@ -152,7 +152,8 @@ def finish_step(run: Run, loss: float, bar, *, tokens: int, learned: int, start_
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    release_free_memory()
+    if run.dist.device.type == "cpu":  # a step's activations went back to glibc's heap; on a GPU, to torch's cache
+        release_free_memory()
 
     state.step, state.losses = step, [*state.losses, loss]
     state.tokens += tokens
