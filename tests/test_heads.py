@@ -257,9 +257,14 @@ def test_run_head_scores_what_it_predicts(token_run):
     tok, spec = session.tokenizer, session.head
     examples = [spec.encode(r, tok, max_length=4) for r in read_records(CONLL, "conll")]
     with session.use("head") as model:
-        predictions, loss_sum, count = run_head(model, examples, spec, pad_id=0)
-    assert [len(p) for p in predictions] == [len(e.reference) for e in examples]  # cut-off words are "O"
-    assert count == sum(sum(s >= 0 for s in e.word_starts) for e in examples) and loss_sum > 0
+        out = run_head(model, examples, spec, pad_id=0)
+    assert [len(p) for p in out.predictions] == [len(e.reference) for e in examples]  # cut-off words are "O"
+    assert out.count == sum(sum(s >= 0 for s in e.word_starts) for e in examples) and out.loss_sum > 0
+    # each chosen tag's probability: the largest of the word's softmax (at least 1/K), 1.0 for a cut-off word
+    assert [len(p) for p in out.probabilities] == [len(p) for p in out.predictions]
+    for probs, e in zip(out.probabilities, examples):
+        assert all(1 / len(spec.labels) <= p <= 1 for p in probs)
+        assert all(p == 1.0 for p, s in zip(probs, e.word_starts) if s < 0)
 
 
 # ---- mistakes ----------------------------------------------------------------------------------------------------

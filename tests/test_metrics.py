@@ -187,7 +187,7 @@ def test_squad_zh_em_f1_averages_best_answers():
 def test_registry_names_and_unknown_name():
     assert set(METRICS) == {
         "perplexity", "rouge", "bleu_nist", "accuracy_macro_f1", "pubmedqa", "seqeval", "squad_em_f1",
-        "squad_zh_em_f1",
+        "squad_zh_em_f1", "chrf",
     }  # fmt: skip
     assert get_metric("seqeval") is entity_f1
     with pytest.raises(LoraforgeError, match="known metrics: accuracy_macro_f1, bleu_nist"):

@@ -89,6 +89,9 @@ def test_seq_cls_predictions_are_written_and_scored(seq_head, tmp_path, capsys):
     assert [r["where"] for r in rows] == [f"{SST2}:{n}" for n in (2, 3, 4, 5)]
     assert [r["reference"] for r in rows] == ["0", "0", "1", "0"]
     assert all(r["prediction"] in ("0", "1") for r in rows)
+    for r in rows:  # every label's probability: they sum to 1, and the prediction is the likeliest
+        assert set(r["probabilities"]) == {"0", "1"} and sum(r["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+        assert r["prediction"] == max(r["probabilities"], key=r["probabilities"].get)
     rescored = accuracy_macro_f1([r["prediction"] for r in rows], [r["reference"] for r in rows], labels=["0", "1"])
     printed = _printed_scores(capsys.readouterr().out)
     assert printed == pytest.approx({k: round(v, 4) for k, v in rescored.items()}, abs=1e-4)
@@ -113,7 +116,7 @@ def test_records_without_labels_are_predicted_not_scored(seq_head, tmp_path, cap
     data.write_text('{"sentence": "a charming journey"}\n{"sentence": "labored gags"}\n', encoding="utf-8")
     preds = tmp_path / "preds.jsonl"
     assert main(["predict", "--adapter", str(seq_head), "--data", str(data), "--output", str(preds)]) == 0
-    assert [set(r) for r in _lines(preds)] == [{"where", "prediction"}] * 2
+    assert [set(r) for r in _lines(preds)] == [{"where", "prediction", "probabilities"}] * 2  # no reference
     assert "nothing is scored" in capsys.readouterr().out
 
 

@@ -32,7 +32,7 @@ def test_a_finished_adapter_is_not_overwritten(llama_dir, data_file, tmp_path, c
     message = _error(capsys.readouterr().err)
     assert str(out) in message and "--overwrite" in message and "--resume" in message
     assert (out / "adapter_model.safetensors").read_bytes() == before
-    assert main(_flags(llama_dir, data_file, out, "--lr", "0.5", "--overwrite", "true")) == 0
+    assert main(_flags(llama_dir, data_file, out, "--lr", "0.5", "--overwrite")) == 0  # a yes/no flag alone
     assert (out / "adapter_model.safetensors").read_bytes() != before
 
 

@@ -26,9 +26,12 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per config field, typed and documented from the dataclass; unset flags stay out of the namespace."""
     group = parser.add_argument_group("options (also settable in the YAML file; flags win)")
     for f in dataclasses.fields(cls):
+        # a yes/no option stands alone (--overwrite) or takes a value (--packing false)
+        switch = {"nargs": "?", "const": True, "metavar": "true|false"} if f.type == "bool" else \
+            {"metavar": f.name.upper()}
         group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
-                           type=_FLAG_TYPES.get(f.type, str), metavar=f.name.upper(),
-                           help=f.metadata["help"].replace("%", "%%"))  # argparse formats help with %
+                           type=_FLAG_TYPES.get(f.type, str), help=f.metadata["help"].replace("%", "%%"),
+                           **switch)  # argparse formats help with %
 
 
 def _add_option_flags(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -201,7 +204,7 @@ def _cmd_predict(args: PredictOptions) -> int:
     columns = parse_mapping(args.columns) if args.columns else None
     adapter = _one(args.adapter, "--adapter", "predict runs one adapter; to compare several use loraforge eval")
     result = predict_file(args.data, model=args.model, adapter=adapter, recipe=args.recipe, task=args.task,
-                          columns=columns, file_format=args.file_format, max_examples=args.max_examples,
+                          columns=columns, metric=args.metric, instruction=args.instruction, file_format=args.file_format, max_examples=args.max_examples,
                           batch_size=args.batch_size, max_length=args.max_length,
                           max_new_tokens=args.max_new_tokens, output=args.output, dtype=args.dtype,
                           device=args.device)

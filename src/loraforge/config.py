@@ -18,6 +18,7 @@ from loraforge.errors import LoraforgeError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 METRICS_FILE = "metrics.jsonl"
+TRAIN_CONFIG_FILE = "train_config.yaml"  # the resolved config a run writes into its output folder
 """Per-step training metrics in a run folder, one JSON object per line (train writes it, eval plots it)."""
 TASKS = ("causal-lm", "seq-cls", "token-cls")
 
@@ -40,7 +41,11 @@ class TrainConfig:
                                           "(default: those in the data, sorted)")
     data: str | None = opt(None, "training data: .jsonl/.json/.csv/.tsv/.txt file (or folder of .txt), or CoNLL")
     recipe: str | None = opt(None, "task recipe: sst2, pubmedqa, conll2003, dialogsum, scitldr, squad, cmrc2018, "
-                                    "e2e, lm (default: detect text/instruction/chat records)")
+                                    "e2e, lm, or text2text: your own task from --columns input=...,output=... "
+                                    "(default: detect text/instruction/chat records)")
+    metric: str | None = opt(None, "text recipes: score generated answers with exact_match, token_f1, rouge_l, bleu "
+                                   "or chrf (text2text's default: token_f1)")
+    instruction: str | None = opt(None, "recipes: the instruction atop every prompt, instead of the recipe's own")
     data_format: str | None = opt(None, "record shape when not detected: text, text_chunks, instruction, "
                                          "prompt_completion, messages, sharegpt")
     columns: dict[str, str] | None = opt(None, "field renames, ours=theirs: instruction=en_instruction,output=en_output")
@@ -120,6 +125,11 @@ class TrainConfig:
             raise LoraforgeError(f"option 'dtype' must be auto, float32 or bfloat16, got {self.dtype!r}")
         if isinstance(self.columns, str):
             self.columns = parse_mapping(self.columns)
+        if (self.metric or self.instruction is not None) and not self.recipe:
+            raise LoraforgeError("options 'metric' and 'instruction' shape a recipe: add --recipe (text2text for your "
+                                 "own columns)")
+        if self.task == "causal-lm":  # a wrong column, metric or recipe name fails here, before a model loads
+            self.data_recipe()
         for name in ("eval_every", "early_stopping", "save_every", "threads", "max_examples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -143,6 +153,30 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def data_recipe(self) -> dict[str, Any]:
+        """How the data loaders read records: the declared recipe (its columns, metric and instruction applied),
+        or no recipe and the plain column renames."""
+        if not self.recipe:
+            return {"recipe": None, "columns": self.columns}
+        from loraforge.data.recipes import make_recipe
+
+        return {"recipe": make_recipe(self.recipe, self.columns, self.metric, self.instruction), "columns": None}
+
+
+RECIPE_OPTIONS = ("recipe", "columns", "metric", "instruction")
+"""The options that declare a recipe: an adapter keeps them in its train_config.yaml for eval and predict."""
+
+
+def adapter_recipe(adapter: str | Path) -> dict[str, Any]:
+    """The recipe options an adapter was trained with (from its train_config.yaml), or {} when it has none."""
+    path = Path(adapter) / TRAIN_CONFIG_FILE
+    if not path.is_file():
+        return {}
+    saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(saved, dict) or not saved.get("recipe"):
+        return {}
+    return {k: saved.get(k) for k in RECIPE_OPTIONS}
 
 
 def parse_targets(value: list[str] | str | None) -> list[str] | str | None:

@@ -1,6 +1,8 @@
 """An encoder head's forward over encoded examples, and its score: shared by training's validation and `predict`."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,15 +12,25 @@ from loraforge.data.encode import EncodedExample, HeadSpec, collate_head
 from loraforge.metrics import accuracy_macro_f1, entity_f1
 
 
+@dataclass
+class HeadOutput:
+    """A head's answers over examples: the label (seq-cls) or one tag per word (token-cls), the probabilities
+    (seq-cls: every label's; token-cls: each chosen tag's), and the summed cross-entropy over `count` labelled
+    examples (seq-cls) or words (token-cls)."""
+
+    predictions: list[str | list[str]] = field(default_factory=list)
+    probabilities: list[dict[str, float] | list[float]] = field(default_factory=list)
+    loss_sum: float = 0.0
+    count: int = 0
+
+
 @torch.no_grad()
 def run_head(model: nn.Module, examples: list[EncodedExample], spec: HeadSpec, pad_id: int,
-             batch_size: int = 16) -> tuple[list[str | list[str]], float, int]:
-    """(predictions, summed cross-entropy, labelled count) over `examples`, in eval mode; the loss counts
-    examples (seq-cls) or words (token-cls) whose label is known."""
+             batch_size: int = 16) -> HeadOutput:
+    """The head's predictions, probabilities and loss over `examples`, in eval mode."""
     was_training = model.training
     model.eval()
-    predictions: list[str | list[str]] = []
-    loss_sum, count = 0.0, 0
+    out = HeadOutput()
     outside = "O" if "O" in spec.labels else spec.labels[0]
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
@@ -26,17 +38,21 @@ def run_head(model: nn.Module, examples: list[EncodedExample], spec: HeadSpec, p
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         # (B, K) for seq-cls, (B, T, K) for token-cls
         labels = batch["labels"]
-        loss_sum += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                    ignore_index=IGNORE_INDEX, reduction="sum").nan_to_num().item()
-        count += int((labels != IGNORE_INDEX).sum())
-        best = logits.argmax(-1).tolist()  # (B,) or (B, T)
+        out.loss_sum += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                        ignore_index=IGNORE_INDEX, reduction="sum").nan_to_num().item()
+        out.count += int((labels != IGNORE_INDEX).sum())
+        probs = logits.softmax(-1)
+        top, best = probs.max(-1)  # (B,) or (B, T)
+        best, top, probs = best.tolist(), top.tolist(), probs.tolist()
         for row, example in enumerate(chunk):
             if spec.task == "seq-cls":
-                predictions.append(spec.labels[best[row]])
-            else:
-                predictions.append([spec.labels[best[row][p]] if p >= 0 else outside for p in example.word_starts])
+                out.predictions.append(spec.labels[best[row]])
+                out.probabilities.append({name: round(p, 6) for name, p in zip(spec.labels, probs[row])})
+            else:  # a word cut off by max_length is "O", with probability 1
+                out.predictions.append([spec.labels[best[row][p]] if p >= 0 else outside for p in example.word_starts])
+                out.probabilities.append([round(top[row][p], 6) if p >= 0 else 1.0 for p in example.word_starts])
     model.train(was_training)
-    return predictions, loss_sum, count
+    return out
 
 
 def score_head(spec: HeadSpec, predictions: list, references: list) -> dict[str, float]:

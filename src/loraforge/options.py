@@ -73,7 +73,11 @@ class PredictOptions(DeviceOptions):
     model: str | None = opt(None, "base model (default: the adapter's base)")
     adapter: list[str] | None = opt(None, "adapter folder (once); one with labels.json is a seq-cls/token-cls head",
                                     action="append")
-    recipe: str | None = opt(None, "decoder: the task recipe (sst2, conll2003, squad, e2e, ...); head: reads records")
+    recipe: str | None = opt(None, "decoder: the task recipe (sst2, conll2003, squad, e2e, text2text, ...; default: "
+                                   "the one the adapter was trained with); head: reads records")
+    metric: str | None = opt(None, "text recipes: exact_match, token_f1, rouge_l, bleu or chrf instead of the "
+                                   "recipe's metric")
+    instruction: str | None = opt(None, "the instruction atop every prompt, instead of the recipe's own")
     task: str | None = opt(None, "default: the adapter's (labels.json), else causal-lm",
                            choices=("seq-cls", "token-cls", "causal-lm"))
     columns: str | None = opt(None, "field renames, ours=theirs: text=sentence")

@@ -24,7 +24,7 @@ from loraforge.data.formats import (
 from loraforge.data.load import ON_BAD_RECORD, DataStats, load_examples, load_examples_by
 from loraforge.data.ner import iob1_to_bio
 from loraforge.data.readers import READERS, Record, read_jsonl, read_records
-from loraforge.data.recipes import METRICS, RECIPES, Recipe, get_recipe
+from loraforge.data.recipes import METRICS, RECIPES, Recipe, get_recipe, make_recipe
 from loraforge.data.tokenize import (
     IGNORE_INDEX,
     TokenizedExample,
@@ -65,6 +65,7 @@ __all__ = [
     "encode_prompt",
     "end_of_turn",
     "get_recipe",
+    "make_recipe",
     "has_chat_template",
     "iob1_to_bio",
     "load_examples",

@@ -10,6 +10,12 @@ the model generates is read back for the task's metric.
 | squad, cmrc2018 | context, question, answers | the first answer | squad_em_f1, squad_zh_em_f1 | the first line |
 | e2e | mr, ref | the reference, whitespace collapsed | bleu_nist | the first line |
 | lm | text | all of it, chunked | perplexity | the text |
+| text2text | input (one column, or several joined by "+"), output | the (first) output | --metric (token_f1) | the first paragraph |
+
+`text2text` is your own task declared from columns and a metric, in YAML or flags, e.g.
+`--recipe text2text --columns input=question,output=answer --metric exact_match --instruction "Answer briefly."`:
+`make_recipe` builds it (and gives any text recipe another metric or instruction), and the adapter's
+train_config.yaml keeps the declaration, so `eval` and `predict` score its generated answers without repeating it.
 
 `reference(record)` gives what a parsed prediction is scored against: the label name, the BIO tags, or the list of
 reference texts. How a prompt is written is the recipe's `prompt_style`:
@@ -45,8 +51,9 @@ PROMPT_STYLES = ("instruction", "plain")
 
 METRICS = (
     "accuracy_macro_f1", "pubmedqa", "seqeval", "rouge", "bleu_nist", "squad_em_f1", "squad_zh_em_f1", "perplexity",
+    "token_f1",
 )
-"""The metric names recipes use: keys of `loraforge.metrics.METRICS`."""
+"""The metric names the built-in recipes use (`loraforge.metrics.get_metric` resolves each)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -327,6 +334,37 @@ class LanguageModeling(Recipe):
         return Example.from_prompt("", self.target(record))
 
 
+@dataclass(frozen=True, kw_only=True)
+class TextToText(Recipe):
+    """Your own task: the `input` column(s) -> the `output` column, scored with a text metric (`TEXT_METRICS`).
+
+    `input` maps to one column, or to several joined by "+" (`input=context+question`), which the prompt then
+    shows one per line as `column: value`. `output` is a string, or a list of references of which the first is
+    learned. The prediction is the answer's first paragraph.
+    """
+
+    metric: str = "token_f1"
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("input", "output")
+
+    def prompt(self, record: Record) -> tuple[str, str]:
+        source = self.columns.get("input", "input")
+        if "+" not in source:
+            return self.instruction, self.fields(record).text("input").strip()
+        parts = [Fields(record, f"the {self.name} recipe reads the input columns {source}", {"input": c})
+                 for c in source.split("+")]
+        return self.instruction, "\n".join(f"{f.name('input')}: {f.text('input').strip()}" for f in parts)
+
+    def target(self, record: Record) -> str:
+        return self.reference(record)[0]
+
+    def reference(self, record: Record) -> list[str]:
+        return [t.strip() for t in self.fields(record).texts("output")]
+
+    def parse_prediction(self, text: str, record: Record) -> str:
+        return re.split(r"\n\s*\n", text.strip(), maxsplit=1)[0].strip()
+
+
 def parse_label(text: str, names: list[str]) -> str:
     """The label an answer gives: the name it starts with, else the one name it mentions; "" if neither."""
     words = " ".join(re.findall(r"\w+", text.lower()))
@@ -375,8 +413,33 @@ RECIPES: dict[str, Recipe] = {
         instruction="Describe the restaurant in one or two sentences from its attributes.",
     ),
     "lm": LanguageModeling(name="lm", instruction=""),
+    "text2text": TextToText(name="text2text", instruction="Answer the request."),
 }  # fmt: skip
 """The built-in recipes by name (`load_examples(..., recipe="sst2")`)."""
+
+
+TEXT_RECIPES = (TextToText, Summarization, ExtractiveQA, DataToText)
+"""Recipes whose answers are free text scored against reference texts: `--metric` may choose their metric."""
+
+
+def make_recipe(recipe: str | Recipe, columns: Mapping[str, str] | None = None, metric: str | None = None,
+                instruction: str | None = None) -> Recipe:
+    """The recipe a run declares: a built-in one by name, reading `columns`, with another `metric` (one of
+    `TEXT_METRICS`, for text recipes) or `instruction` where given. Every command builds its recipe here."""
+    from loraforge.metrics import TEXT_METRICS
+
+    chosen = get_recipe(recipe).with_columns(columns)
+    changes: dict[str, str] = {}
+    if metric:
+        if not isinstance(chosen, TEXT_RECIPES):
+            raise LoraforgeError(f"--metric {metric}: the {chosen.name} recipe is scored by {chosen.metric}; a metric "
+                                 f"can be chosen for text recipes ({', '.join(r.name for r in RECIPES.values() if isinstance(r, TEXT_RECIPES))})")
+        if metric not in TEXT_METRICS:
+            raise LoraforgeError(f"--metric {metric!r}: choose one of {', '.join(TEXT_METRICS)}")
+        changes["metric"] = metric
+    if instruction is not None:
+        changes["instruction"] = instruction
+    return replace(chosen, **changes) if changes else chosen
 
 
 def get_recipe(recipe: str | Recipe) -> Recipe:

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from loraforge.config import DEFAULT_MODEL, opt, parse_mapping
-from loraforge.data import IGNORE_INDEX, Record, Recipe, collate, get_recipe, load_examples, pad_id_for, read_records
+from loraforge.config import DEFAULT_MODEL, adapter_recipe, opt, parse_mapping
+from loraforge.data import IGNORE_INDEX, Record, Recipe, collate, load_examples, make_recipe, pad_id_for, read_records
 from loraforge.errors import LoraforgeError
 from loraforge.eval.fewshot import encode_few_shot, pick_shots
 from loraforge.infer.batch import BatchOptions, generate_batch
@@ -52,8 +52,12 @@ class EvalConfig:
     """What `loraforge eval` runs; each field is one flag (`--adapter` for `adapters`, repeated), built by the CLI."""
 
     data: str = opt(None, "records to score, e.g. a dev split (never the official test)", required=True)
-    recipe: str | None = opt(None, "task recipe (e2e, sst2, conll2003, squad, ...); lm or none: perplexity of the "
-                                   "data file in its detected format")
+    recipe: str | None = opt(None, "task recipe (e2e, sst2, conll2003, squad, text2text, ...; default: the one the "
+                                   "first adapter was trained with); lm or none: perplexity of the data file in its "
+                                   "detected format")
+    metric: str | None = opt(None, "text recipes: exact_match, token_f1, rouge_l, bleu or chrf instead of the "
+                                   "recipe's metric")
+    instruction: str | None = opt(None, "the instruction atop every prompt, instead of the recipe's own")
     model: str | None = opt(None, f"base model (default: the first adapter's base, else {DEFAULT_MODEL})")
     adapters: tuple[str, ...] = opt((), "adapter folder to compare; repeat for several, each evaluated on its base "
                                         "(--model if given, else its adapter_config's), one session per base",
@@ -89,6 +93,10 @@ class EvalConfig:
         object.__setattr__(self, "adapters", tuple(self.adapters or ()))  # flags arrive as a list, or None
         if isinstance(self.columns, str):
             object.__setattr__(self, "columns", parse_mapping(self.columns))
+        if self.recipe is None and self.adapters:  # the recipe the adapter was trained with, declared once
+            for name, value in adapter_recipe(self.adapters[0]).items():
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, value)
         task = self.task or ("text" if self.recipe in (None, "lm") else "generate")
         if task not in TASKS:
             raise LoraforgeError(f"unknown task {self.task!r}; choose one of: {', '.join(TASKS)}")
@@ -219,7 +227,7 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
         torch.set_num_threads(cfg.threads)
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)  # now: an unwritable folder should fail before the models run
-    recipe = get_recipe(cfg.recipe).with_columns(cfg.columns) if cfg.recipe else None
+    recipe = make_recipe(cfg.recipe, cfg.columns, cfg.metric, cfg.instruction) if cfg.recipe else None
     examples = load_eval_examples(cfg.data, recipe, cfg.file_format, cfg.max_examples) \
         if cfg.task == "generate" else []
     shots: list[Record] = []

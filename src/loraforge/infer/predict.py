@@ -21,8 +21,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from loraforge.config import DEFAULT_MODEL
-from loraforge.data import Record, get_recipe, pad_id_for, read_records
+from loraforge.config import DEFAULT_MODEL, adapter_recipe
+from loraforge.data import Record, make_recipe, pad_id_for, read_records
 from loraforge.data.encode import HEAD_TASKS, LABELS_FILE, HeadSpec
 from loraforge.data.recipes import Classification, Recipe
 from loraforge.errors import LoraforgeError
@@ -44,13 +44,14 @@ class Prediction:
     prediction: Any
     reference: Any = None
     generated: str | None = None
+    probabilities: dict[str, float] | list[float] | None = None
+    """A head's: every label's probability (seq-cls) or each chosen tag's (token-cls)."""
 
     def to_json(self) -> dict[str, Any]:
         row = {"where": self.where, "prediction": self.prediction}
-        if self.reference is not None:
-            row["reference"] = self.reference
-        if self.generated is not None:
-            row["generated"] = self.generated
+        for name in ("probabilities", "reference", "generated"):
+            if getattr(self, name) is not None:
+                row[name] = getattr(self, name)
         return row
 
 
@@ -65,8 +66,9 @@ def predict_head(session: InferenceSession, adapter: str, spec: HeadSpec, record
         log.warning("%d of %d records were cut to max_length=%d tokens%s", truncated, len(examples), max_length,
                     "; words past it are tagged O" if spec.task == "token-cls" else "")
     with session.use(adapter) as model:
-        predictions, _, _ = run_head(model, examples, spec, pad_id_for(tokenizer), batch_size)
-    return [Prediction(e.where, p, e.reference) for e, p in zip(examples, predictions)]
+        out = run_head(model, examples, spec, pad_id_for(tokenizer), batch_size)
+    return [Prediction(e.where, p, e.reference, probabilities=probs)
+            for e, p, probs in zip(examples, out.predictions, out.probabilities)]
 
 
 # ---- decoders: generate, then parse -------------------------------------------------------------------------------
@@ -120,13 +122,14 @@ class PredictResult:
 
 def predict_file(data: str | Path, *, model: str | None = None, adapter: str | Path | None = None,
                  recipe: str | None = None, task: str | None = None, columns: Mapping[str, str] | None = None,
-                 file_format: str | None = None, max_examples: int = 0, batch_size: int = 16,
+                 metric: str | None = None, instruction: str | None = None, file_format: str | None = None, max_examples: int = 0, batch_size: int = 16,
                  max_length: int = 512, max_new_tokens: int = 64, output: str | Path | None = None,
                  dtype: str = "float32", device: str = "cpu") -> PredictResult:
     """Predict every record of `data` (or its first `max_examples`), write them as JSON lines, and score them.
 
     With an adapter that has labels.json (or `task` seq-cls/token-cls): the encoder-head path; `recipe` and
-    `columns` then override how its records are read. Otherwise `recipe` is required: the decoder path.
+    `columns` then override how its records are read. Otherwise the decoder path, with `recipe` (and `columns`,
+    `metric`, `instruction`) as given or as the adapter was trained with.
     """
     if task is not None and task not in (*HEAD_TASKS, "causal-lm"):
         raise LoraforgeError(f"--task {task}: choose one of seq-cls, token-cls, causal-lm")
@@ -141,10 +144,16 @@ def predict_file(data: str | Path, *, model: str | None = None, adapter: str | P
             raise LoraforgeError(f"--task {task} predicts with a trained head: give --adapter DIR (the output of "
                                  f"loraforge train --task {task})")
         _check_head(adapter, task)
-    elif recipe is None:
-        raise LoraforgeError("predict needs --recipe R for a decoder (e.g. sst2, conll2003, squad, e2e), or an "
-                             "adapter trained with --task seq-cls|token-cls")
-    else:
+    elif recipe is None and adapter is not None:
+        declared = adapter_recipe(adapter)  # the recipe the adapter was trained with, declared once
+        if declared:
+            recipe, columns = declared["recipe"], columns or declared["columns"]
+            metric = metric or declared["metric"]
+            instruction = declared["instruction"] if instruction is None else instruction
+    if not is_head and recipe is None:
+        raise LoraforgeError("predict needs --recipe R for a decoder (e.g. sst2, conll2003, squad, e2e, text2text), "
+                             "an adapter trained with one, or an adapter trained with --task seq-cls|token-cls")
+    if not is_head:
         _check_decoder(model, adapter, recipe)
     records = read_records(data, file_format)
     if max_examples:
@@ -158,7 +167,7 @@ def predict_file(data: str | Path, *, model: str | None = None, adapter: str | P
         metric = "accuracy_macro_f1" if spec.task == "seq-cls" else "seqeval"
         scorer = partial(score_head, spec)
     else:
-        chosen = get_recipe(recipe).with_columns(columns)
+        chosen = make_recipe(recipe, columns, metric, instruction)
         predictions = predict_generative(session, chosen, records, adapter="adapter" if adapter else None,
                                          max_new_tokens=max_new_tokens, batch_size=batch_size)
         metric, scorer = chosen.metric, partial(score_recipe, chosen)

@@ -7,8 +7,10 @@ from loraforge.metrics.core import (
     METRICS,
     PUBMEDQA_LABELS,
     ROUGE_TYPES,
+    TEXT_METRICS,
     accuracy_macro_f1,
     bleu_nist,
+    chrf,
     entity_f1,
     get_metric,
     perplexity,
@@ -18,7 +20,7 @@ from loraforge.metrics.core import (
 )
 from loraforge.metrics.qa import normalize_answer, squad_em_f1, squad_zh_em_f1
 
-MULTI_REFERENCE_METRICS = frozenset({"bleu_nist", "rouge", "squad_em_f1", "squad_zh_em_f1"})
+MULTI_REFERENCE_METRICS = frozenset({"bleu_nist", "rouge", "squad_em_f1", "squad_zh_em_f1", "chrf", *TEXT_METRICS})
 """Metrics that take several references per example, so records sharing an input are grouped into one example."""
 
 __all__ = [
@@ -27,8 +29,10 @@ __all__ = [
     "PUBMEDQA_LABELS",
     "ROUGE_TYPES",
     "Scores",
+    "TEXT_METRICS",
     "accuracy_macro_f1",
     "bleu_nist",
+    "chrf",
     "entity_f1",
     "get_metric",
     "normalize_answer",

@@ -188,10 +188,21 @@ def entity_f1(
         raise LoraforgeError(f"seqeval could not read the tags ({err}); strict IOB2 needs B-X/I-X/O tags.") from err
 
 
+def chrf(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> Scores:
+    """Corpus chrF (character 6-grams, beta 2) with `sacrebleu.metrics.CHRF`'s defaults, divided by 100. Examples
+    may have different numbers of references (the streams are padded with None, which sacrebleu skips)."""
+    from sacrebleu.metrics import CHRF
+
+    refs = reference_lists(predictions, references, "chrf")
+    streams = [[r[k] if k < len(r) else None for r in refs] for k in range(max(len(r) for r in refs))]
+    return {"chrf": CHRF().corpus_score(list(predictions), streams).score / 100}
+
+
 METRICS: dict[str, Callable[..., Scores]] = {
     "perplexity": perplexity,
     "rouge": rouge,
     "bleu_nist": bleu_nist,
+    "chrf": chrf,
     "accuracy_macro_f1": accuracy_macro_f1,
     "pubmedqa": pubmedqa,
     "seqeval": entity_f1,
@@ -200,8 +211,16 @@ METRICS: dict[str, Callable[..., Scores]] = {
 }
 
 
+TEXT_METRICS = {"exact_match": "squad_em_f1", "token_f1": "squad_em_f1", "rouge_l": "rouge", "bleu": "bleu_nist",
+                "chrf": "chrf"}
+"""The metrics a declared recipe (`--metric`) scores generated text with: the name a user gives -> the function
+(exact_match and token_f1 are SQuAD's normalized EM and token F1, reported together; rouge_l comes with ROUGE-1/2;
+bleu with NIST)."""
+
+
 def get_metric(name: str) -> Callable[..., Scores]:
     """The metric a recipe names, or an error listing the known names."""
+    name = TEXT_METRICS.get(name, name)
     if name not in METRICS:
         raise LoraforgeError(f"unknown metric {name!r}; known metrics: {', '.join(sorted(METRICS))}.")
     return METRICS[name]

@@ -125,9 +125,9 @@ class HeadTask:
         return contextlib.nullcontext()
 
     def validate(self, forward, batch_size: int) -> tuple[float, dict, str]:
-        predictions, val_sum, val_count = run_head(self.model, self.val_set, self.spec, self.pad_id, batch_size)
-        val_loss = val_sum / max(val_count, 1)
-        scores = score_head(self.spec, predictions, [e.reference for e in self.val_set])
+        out = run_head(self.model, self.val_set, self.spec, self.pad_id, batch_size)
+        val_loss = out.loss_sum / max(out.count, 1)
+        scores = score_head(self.spec, out.predictions, [e.reference for e in self.val_set])
         line = f"val loss {val_loss:.4f}, " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k != "invalid")
         return val_loss, {f"val_{k}": v for k, v in scores.items()}, line
 

@@ -87,7 +87,7 @@ def train_per_user(cfg: TrainConfig, *, resume: bool = False, progress: bool = T
     cfg = check_context(cfg, model)
     model = model.to(dist.device)
     groups = load_examples_by(cfg.data, cfg.per_user, tokenizer, cfg.max_length, on_bad_record=cfg.on_bad_record,
-                              recipe=cfg.recipe, columns=cfg.columns, fmt=cfg.data_format,
+                              **cfg.data_recipe(), fmt=cfg.data_format,
                               file_format=cfg.file_format, max_examples=cfg.max_examples or None, seed=cfg.seed)
     for user in groups:
         if not is_adapter_name(user):
@@ -291,7 +291,7 @@ DEFAULT_MAX_LENGTH = TrainConfig.__dataclass_fields__["max_length"].default
 
 
 def _load_data(cfg: TrainConfig, tokenizer) -> tuple[list, list, object]:
-    options = dict(on_bad_record=cfg.on_bad_record, recipe=cfg.recipe, columns=cfg.columns, fmt=cfg.data_format,
+    options = dict(on_bad_record=cfg.on_bad_record, **cfg.data_recipe(), fmt=cfg.data_format,
                    file_format=cfg.file_format)
     examples, stats = load_examples(cfg.data, tokenizer, cfg.max_length, max_examples=cfg.max_examples or None,
                                     seed=cfg.seed, **options)

@@ -20,7 +20,7 @@ import torch
 import yaml
 from torch import nn
 
-from loraforge.config import TrainConfig, build_config, load_yaml
+from loraforge.config import TRAIN_CONFIG_FILE as CONFIG_FILE, TrainConfig, build_config, load_yaml
 from loraforge.data import read_records
 from loraforge.errors import LoraforgeError
 from loraforge.lora import LoraConfig, LoraModel, save_adapter
@@ -34,7 +34,6 @@ from loraforge.train.schedule import make_optimizer
 
 log = logging.getLogger("loraforge")
 SUMMARY_FILE = "train_summary.json"
-CONFIG_FILE = "train_config.yaml"
 
 
 class TrainingInterrupted(LoraforgeError):
