@@ -19,6 +19,9 @@ from loraforge.errors import LoraforgeError
 DEFAULT_MODEL = "smollm2-135m-instruct"
 METRICS_FILE = "metrics.jsonl"
 TRAIN_CONFIG_FILE = "train_config.yaml"  # the resolved config a run writes into its output folder
+METRIC_HELP = "text recipes: score generated answers with exact_match, token_f1, rouge_l, bleu or chrf instead of " \
+              "the recipe's metric (text2text's: token_f1)"
+INSTRUCTION_HELP = "the instruction atop every prompt, instead of the recipe's own"
 """Per-step training metrics in a run folder, one JSON object per line (train writes it, eval plots it)."""
 TASKS = ("causal-lm", "seq-cls", "token-cls")
 
@@ -43,9 +46,8 @@ class TrainConfig:
     recipe: str | None = opt(None, "task recipe: sst2, pubmedqa, conll2003, dialogsum, scitldr, squad, cmrc2018, "
                                     "e2e, lm, or text2text: your own task from --columns input=...,output=... "
                                     "(default: detect text/instruction/chat records)")
-    metric: str | None = opt(None, "text recipes: score generated answers with exact_match, token_f1, rouge_l, bleu "
-                                   "or chrf (text2text's default: token_f1)")
-    instruction: str | None = opt(None, "recipes: the instruction atop every prompt, instead of the recipe's own")
+    metric: str | None = opt(None, METRIC_HELP)
+    instruction: str | None = opt(None, INSTRUCTION_HELP)
     data_format: str | None = opt(None, "record shape when not detected: text, text_chunks, instruction, "
                                          "prompt_completion, messages, sharegpt")
     columns: dict[str, str] | None = opt(None, "field renames, ours=theirs: instruction=en_instruction,output=en_output")

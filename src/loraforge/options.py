@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from loraforge.config import DEFAULT_MODEL, opt, parse_targets
+from loraforge.config import DEFAULT_MODEL, INSTRUCTION_HELP, METRIC_HELP, opt, parse_targets
 from loraforge.errors import LoraforgeError
 
 
@@ -75,9 +75,8 @@ class PredictOptions(DeviceOptions):
                                     action="append")
     recipe: str | None = opt(None, "decoder: the task recipe (sst2, conll2003, squad, e2e, text2text, ...; default: "
                                    "the one the adapter was trained with); head: reads records")
-    metric: str | None = opt(None, "text recipes: exact_match, token_f1, rouge_l, bleu or chrf instead of the "
-                                   "recipe's metric")
-    instruction: str | None = opt(None, "the instruction atop every prompt, instead of the recipe's own")
+    metric: str | None = opt(None, METRIC_HELP)
+    instruction: str | None = opt(None, INSTRUCTION_HELP)
     task: str | None = opt(None, "default: the adapter's (labels.json), else causal-lm",
                            choices=("seq-cls", "token-cls", "causal-lm"))
     columns: str | None = opt(None, "field renames, ours=theirs: text=sentence")

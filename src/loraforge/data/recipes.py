@@ -335,12 +335,12 @@ class LanguageModeling(Recipe):
 
 
 @dataclass(frozen=True, kw_only=True)
-class TextToText(Recipe):
+class TextToText(Summarization):
     """Your own task: the `input` column(s) -> the `output` column, scored with a text metric (`TEXT_METRICS`).
 
     `input` maps to one column, or to several joined by "+" (`input=context+question`), which the prompt then
     shows one per line as `column: value`. `output` is a string, or a list of references of which the first is
-    learned. The prediction is the answer's first paragraph.
+    learned. As a summary, the prediction is the answer's first paragraph.
     """
 
     metric: str = "token_f1"
@@ -355,14 +355,8 @@ class TextToText(Recipe):
                  for c in source.split("+")]
         return self.instruction, "\n".join(f"{f.name('input')}: {f.text('input').strip()}" for f in parts)
 
-    def target(self, record: Record) -> str:
-        return self.reference(record)[0]
-
     def reference(self, record: Record) -> list[str]:
         return [t.strip() for t in self.fields(record).texts("output")]
-
-    def parse_prediction(self, text: str, record: Record) -> str:
-        return re.split(r"\n\s*\n", text.strip(), maxsplit=1)[0].strip()
 
 
 def parse_label(text: str, names: list[str]) -> str:
@@ -418,7 +412,7 @@ RECIPES: dict[str, Recipe] = {
 """The built-in recipes by name (`load_examples(..., recipe="sst2")`)."""
 
 
-TEXT_RECIPES = (TextToText, Summarization, ExtractiveQA, DataToText)
+TEXT_RECIPES = (Summarization, ExtractiveQA, DataToText)  # TextToText is a Summarization
 """Recipes whose answers are free text scored against reference texts: `--metric` may choose their metric."""
 
 

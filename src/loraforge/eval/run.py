@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from loraforge.config import DEFAULT_MODEL, adapter_recipe, opt, parse_mapping
+from loraforge.config import DEFAULT_MODEL, INSTRUCTION_HELP, METRIC_HELP, adapter_recipe, opt, parse_mapping
 from loraforge.data import IGNORE_INDEX, Record, Recipe, collate, load_examples, make_recipe, pad_id_for, read_records
 from loraforge.errors import LoraforgeError
 from loraforge.eval.fewshot import encode_few_shot, pick_shots
@@ -55,9 +55,8 @@ class EvalConfig:
     recipe: str | None = opt(None, "task recipe (e2e, sst2, conll2003, squad, text2text, ...; default: the one the "
                                    "first adapter was trained with); lm or none: perplexity of the data file in its "
                                    "detected format")
-    metric: str | None = opt(None, "text recipes: exact_match, token_f1, rouge_l, bleu or chrf instead of the "
-                                   "recipe's metric")
-    instruction: str | None = opt(None, "the instruction atop every prompt, instead of the recipe's own")
+    metric: str | None = opt(None, METRIC_HELP)
+    instruction: str | None = opt(None, INSTRUCTION_HELP)
     model: str | None = opt(None, f"base model (default: the first adapter's base, else {DEFAULT_MODEL})")
     adapters: tuple[str, ...] = opt((), "adapter folder to compare; repeat for several, each evaluated on its base "
                                         "(--model if given, else its adapter_config's), one session per base",

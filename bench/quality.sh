@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The quality table of bench/RESULTS.md, rerun from a fresh clone: each row trains with its example config, is
+# scored on the dev split (never the official test split) and timed; bench/quality_table.py then writes the table
+# between the quality markers of bench/RESULTS.md.
+#
+#   make install && . .venv/bin/activate && bash bench/quality.sh [ROW ...]   # from the repo root
+#
+# Rows: conll_minilm, cuad (all by default). Run it on an otherwise idle machine: the wall times are part of the table.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=../shared/data
+OUT=runs/quality
+mkdir -p "$OUT"
+ROWS=("$@")
+[ ${#ROWS[@]} -gt 0 ] || ROWS=(conll_minilm cuad)
+
+timed() {  # timed ROW COMMAND...: run it, keep its wall seconds and the command for the table
+    local row=$1; shift
+    local start=$SECONDS
+    "$@"
+    echo $((SECONDS - start)) >> "$OUT/$row.seconds"
+    printf '%s\n' "$*" >> "$OUT/$row.commands"
+}
+
+for row in "${ROWS[@]}"; do
+    rm -f "$OUT/$row.seconds" "$OUT/$row.commands"
+    case $row in
+    conll_minilm)  # entity F1 on the whole dev split (eng.testa), read from the training's validation
+        timed $row loraforge train examples/conll2003_minilm.yaml --output $OUT/conll_minilm --overwrite ;;
+    cuad)  # held-out contract perplexity, base against the adapter
+        [ -d runs/data/legal_cuad ] || python examples/prepare_data.py
+        timed $row loraforge train examples/legal_cuad.yaml --output $OUT/cuad --overwrite
+        timed $row loraforge eval --recipe lm --data runs/data/legal_cuad/heldout --max-length 512 \
+            --adapter $OUT/cuad --output $OUT/cuad-report ;;
+    *) echo "unknown row $row (rows: conll_minilm cuad)" >&2; exit 2 ;;
+    esac
+done
+python bench/quality_table.py "$OUT" bench/RESULTS.md
