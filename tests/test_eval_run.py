@@ -17,6 +17,7 @@ from loraforge.eval.fewshot import encode_few_shot, few_shot_text, pick_shots
 from loraforge.eval.run import EvalConfig, load_eval_examples, run_eval, token_nll
 from helpers import hf_generate
 from loraforge.lora import LoraConfig, LoraModel, load_adapter, save_adapter
+from loraforge.data.tokenize import tokenize_example
 from loraforge.models import load_model
 
 torch.set_num_threads(1)  # tiny models gain nothing from threads; other test runs share the 2 cores
@@ -183,3 +184,42 @@ def test_bad_options_are_user_errors(setup) -> None:
     with pytest.raises(LoraforgeError, match="needs a task recipe"):
         EvalConfig(data=str(setup["dev"]), task="generate")
     assert main(["eval", "--data", str(setup["dev"]), "--recipe", "e2e", "--num-beams", "0"]) == 2
+
+
+# ---- label-word scoring ------------------------------------------------------------------------------------------
+QA = [{"question": "is the pub cheap", "context": "the pub is cheap", "label": "yes"},
+      {"question": "is the shop italian", "context": "the shop is english", "label": "no"},
+      {"question": "is the river near", "context": "the river is near the city", "label": "maybe"}]
+
+
+def test_label_words_answer_the_likeliest_label(setup, tmp_path) -> None:
+    data = write_jsonl(tmp_path / "qa.jsonl", QA)
+    cfg = EvalConfig(data=str(data), recipe="pubmedqa", answer="label-words", adapters=(str(setup["adapter_a"]),),
+                     model=str(setup["llama"]), batch_size=4, output=str(tmp_path / "report"))
+    result = run_eval(cfg)
+    recipe = RECIPES["pubmedqa"]
+    for row in result.models:
+        model, tokenizer = load_model(str(setup["llama"]))
+        if row.adapter:
+            load_adapter(model, setup["adapter_a"])
+        expected = []
+        for i, fields in enumerate(QA):
+            record = Record(fields, str(data), i + 1)
+            prompt = recipe.encode_prompt(record, tokenizer)
+            scores = {}
+            for name in recipe.names:  # log P(the label's tokens and end | prompt), by hand
+                taught = Record({**fields, "label": name}, str(data), i + 1)
+                ids = tokenize_example(recipe.to_example(taught, tokenizer), tokenizer, 10**6).input_ids
+                with torch.no_grad():
+                    logp = model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+                scores[name] = sum(logp[t - 1, ids[t]].item() for t in range(len(prompt), len(ids)))
+            expected.append(max(scores, key=scores.get))
+            total = torch.tensor(list(scores.values()), dtype=torch.float64).softmax(0).tolist()
+            assert row.rows[i]["probabilities"] == pytest.approx(dict(zip(scores, total)), abs=1e-5)
+        assert [r["parsed"] for r in row.rows] == expected, row.name
+    assert "label-word scoring" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_label_words_need_a_classification_recipe(setup, tmp_path) -> None:
+    with pytest.raises(LoraforgeError, match="label-words scores the label names of a classification recipe"):
+        EvalConfig(data=str(setup["dev"]), recipe="e2e", answer="label-words")

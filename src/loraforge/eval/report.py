@@ -195,7 +195,8 @@ def _facts(result: EvalResult) -> list[tuple[str, str]]:
         records = sum(len(ex.records) for ex in result.examples)
         facts += [("recipe", f"{result.recipe.name} (metric {result.recipe.metric})"),
                   ("examples", f"{len(result.examples)} ({records} records)"),
-                  ("decoding", f"{decoding}, at most {cfg.max_new_tokens} new tokens, batch {cfg.batch_size}")]
+                  ("decoding", f"{decoding}, at most {cfg.max_new_tokens} new tokens, batch {cfg.batch_size}"
+                   if cfg.answer == "generate" else "label-word scoring: the likeliest label after the prompt")]
     else:
         facts += [("recipe", result.recipe.name if result.recipe else "none (format detected)"),
                   ("examples", str(result.models[0].n if result.models else 0)),

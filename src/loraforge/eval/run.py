@@ -33,6 +33,8 @@ import torch.nn.functional as F
 
 from loraforge.config import DEFAULT_MODEL, INSTRUCTION_HELP, METRIC_HELP, adapter_recipe, opt, parse_mapping
 from loraforge.data import IGNORE_INDEX, Record, Recipe, collate, load_examples, make_recipe, pad_id_for, read_records
+from loraforge.data.recipes import Classification
+from loraforge.data.tokenize import TokenizedExample, tokenize_example
 from loraforge.errors import LoraforgeError
 from loraforge.eval.fewshot import encode_few_shot, pick_shots
 from loraforge.infer.batch import BatchOptions, generate_batch
@@ -43,6 +45,7 @@ from loraforge.metrics import MULTI_REFERENCE_METRICS, perplexity
 log = logging.getLogger("loraforge")
 
 TASKS = ("generate", "text")
+ANSWERS = ("generate", "label-words")
 DTYPES = ("float32", "bfloat16", "auto")  # auto: config.resolve_dtype (bfloat16 where the CPU/GPU runs it natively)
 HEAD_CHUNK_ROWS = 1024
 
@@ -74,6 +77,9 @@ class EvalConfig:
     few_shot_data: str | None = opt(None, "where the K examples come from, e.g. the training file (records with a "
                                           "scored prompt are skipped)", metavar="FILE")
     seed: int = opt(0, "seed of the few-shot draw")
+    answer: str = opt("generate", "generate: the model writes its answer, parsed by the recipe; label-words "
+                                  "(classification recipes): the label whose words the model finds likeliest "
+                                  "after the prompt, never an invalid answer", choices=ANSWERS)
     num_beams: int = opt(1, "1 = greedy; more = beam search")
     max_new_tokens: int = opt(64, "tokens generated per answer at most")
     batch_size: int = opt(8, "prompts generated together (left-padded)")
@@ -101,6 +107,11 @@ class EvalConfig:
             raise LoraforgeError(f"unknown task {self.task!r}; choose one of: {', '.join(TASKS)}")
         if task == "generate" and self.recipe in (None, "lm"):
             raise LoraforgeError("task generate needs a task recipe (--recipe e2e, sst2, ...) other than lm")
+        if self.answer not in ANSWERS:
+            raise LoraforgeError(f"--answer {self.answer!r}: choose one of {', '.join(ANSWERS)}")
+        if self.answer == "label-words" and not isinstance(make_recipe(self.recipe or "lm"), Classification):
+            raise LoraforgeError(f"--answer label-words scores the label names of a classification recipe (sst2, "
+                                 f"pubmedqa); {self.recipe or 'no recipe'} has none")
         if self.dtype not in DTYPES:
             raise LoraforgeError(f"dtype {self.dtype!r}: choose one of: {', '.join(DTYPES)}")
         if self.few_shot and (task != "generate" or not self.few_shot_data):
@@ -271,16 +282,55 @@ def _evaluate_generation(spec: ModelSpec, session: InferenceSession, recipe: Rec
         prompts = [recipe.encode_prompt(ex.record, tokenizer) for ex in examples]
     options = BatchOptions(max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, batch_size=cfg.batch_size)
     start = time.perf_counter()
-    new_ids = generate_batch(session, prompts, options, spec.name if spec.adapter else None)
+    probabilities: list[dict[str, float] | None] = [None] * len(examples)
+    if cfg.answer == "label-words":
+        new_ids, probabilities = score_label_words(session, spec.name if spec.adapter else None, recipe, examples,
+                                                   prompts, cfg.batch_size)
+    else:
+        new_ids = generate_batch(session, prompts, options, spec.name if spec.adapter else None)
     seconds = time.perf_counter() - start
     texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new_ids]
     parsed = [recipe.parse_prediction(text, ex.record) for text, ex in zip(texts, examples)]
     metrics = score_recipe(recipe, parsed, [ex.references for ex in examples])
     rows = [{"model": spec.name, "example": i, "where": ex.record.where, "input": recipe.prompt(ex.record)[1],
              "references": ex.references, "output": text, "parsed": p, "prompt_tokens": len(prompt)}
-            for i, (ex, text, p, prompt) in enumerate(zip(examples, texts, parsed, prompts))]
+            | ({"probabilities": probs} if probs else {})
+            for i, (ex, text, p, prompt, probs) in enumerate(zip(examples, texts, parsed, prompts, probabilities))]
     return ModelResult(spec.name, spec.base, spec.adapter, spec.few_shot, metrics, len(examples), seconds, 0.0,
                        sum(len(ids) for ids in new_ids), rows)
+
+
+@torch.no_grad()
+def score_label_words(session: InferenceSession, adapter: str | None, recipe: Classification,
+                      examples: list[EvalExample], prompts: list[list[int]], batch_size: int
+                      ) -> tuple[list[list[int]], list[dict[str, float]]]:
+    """For each prompt, the continuation (a label name as training writes it, with its end-of-turn or EOS) that
+    the model gives the highest probability: log P(continuation | prompt) summed over its tokens, one teacher-forced
+    forward per (prompt, label). The prompt may be zero- or few-shot; the continuations come from the recipe's
+    own training example, so the answer is always one of the labels, in the form the model was taught. Also each
+    label's probability among the labels (the continuations' probabilities, normalized)."""
+    tokenizer = session.tokenizer
+    rows: list[TokenizedExample] = []
+    options: list[list[list[int]]] = []
+    for ex, prompt in zip(examples, prompts):
+        conts = []
+        for name in recipe.names:
+            taught = tokenize_example(recipe._example(ex.record, name, tokenizer), tokenizer, 10**9)
+            start = len(recipe.encode_prompt(ex.record, tokenizer))
+            conts.append(taught.input_ids[start:])
+            rows.append(TokenizedExample(prompt + taught.input_ids[start:],
+                                         [IGNORE_INDEX] * len(prompt) + taught.input_ids[start:]))
+        options.append(conts)
+    nll = torch.empty(len(rows), dtype=torch.float64)
+    pad = pad_id_for(tokenizer)
+    with session.use(adapter) as model:
+        for first in range(0, len(rows), batch_size):
+            nll[first:first + batch_size] = token_nll(model, collate(rows[first:first + batch_size], pad))[0]
+    nll = nll.view(len(examples), len(recipe.names))
+    probs = (-nll).softmax(dim=1).tolist()
+    best = nll.argmin(dim=1).tolist()
+    return ([conts[k] for conts, k in zip(options, best)],
+            [{name: round(p, 6) for name, p in zip(recipe.names, row)} for row in probs])
 
 
 @torch.no_grad()
