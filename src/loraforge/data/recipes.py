@@ -426,8 +426,9 @@ def make_recipe(recipe: str | Recipe, columns: Mapping[str, str] | None = None, 
     changes: dict[str, str] = {}
     if metric:
         if not isinstance(chosen, TEXT_RECIPES):
+            text = ", ".join(r.name for r in RECIPES.values() if isinstance(r, TEXT_RECIPES))
             raise LoraforgeError(f"--metric {metric}: the {chosen.name} recipe is scored by {chosen.metric}; a metric "
-                                 f"can be chosen for text recipes ({', '.join(r.name for r in RECIPES.values() if isinstance(r, TEXT_RECIPES))})")
+                                 f"can be chosen for text recipes ({text})")
         if metric not in TEXT_METRICS:
             raise LoraforgeError(f"--metric {metric!r}: choose one of {', '.join(TEXT_METRICS)}")
         changes["metric"] = metric
