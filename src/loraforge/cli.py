@@ -15,8 +15,8 @@ from pathlib import Path
 
 from loraforge.config import DEFAULT_MODEL, TrainConfig, build_config, load_yaml, parse_bool, parse_mapping
 from loraforge.errors import LoraforgeError
-from loraforge.options import (DemoOptions, GenerateOptions, InspectOptions, MergeOptions, PredictOptions,
-                               ServeOptions, from_namespace)
+from loraforge.options import (CombineOptions, DemoOptions, GenerateOptions, InspectOptions, MergeOptions,
+                               PredictOptions, ServeOptions, from_namespace)
 
 log = logging.getLogger("loraforge")
 _FLAG_TYPES = {"int": int, "float": float, "bool": parse_bool}
@@ -198,6 +198,21 @@ def _cmd_merge(args: MergeOptions) -> int:
     return 0
 
 
+def _cmd_combine(args: CombineOptions) -> int:
+    from loraforge.lora.combine import combine_adapters
+
+    result = combine_adapters(args.adapter, args.output, args.method, args.weight_values(), rank=args.rank,
+                              density=args.density, majority_sign=args.majority_sign, seed=args.seed)
+    config = result.adapter.config
+    ranks = f"r={config.r}" + (f", {len(config.rank_pattern)} modules by rank_pattern" if config.rank_pattern else "")
+    print(f"{args.method} of {len(args.adapter)} adapters written to {args.output}: {ranks}, scaling 1")
+    if result.errors:
+        worst = max(result.errors, key=result.errors.get)
+        print(f"SVD truncation, relative Frobenius error per module: max {result.errors[worst]:.4g} ({worst}), mean "
+              f"{sum(result.errors.values()) / len(result.errors):.4g} over {len(result.errors)} modules")
+    return 0
+
+
 def _cmd_predict(args: PredictOptions) -> int:
     from loraforge.infer.predict import predict_file
 
@@ -270,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
              "score a base model, few-shot prompts and adapters on the same records; report"),
             ("inspect", InspectOptions, _cmd_inspect, "list a model's layers and what LoRA would train"),
             ("merge", MergeOptions, _cmd_merge, "fold an adapter into its base and write a plain transformers model"),
+            ("combine", CombineOptions, _cmd_combine,
+             "combine adapters trained on one base into one adapter (cat, linear, svd, ties, dare_*, ...)"),
             ("demo", DemoOptions, _cmd_demo, "fine-tune the default model on the bundled sample and compare answers")):
         p = sub.add_parser(name, parents=[quiet], help=help_text)
         _add_option_flags(p, cls)

@@ -68,6 +68,37 @@ class MergeOptions:
 
 
 @dataclass
+class CombineOptions:
+    adapter: list[str] | None = opt(None, "an adapter folder; repeat for each adapter to combine (same base)",
+                                    action="append", required=True)
+    output: str | None = opt(None, "folder for the combined adapter (new or empty)", required=True)
+    method: str | None = opt(None, "cat (exact weighted sum of the updates, rank = sum of ranks), linear (PEFT's: "
+                                   "mixes A's and B's, equal ranks, not the weighted sum), svd (weighted sum truncated "
+                                   "to --rank), ties, dare_linear, dare_ties, magnitude_prune (prune the updates to "
+                                   "--density, then SVD to --rank)", required=True)
+    weights: str | None = opt(None, "one weight per --adapter, comma-separated, in order (default: 1 each; a leading "
+                                    "minus needs '=': --weights=-1,1)")
+    rank: int | None = opt(None, "SVD methods: the output rank (default: the largest input rank)")
+    density: float | None = opt(None, "ties, dare_*, magnitude_prune: the share of each update kept, in (0, 1]")
+    majority_sign: str = opt("total", "ties, dare_ties: elect each entry's sign by the sum of the updates (total) or "
+                                      "by the count of signs (frequency)", choices=("total", "frequency"))
+    seed: int = opt(0, "dare_*: seed of the random drop mask")
+
+    def __post_init__(self) -> None:
+        self.weight_values()  # a typo fails here, with the flag's name
+
+    def weight_values(self) -> list[float] | None:
+        """--weights as numbers (None: not given)."""
+        if self.weights is None:
+            return None
+        try:
+            return [float(w) for w in self.weights.split(",")]
+        except ValueError:
+            raise LoraforgeError(f"--weights must be comma-separated numbers (one per --adapter), got "
+                                 f"{self.weights!r}") from None
+
+
+@dataclass
 class PredictOptions(DeviceOptions):
     data: str | None = opt(None, "records to predict (any format `train` reads)", required=True)
     model: str | None = opt(None, "base model (default: the adapter's base)")
