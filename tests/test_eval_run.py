@@ -14,7 +14,8 @@ from loraforge.cli import main
 from loraforge.data import RECIPES, Record, collate, load_examples, pad_id_for
 from loraforge.errors import LoraforgeError
 from loraforge.eval.fewshot import encode_few_shot, few_shot_text, pick_shots
-from loraforge.eval.run import EvalConfig, load_eval_examples, run_eval, token_nll
+from loraforge.eval.config import EvalConfig
+from loraforge.eval.run import load_eval_examples, run_eval, token_nll
 from helpers import hf_generate
 from loraforge.lora import LoraConfig, LoraModel, load_adapter, save_adapter
 from loraforge.data.tokenize import tokenize_example

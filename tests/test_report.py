@@ -12,7 +12,8 @@ import torch
 
 from loraforge.data import RECIPES, Record
 from loraforge.eval.report import comparison_table, fmt_value, write_report
-from loraforge.eval.run import EvalConfig, EvalExample, EvalResult, ModelResult
+from loraforge.eval.config import EvalConfig
+from loraforge.eval.results import EvalExample, EvalResult, ModelResult
 
 torch.set_num_threads(1)
 
@@ -32,8 +33,9 @@ def _result(tmp_path: Path, with_curve: bool = True) -> EvalResult:
 
     def model(name: str, bleu: float, output: str, adapter_dir: str | None = None) -> ModelResult:
         row = {"model": name, "example": 0, "output": output}
-        return ModelResult(name, "base-model", adapter_dir, 0, {"bleu": bleu, "nist": math.nan}, 1, 2.0, 1.0, 50,
-                           [row])
+        return ModelResult(name=name, base="base-model", adapter=adapter_dir, few_shot=0,
+                           metrics={"bleu": bleu, "nist": math.nan}, n=1, seconds=2.0, load_seconds=1.0, tokens=50,
+                           rows=[row])
 
     models = [model("base", 0.1234, "<script>alert(1)</script>\nsecond line"),
               model("adapter_a", 0.5678, "Alimentum | by the river", str(adapter))]
@@ -74,8 +76,10 @@ def test_no_loss_plot_without_metrics_jsonl(tmp_path: Path) -> None:
 
 
 def test_console_table_and_number_format() -> None:
-    models = [ModelResult("base", "m", None, 0, {"perplexity": 123.456, "tokens": 40.0}, 3, 1.5, 0.0, 30),
-              ModelResult("long adapter name", "m", "a", 0, {"perplexity": 9.87654, "tokens": 40.0}, 3, 0.5, 0.0, 30)]
+    models = [ModelResult(name="base", base="m", adapter=None, few_shot=0,
+                          metrics={"perplexity": 123.456, "tokens": 40.0}, n=3, seconds=1.5, tokens=30),
+              ModelResult(name="long adapter name", base="m", adapter="a", few_shot=0,
+                          metrics={"perplexity": 9.87654, "tokens": 40.0}, n=3, seconds=0.5, tokens=30)]
     lines = comparison_table(models).splitlines()
     assert lines[0].split() == ["model", "perplexity", "tokens", "n", "seconds", "tokens/s"]
     assert lines[2].split() == ["base", "123.46", "40", "3", "1.5", "20"]

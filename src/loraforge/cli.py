@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, TrainConfig)
     p.set_defaults(func=_cmd_train)
 
-    from loraforge.eval.run import EvalConfig
+    from loraforge.eval.config import EvalConfig
 
     for name, cls, func, help_text in (
             ("generate", GenerateOptions, _cmd_generate,

@@ -1,5 +1,5 @@
 """Every subcommand's options as one typed dataclass (litgpt's idea; train's is `config.TrainConfig`, eval's
-`eval.run.EvalConfig`).
+`eval.config.EvalConfig`).
 
 The CLI builds each subcommand's flags from these fields (name, type, default, help, and argparse extras such as
 `action="append"` in the metadata), and the command receives the dataclass, validated on creation. An option is

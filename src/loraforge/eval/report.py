@@ -13,12 +13,8 @@ import html
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
-
+from loraforge.eval.results import EvalResult, ModelResult
 from loraforge.metrics import MULTI_REFERENCE_METRICS
-
-if TYPE_CHECKING:
-    from loraforge.eval.run import EvalResult, ModelResult
 
 COUNT_METRICS = ("tokens", "invalid")
 """Metric keys that are counts, shown in the table but not plotted."""

@@ -21,22 +21,23 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from loraforge.config import DEFAULT_MODEL, INSTRUCTION_HELP, METRIC_HELP, adapter_recipe, opt, parse_mapping
+from loraforge.config import DEFAULT_MODEL
 from loraforge.data import IGNORE_INDEX, Record, Recipe, collate, load_examples, make_recipe, pad_id_for, read_records
 from loraforge.data.recipes import Classification
 from loraforge.data.tokenize import TokenizedExample, tokenize_example
 from loraforge.errors import LoraforgeError
+from loraforge.eval.config import EvalConfig
 from loraforge.eval.fewshot import encode_few_shot, pick_shots
+from loraforge.eval.report import write_report
+from loraforge.eval.results import EvalExample, EvalResult, ModelResult
 from loraforge.infer.batch import BatchOptions, generate_batch
 from loraforge.infer.predict import score_recipe
 from loraforge.infer.session import InferenceSession
@@ -44,135 +45,7 @@ from loraforge.metrics import MULTI_REFERENCE_METRICS, perplexity
 
 log = logging.getLogger("loraforge")
 
-TASKS = ("generate", "text")
-ANSWERS = ("generate", "label-words")
-DTYPES = ("float32", "bfloat16", "auto")  # auto: config.resolve_dtype (bfloat16 where the CPU/GPU runs it natively)
 HEAD_CHUNK_ROWS = 1024
-
-
-@dataclass(frozen=True, kw_only=True)
-class EvalConfig:
-    """What `loraforge eval` runs; each field is one flag (`--adapter` for `adapters`, repeated), built by the CLI."""
-
-    data: str = opt(None, "records to score, e.g. a dev split (never the official test)", required=True)
-    recipe: str | None = opt(None, "task recipe (e2e, sst2, conll2003, squad, text2text, ...; default: the one the "
-                                   "first adapter was trained with); lm or none: perplexity of the data file in its "
-                                   "detected format")
-    metric: str | None = opt(None, METRIC_HELP)
-    instruction: str | None = opt(None, INSTRUCTION_HELP)
-    model: str | None = opt(None, f"base model (default: the first adapter's base, else {DEFAULT_MODEL})")
-    adapters: tuple[str, ...] = opt((), "adapter folder to compare; repeat for several, each evaluated on its base "
-                                        "(--model if given, else its adapter_config's), one session per base",
-                                    flag="adapter", action="append", metavar="DIR")
-    task: str | None = opt(None, "generate and score with the recipe's metric, or text: perplexity (default: text "
-                                 "for the lm recipe and for no recipe, else generate)", choices=TASKS)
-    columns: dict[str, str] | None = opt(None, "field renames, ours=theirs: text=sentence")
-    file_format: str | None = opt(None, "reader when the suffix does not say: jsonl, json, csv, tsv, text, conll "
-                                        "(also for --few-shot-data)")
-    data_format: str | None = opt(None, "record shape for --task text without a recipe (text, text_chunks, "
-                                        "instruction, ...; default: detected)")
-    max_examples: int = opt(0, "score the first N examples (0 = all; records sharing an input count once for "
-                               "BLEU/ROUGE/QA)")
-    few_shot: int = opt(0, "also score the base model with K in-context examples from --few-shot-data", metavar="K")
-    few_shot_data: str | None = opt(None, "where the K examples come from, e.g. the training file (records with a "
-                                          "scored prompt are skipped)", metavar="FILE")
-    seed: int = opt(0, "seed of the few-shot draw")
-    answer: str = opt("generate", "generate: the model writes its answer, parsed by the recipe; label-words "
-                                  "(classification recipes): the label whose words the model finds likeliest "
-                                  "after the prompt, never an invalid answer", choices=ANSWERS)
-    num_beams: int = opt(1, "1 = greedy; more = beam search")
-    max_new_tokens: int = opt(64, "tokens generated per answer at most")
-    batch_size: int = opt(8, "prompts generated together (left-padded)")
-    max_length: int = opt(512, "text task: tokens per example (longer ones are cut, lm text is chunked to this)")
-    dtype: str = opt("float32", "float32, bfloat16, or auto: bfloat16 where this CPU/GPU runs it natively",
-                     choices=DTYPES)
-    device: str = opt("cpu", "auto, cpu, cuda or cuda:N")
-    threads: int = opt(0, "torch CPU threads (0 = torch's default, one per core); 1 is faster on a machine other "
-                          "jobs keep busy")
-    samples: int = opt(8, "examples shown side by side in the report")
-    output: str = opt("runs/eval", "folder for results.json, predictions.jsonl, report.md, report.html and plots")
-
-    def __post_init__(self) -> None:
-        if not self.data:
-            raise LoraforgeError("eval needs the records to score: --data FILE (a dev split)")
-        object.__setattr__(self, "adapters", tuple(self.adapters or ()))  # flags arrive as a list, or None
-        if isinstance(self.columns, str):
-            object.__setattr__(self, "columns", parse_mapping(self.columns))
-        if self.recipe is None and self.adapters:  # the recipe the adapter was trained with, declared once
-            for name, value in adapter_recipe(self.adapters[0]).items():
-                if getattr(self, name) is None:
-                    object.__setattr__(self, name, value)
-        task = self.task or ("text" if self.recipe in (None, "lm") else "generate")
-        if task not in TASKS:
-            raise LoraforgeError(f"unknown task {self.task!r}; choose one of: {', '.join(TASKS)}")
-        if task == "generate" and self.recipe in (None, "lm"):
-            raise LoraforgeError("task generate needs a task recipe (--recipe e2e, sst2, ...) other than lm")
-        if self.answer not in ANSWERS:
-            raise LoraforgeError(f"--answer {self.answer!r}: choose one of {', '.join(ANSWERS)}")
-        if self.answer == "label-words" and not isinstance(make_recipe(self.recipe or "lm"), Classification):
-            raise LoraforgeError(f"--answer label-words scores the label names of a classification recipe (sst2, "
-                                 f"pubmedqa); {self.recipe or 'no recipe'} has none")
-        if self.dtype not in DTYPES:
-            raise LoraforgeError(f"dtype {self.dtype!r}: choose one of: {', '.join(DTYPES)}")
-        if self.few_shot and (task != "generate" or not self.few_shot_data):
-            raise LoraforgeError("--few-shot K needs a generation recipe and --few-shot-data FILE (e.g. the training "
-                                 "file) to draw the K in-context examples from")
-        for name in ("max_examples", "few_shot", "samples", "threads"):
-            if getattr(self, name) < 0:
-                raise LoraforgeError(f"{name} must be 0 or more, got {getattr(self, name)}")
-        BatchOptions(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, batch_size=self.batch_size)
-        object.__setattr__(self, "task", task)
-
-
-@dataclass
-class EvalExample:
-    """One scored input: its record(s) (several when they share the input) and what the metric compares with."""
-
-    records: list[Record]
-    references: Any
-
-    @property
-    def record(self) -> Record:
-        return self.records[0]
-
-
-@dataclass
-class ModelResult:
-    """One row of the comparison: a model's scores on the examples, its speed, and its outputs."""
-
-    name: str
-    base: str
-    adapter: str | None
-    few_shot: int
-    metrics: dict[str, float]
-    n: int
-    seconds: float
-    """Generation (or scoring) time, without loading."""
-    load_seconds: float
-    tokens: int
-    """Generated tokens (generate) or tokens read (text)."""
-    rows: list[dict] = field(default_factory=list)
-    """One predictions.jsonl row per example."""
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else 0.0
-
-    def summary(self) -> dict[str, Any]:
-        return {"name": self.name, "base": self.base, "adapter": self.adapter, "few_shot": self.few_shot,
-                "metrics": {k: _finite(v) for k, v in self.metrics.items()}, "n": self.n,
-                "seconds": round(self.seconds, 3), "load_seconds": round(self.load_seconds, 3),
-                "tokens": self.tokens, "tokens_per_second": round(self.tokens_per_second, 1)}
-
-
-@dataclass
-class EvalResult:
-    config: EvalConfig
-    recipe: Recipe | None
-    examples: list[EvalExample]
-    models: list[ModelResult]
-    shots: list[Record] = field(default_factory=list)
-    files: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -231,8 +104,6 @@ def model_specs(cfg: EvalConfig) -> list[ModelSpec]:
 
 def run_eval(cfg: EvalConfig) -> EvalResult:
     """Evaluate every model of `model_specs(cfg)`; write results, predictions and the report to `cfg.output`."""
-    from loraforge.eval.report import write_report
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     output = Path(cfg.output)
@@ -296,8 +167,8 @@ def _evaluate_generation(spec: ModelSpec, session: InferenceSession, recipe: Rec
              "references": ex.references, "output": text, "parsed": p, "prompt_tokens": len(prompt)}
             | ({"probabilities": probs} if probs else {})
             for i, (ex, text, p, prompt, probs) in enumerate(zip(examples, texts, parsed, prompts, probabilities))]
-    return ModelResult(spec.name, spec.base, spec.adapter, spec.few_shot, metrics, len(examples), seconds, 0.0,
-                       sum(len(ids) for ids in new_ids), rows)
+    return ModelResult(name=spec.name, base=spec.base, adapter=spec.adapter, few_shot=spec.few_shot, metrics=metrics,
+                       n=len(examples), seconds=seconds, tokens=sum(len(ids) for ids in new_ids), rows=rows)
 
 
 @torch.no_grad()
@@ -354,8 +225,8 @@ def _evaluate_text(spec: ModelSpec, session: InferenceSession, recipe: Recipe | 
         scored += int(count.sum())
         read += int(batch["attention_mask"].sum())
     seconds = time.perf_counter() - start
-    return ModelResult(spec.name, spec.base, spec.adapter, 0, perplexity(nll_sum, scored), len(examples), seconds,
-                       0.0, read, rows)
+    return ModelResult(name=spec.name, base=spec.base, adapter=spec.adapter, few_shot=0,
+                       metrics=perplexity(nll_sum, scored), n=len(examples), seconds=seconds, tokens=read, rows=rows)
 
 
 @torch.no_grad()
@@ -400,8 +271,3 @@ def _write_predictions(result: EvalResult, path: Path) -> Path:
             for row in model.rows:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
-
-
-def _finite(value: float) -> float | None:
-    """NaN (undefined, e.g. NIST with no 5-gram) and inf (overflowed perplexity) are null in results.json."""
-    return value if math.isfinite(value) else None
