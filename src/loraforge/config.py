@@ -6,6 +6,7 @@ is documented once, here.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,104 @@ def opt(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+def data_recipe(recipe: str | None, columns: dict[str, str] | None, metric: str | None,
+                instruction: str | None) -> dict[str, Any]:
+    """The `recipe`/`columns` arguments of the data loaders: the declared recipe (its columns, metric and
+    instruction applied), or no recipe and the plain column renames."""
+    if not recipe:
+        return {"recipe": None, "columns": columns}
+    from loraforge.data.recipes import make_recipe
+
+    return {"recipe": make_recipe(recipe, columns, metric, instruction), "columns": None}
+
+
+@dataclass
+class MixSpec:
+    """One dataset of a `mix` (joint multi-task training): its file, how its records become examples (each dataset
+    its own recipe), and its weight in the draw (see `TrainConfig.mix_temperature`). Validated on creation."""
+
+    data: str = field(metadata={"help": "this dataset's training file (any reader's format)"})
+    recipe: str | None = opt(None, "its task recipe (default: detect text/instruction/chat records)")
+    columns: dict[str, str] | None = opt(None, "its field renames, ours=theirs (a mapping, or input=q,output=a)")
+    metric: str | None = opt(None, METRIC_HELP)
+    instruction: str | None = opt(None, INSTRUCTION_HELP)
+    data_format: str | None = opt(None, "its record shape when not detected")
+    file_format: str | None = opt(None, "its reader when the suffix does not say")
+    max_examples: int = opt(0, "a seeded sample of N of its records (0: all)")
+    weight: float = opt(1.0, "scales its size in the mixing probability: (weight x examples)^(1/T)")
+    val_data: str | None = opt(None, "its validation file, read with its recipe")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, Path):
+            self.data = str(self.data)
+        if not isinstance(self.data, str) or not self.data.strip():
+            raise LoraforgeError(f"data must name this dataset's training file, got {self.data!r}")
+        for name in ("recipe", "metric", "instruction", "data_format", "file_format", "val_data"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise LoraforgeError(f"{name} must be a string, got {value!r}")
+        if isinstance(self.columns, str):
+            self.columns = parse_mapping(self.columns)
+        elif isinstance(self.columns, dict):
+            self.columns = {str(k): str(v) for k, v in self.columns.items()}
+        elif self.columns is not None:
+            raise LoraforgeError(f"columns must be a mapping ours: theirs (or input=q,output=a), got {self.columns!r}")
+        if isinstance(self.max_examples, bool) or not isinstance(self.max_examples, int) or self.max_examples < 0:
+            raise LoraforgeError(f"max_examples must be a whole number >= 0, got {self.max_examples!r}")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not 0 < self.weight < math.inf:
+            raise LoraforgeError(f"weight must be a positive number, got {self.weight!r}")
+        self.weight = float(self.weight)
+        if (self.metric or self.instruction is not None) and not self.recipe:
+            raise LoraforgeError("metric and instruction shape a recipe: add recipe (text2text for your own columns)")
+        if self.recipe and self.data_format:
+            raise LoraforgeError(f"give a recipe ({self.recipe!r}) or a data_format ({self.data_format!r}), not both")
+        from loraforge.data.formats import FORMATS
+        from loraforge.data.readers import FILE_FORMATS
+
+        if self.data_format is not None and self.data_format not in FORMATS:
+            raise LoraforgeError(f"data_format {self.data_format!r}: choose one of {', '.join(FORMATS)}")
+        if self.file_format is not None and self.file_format not in FILE_FORMATS:
+            raise LoraforgeError(f"file_format {self.file_format!r}: choose one of {', '.join(FILE_FORMATS)}")
+        self.data_recipe()  # a wrong recipe, column or metric fails here, before a model loads
+
+    def data_recipe(self) -> dict[str, Any]:
+        """How the data loaders read this dataset's records."""
+        return data_recipe(self.recipe, self.columns, self.metric, self.instruction)
+
+
+def parse_mix(value: Any) -> list[MixSpec] | None:
+    """The `mix` option (a YAML list of mappings, or `MixSpec`s) as `MixSpec`s; errors name the entry: `mix[1]`."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        raise LoraforgeError("option 'mix' is a list of datasets: set it in the YAML config, e.g. mix: [{data: "
+                             "a.jsonl, recipe: e2e}, {data: b.jsonl, weight: 2}], not as a flag")
+    if not isinstance(value, (list, tuple)) or not value:
+        raise LoraforgeError(f"option 'mix' must be a non-empty list of datasets (mappings with data: FILE), got "
+                             f"{value!r}")
+    specs = []
+    for i, item in enumerate(value):
+        where = f"mix[{i}]"
+        if isinstance(item, MixSpec):
+            item = dataclasses.asdict(item)
+        if not isinstance(item, dict):
+            raise LoraforgeError(f"{where} must be a mapping such as {{data: train.jsonl, recipe: e2e, weight: 1}}, "
+                                 f"got {item!r}")
+        options = {str(k).replace("-", "_"): v for k, v in item.items()}
+        if options.get("data") is None:
+            raise LoraforgeError(f"{where} needs data: this dataset's training file")
+        try:
+            specs.append(build_config(MixSpec, options, source=where))
+        except LoraforgeError as err:
+            text = str(err)
+            raise LoraforgeError(text if text.startswith(where) else f"{where}: {text}") from None
+    return specs
+
+
+MIX_EXCLUSIVE = ("recipe", "columns", "metric", "instruction", "data_format", "file_format", "max_examples")
+"""Top-level options that a `mix` takes per dataset instead."""
+
+
 @dataclass
 class TrainConfig:
     """Everything `loraforge train` needs. Validated on creation."""
@@ -53,6 +152,13 @@ class TrainConfig:
     columns: dict[str, str] | None = opt(None, "field renames, ours=theirs: instruction=en_instruction,output=en_output")
     file_format: str | None = opt(None, "reader when the suffix does not say: jsonl, json, csv, tsv, text, conll")
     max_examples: int = opt(0, "train on a seeded sample of N records (few-shot; stratified for classification)")
+    mix: list[MixSpec] | None = opt(
+        None, "joint multi-task training, in the YAML instead of data: a list of datasets mixed into one adapter, "
+              "each a mapping with data and optionally recipe, columns, metric, instruction, data_format, "
+              "file_format, max_examples, weight (1.0), val_data")
+    mix_temperature: float = opt(
+        1.0, "mix: dataset i is drawn with probability proportional to (weight_i x n_i)^(1/T), n_i its examples: "
+             "T=1 is proportional to size, a large T tends to uniform (T5/mT5 temperature sampling)")
     output: str | None = opt(None, "folder for the adapter, resolved config and train_summary.json")
     overwrite: bool = opt(False, "train into an --output that already holds a finished adapter, replacing it")
     per_user: str | None = opt(None, "train one adapter per value of this record field (a user, customer, ...) into "
@@ -127,6 +233,8 @@ class TrainConfig:
             raise LoraforgeError(f"option 'dtype' must be auto, float32 or bfloat16, got {self.dtype!r}")
         if isinstance(self.columns, str):
             self.columns = parse_mapping(self.columns)
+        self.mix = parse_mix(self.mix)
+        self._check_mix()
         if (self.metric or self.instruction is not None) and not self.recipe:
             raise LoraforgeError("options 'metric' and 'instruction' shape a recipe: add --recipe (text2text for your "
                                  "own columns)")
@@ -153,17 +261,33 @@ class TrainConfig:
         if self.on_bad_record not in ("error", "skip"):
             raise LoraforgeError(f"option 'on_bad_record' must be error or skip, got {self.on_bad_record!r}")
 
+    def _check_mix(self) -> None:
+        """`mix` replaces `data` and the per-dataset options; it trains one causal-LM adapter."""
+        t = self.mix_temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf:
+            raise LoraforgeError(f"option 'mix_temperature' must be a positive number, got {t!r}")
+        self.mix_temperature = float(t)
+        if self.mix is None:
+            return
+        if self.data:
+            raise LoraforgeError("give the training data as 'data' or as 'mix' (a list of datasets), not both")
+        if self.task != "causal-lm" or self.per_user is not None:
+            raise LoraforgeError("option 'mix' trains one causal-lm adapter on several datasets; it does not go with "
+                                 "task seq-cls/token-cls or per_user")
+        given = [name for name in MIX_EXCLUSIVE if getattr(self, name)]
+        if given:
+            raise LoraforgeError(f"with 'mix', give {', '.join(given)} in each mix entry, not at the top level")
+        if self.val_data and any(spec.val_data for spec in self.mix):
+            i = next(i for i, spec in enumerate(self.mix) if spec.val_data)
+            raise LoraforgeError(f"mix[{i}] has its own val_data: give val_data in the mix entries or at the top "
+                                 "level, not both")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def data_recipe(self) -> dict[str, Any]:
-        """How the data loaders read records: the declared recipe (its columns, metric and instruction applied),
-        or no recipe and the plain column renames."""
-        if not self.recipe:
-            return {"recipe": None, "columns": self.columns}
-        from loraforge.data.recipes import make_recipe
-
-        return {"recipe": make_recipe(self.recipe, self.columns, self.metric, self.instruction), "columns": None}
+        """How the data loaders read records."""
+        return data_recipe(self.recipe, self.columns, self.metric, self.instruction)
 
 
 RECIPE_OPTIONS = ("recipe", "columns", "metric", "instruction")

@@ -22,6 +22,7 @@ from loraforge.data.formats import (
     to_example,
 )
 from loraforge.data.load import ON_BAD_RECORD, DataStats, load_examples, load_examples_by
+from loraforge.data.mix import MixStats, draw_mix, load_mix, mix_probabilities
 from loraforge.data.ner import iob1_to_bio
 from loraforge.data.readers import READERS, Record, read_jsonl, read_records
 from loraforge.data.recipes import METRICS, RECIPES, Recipe, get_recipe, make_recipe
@@ -52,6 +53,7 @@ __all__ = [
     "DataStats",
     "Example",
     "Fields",
+    "MixStats",
     "Recipe",
     "Record",
     "Segment",
@@ -62,6 +64,7 @@ __all__ = [
     "count_tokens",
     "detect_format",
     "document_ids",
+    "draw_mix",
     "encode_prompt",
     "end_of_turn",
     "get_recipe",
@@ -70,7 +73,9 @@ __all__ = [
     "iob1_to_bio",
     "load_examples",
     "load_examples_by",
+    "load_mix",
     "make_instruction_example",
+    "mix_probabilities",
     "pad_id_for",
     "prompt_ids",
     "read_jsonl",

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from loraforge.config import TrainConfig, resolve_dtype
 from loraforge.data import collate, count_tokens, load_examples, pad_id_for
 from loraforge.data.chat import write_system_prompt
+from loraforge.data.mix import MixStats, load_mix
 from loraforge.data.packing import collate_packed, pack, packing_supported
 from loraforge.data.split import train_val_split
 from loraforge.errors import LoraforgeError
@@ -64,7 +65,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
         model, tokenizer = load_model(cfg.model, dtype=resolve_dtype(cfg.dtype, dist.device))
         cfg = check_context(cfg, model)
         train_set, val_set, stats = _load_data(cfg, tokenizer)
-        task = CausalTask(cfg, model.to(dist.device), tokenizer, train_set, val_set)
+        task = CausalTask(cfg, model.to(dist.device), tokenizer, train_set, val_set,
+                          mix=stats.report() if isinstance(stats, MixStats) else None)
     else:
         from loraforge.train.heads import HeadTask
 
@@ -181,8 +183,8 @@ class CausalTask:
     """A decoder learning the learned spans of its examples: token batches (packed rows where the model supports
     position ids), the causal-LM loss, validation loss and perplexity."""
 
-    def __init__(self, cfg: TrainConfig, model, tokenizer, train_set: list, val_set: list):
-        self.cfg, self.tokenizer, self.val_set = cfg, tokenizer, val_set
+    def __init__(self, cfg: TrainConfig, model, tokenizer, train_set: list, val_set: list, mix: dict | None = None):
+        self.cfg, self.tokenizer, self.val_set, self.mix = cfg, tokenizer, val_set, mix
         self.pad_id = pad_id_for(tokenizer)
         self.packed = cfg.packing and packing_supported(model)
         if cfg.packing and not self.packed:
@@ -232,7 +234,7 @@ class CausalTask:
         return loss, {"val_ppl": ppl}, f"val loss {loss:.4f}, perplexity {ppl:.2f}"
 
     def summary_extra(self) -> dict:
-        return {}
+        return {"mix": self.mix} if self.mix else {}  # each dataset's share of a mix
 
     def write_extra(self, output: Path, stats) -> None:
         if stats.one_system is not None:  # generate uses it by default, so the adapter answers as it was trained
@@ -291,6 +293,8 @@ DEFAULT_MAX_LENGTH = TrainConfig.__dataclass_fields__["max_length"].default
 
 
 def _load_data(cfg: TrainConfig, tokenizer) -> tuple[list, list, object]:
+    if cfg.mix:
+        return _load_mix(cfg, tokenizer)
     options = dict(on_bad_record=cfg.on_bad_record, **cfg.data_recipe(), fmt=cfg.data_format,
                    file_format=cfg.file_format)
     examples, stats = load_examples(cfg.data, tokenizer, cfg.max_length, max_examples=cfg.max_examples or None,
@@ -306,3 +310,18 @@ def _load_data(cfg: TrainConfig, tokenizer) -> tuple[list, list, object]:
         train_set, val_set = train_val_split(examples, cfg.val_split, cfg.seed)
         return train_set, val_set, stats
     return examples, [], stats
+
+
+def _load_mix(cfg: TrainConfig, tokenizer) -> tuple[list, list, MixStats]:
+    """Several datasets, each with its own recipe, drawn into one epoch (`data.mix`)."""
+    train_set, val_set, stats = load_mix(cfg.mix, tokenizer, cfg.max_length, temperature=cfg.mix_temperature,
+                                         seed=cfg.seed, on_bad_record=cfg.on_bad_record, val_data=cfg.val_data,
+                                         val_split=cfg.val_split)
+    for part in stats.parts:
+        log.info("data %s: %s", part.name, part.stats.summary())
+    log.info("%s", stats.mix_line())
+    for reason in stats.skip_reasons:
+        log.warning("skipped: %s", reason)
+    if val_set:
+        log.info("validation: %d examples", len(val_set))
+    return train_set, val_set, stats

@@ -98,8 +98,9 @@ def inject(model: nn.Module, cfg: TrainConfig, task_type: str) -> LoraModel:
 
 def check_paths(cfg: TrainConfig, resume: bool) -> Path:
     """The output folder, created; raises `LoraforgeError` before any model loads if data or output will not do."""
-    if not cfg.data or not cfg.output:
-        raise LoraforgeError("training needs --data FILE.jsonl and --output DIR (or data:/output: in the YAML)")
+    if not (cfg.data or cfg.mix) or not cfg.output:
+        raise LoraforgeError("training needs --data FILE.jsonl (or a mix: of datasets in the YAML) and --output DIR "
+                             "(or data:/output: in the YAML)")
     output = Path(cfg.output)
     if output.exists() and not output.is_dir():
         raise LoraforgeError(f"--output {output} is a file; give a folder for the adapter")
@@ -109,11 +110,11 @@ def check_paths(cfg: TrainConfig, resume: bool) -> Path:
     if not resume and ckpt.list_checkpoints(output):
         raise LoraforgeError(f"--output {output} holds checkpoints of an earlier run; continue it with --resume "
                              f"{output}, or choose a new folder")
-    for name in ("data", "val_data"):
-        path = getattr(cfg, name)
-        if path:
-            # a missing or unreadable file fails before the model loads
-            next(iter(read_records(path, cfg.file_format)), None)
+    files = [(cfg.data, cfg.file_format), (cfg.val_data, cfg.file_format)]
+    files += [(path, spec.file_format) for spec in cfg.mix or () for path in (spec.data, spec.val_data)]
+    for path, file_format in files:
+        if path:  # a missing or unreadable file fails before the model loads
+            next(iter(read_records(path, file_format)), None)
     output.mkdir(parents=True, exist_ok=True)
     return output
 
