@@ -16,7 +16,7 @@ from pathlib import Path
 from loraforge.config import DEFAULT_MODEL, TrainConfig, build_config, load_yaml, parse_bool, parse_mapping
 from loraforge.errors import LoraforgeError
 from loraforge.options import (CombineOptions, DemoOptions, GenerateOptions, InspectOptions, MergeOptions,
-                               PredictOptions, ServeOptions, from_namespace)
+                               PredictOptions, RouterOptions, ServeOptions, from_namespace)
 
 log = logging.getLogger("loraforge")
 _FLAG_TYPES = {"int": int, "float": float, "bool": parse_bool}
@@ -128,21 +128,31 @@ def _one(values: list[str] | None, flag: str, why: str) -> str | None:
     return values[0] if values else None
 
 
-def _cmd_generate(args: GenerateOptions) -> int:
-    from loraforge.infer import InferenceSession, SamplingParams, generate_many
+def _open_adapters(args: GenerateOptions | RouterOptions):
+    """The session of --model with the --adapter given (folders, or names in the --adapters store); the session and
+    each adapter's name as given and as the session holds it."""
+    from loraforge.infer import InferenceSession
     from loraforge.infer.store import AdapterStore
 
     names = args.adapter or []
     if args.adapters:  # a store: --adapter names adapters in it
         session = InferenceSession.open(args.model, dtype=args.dtype, device=args.device)
-        store = AdapterStore(args.adapters, session, max_resident_mb=args.max_resident_mb)
-        names = store.ensure(names)  # the names the session holds them by
-    else:  # --adapter gives folders, each named by its last path part
-        session = InferenceSession.open(args.model, names, dtype=args.dtype, device=args.device)
-        names = list(session.adapters)
+        store = AdapterStore(args.adapters, session, max_resident_mb=getattr(args, "max_resident_mb", 0.0))
+        return session, list(names), store.ensure(names)  # the names the session holds them by
+    # --adapter gives folders, each named by its last path part
+    session = InferenceSession.open(args.model, names, dtype=args.dtype, device=args.device)
+    return session, list(session.adapters), list(session.adapters)
+
+
+def _cmd_generate(args: GenerateOptions) -> int:
+    from loraforge.infer import SamplingParams, generate_many
+
+    session, given, names = _open_adapters(args)
     greedy = args.temperature is None
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0 if greedy else args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    if args.router:
+        return _generate_routed(args, session, dict(zip(given, names)), params)
     rows = names or [None]
     prompts = []
     for name in rows:  # each adapter gets its own system prompt: the one it was trained with, unless --system
@@ -152,6 +162,56 @@ def _cmd_generate(args: GenerateOptions) -> int:
     for name, ids in zip(rows, outputs):
         text = session.tokenizer.decode(ids, skip_special_tokens=True).strip()
         print(f"[{name}]\n{text}\n" if len(rows) > 1 else text)
+    return 0
+
+
+def _generate_routed(args: GenerateOptions, session, resident: dict[str, str], params) -> int:
+    """`generate --router DIR`: the router picks the adapter that answers the prompt (or the base)."""
+    from loraforge.infer import generate_many
+    from loraforge.infer.router import Router
+
+    router = Router.load(args.router)
+    router.check(session)
+    router.require_adapters(list(resident))
+    # the route is read from the prompt as no adapter changes it: --system, else the template's own system turn
+    ids = prompt_ids(session.tokenizer, args.prompt, args.chat, args.system if args.chat else None)
+    probabilities = router.probabilities(session, [ids])[0]  # (C,)
+    chosen = router.classes[int(probabilities.argmax())]
+    name = resident.get(chosen)  # None: the "base" class
+    system = session.system_prompt(name)
+    if args.chat and args.system is None and system is not None:  # the routed adapter's own system prompt
+        ids = prompt_ids(session.tokenizer, args.prompt, True, system)
+    out = generate_many(session, [ids], params, [name])[0]
+    text = session.tokenizer.decode(out, skip_special_tokens=True).strip()
+    print(f"[{chosen} p={float(probabilities.max()):.3f}]\n{text}")
+    return 0
+
+
+def _cmd_router(args: RouterOptions) -> int:
+    from loraforge.infer.router import BASE, RouterData, train_router
+
+    session, given, _ = _open_adapters(args)
+    specs = args.datasets()
+    base = specs.pop(BASE, None)
+    missing = [name for name in given if name not in specs]
+    if missing:
+        raise LoraforgeError(f"no --data for adapter {', '.join(missing)}: give --data NAME=FILE for each --adapter "
+                             f"(adapters: {', '.join(given)})")
+    order = given + [name for name in specs if name not in given]  # an unknown name is refused by train_router
+    router = train_router(session, [RouterData(name, **specs[name]) for name in order],
+                          base_data=RouterData(BASE, **base) if base else None, max_examples=args.max_examples,
+                          val_split=args.val_split, seed=args.seed, l2=args.l2, max_length=args.max_length)
+    router.save(args.output)
+    trained = sum(c["train"] for c in router.counts.values())
+    held = sum(c["val"] for c in router.counts.values())
+    print(f"router written to {args.output}: classes {', '.join(router.classes)}; {trained} prompts trained on, "
+          f"{held} held out")
+    if router.accuracy is None:
+        print("nothing held out (--val-split 0): accuracy not measured")
+    else:
+        per_class = ", ".join(f"{name} {'-' if acc is None else f'{acc:.4f}'} ({router.counts[name]['val']})"
+                              for name, acc in router.per_class_accuracy.items())
+        print(f"validation accuracy {router.accuracy:.4f}; per class: {per_class}")
     return 0
 
 
@@ -277,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, cls, func, help_text in (
             ("generate", GenerateOptions, _cmd_generate,
              "generate text with a base model and optionally adapters (one batch)"),
+            ("router", RouterOptions, _cmd_router,
+             "train a router that picks, per prompt, the adapter (or the base) that answers it; print its accuracy"),
             ("serve", ServeOptions, _cmd_serve,
              "serve the base and an adapter store over the OpenAI API (model = adapter name)"),
             ("predict", PredictOptions, _cmd_predict,

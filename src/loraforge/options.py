@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from loraforge.config import DEFAULT_MODEL, INSTRUCTION_HELP, METRIC_HELP, opt, parse_targets
+from loraforge.config import DEFAULT_MODEL, INSTRUCTION_HELP, METRIC_HELP, opt, parse_mapping, parse_targets
 from loraforge.errors import LoraforgeError
 
 
@@ -46,6 +46,69 @@ class GenerateOptions(SamplingOptions, DeviceOptions):
     chat: bool = opt(False, "wrap the prompt in the model's chat template", action="store_true")
     system: str | None = opt(None, "with --chat: the system prompt (default: the one the adapter was trained "
                                    "with, else the template's own)")
+    router: str | None = opt(None, "a router folder (loraforge router): it picks the adapter that answers the prompt, "
+                                   "among exactly the --adapter given", metavar="DIR")
+
+
+@dataclass
+class RouterOptions(DeviceOptions):
+    adapter: list[str] | None = opt(None, "adapter folder, or a name in --adapters: one class of the router each; "
+                                          "repeat", action="append", required=True, metavar="DIR_OR_NAME")
+    data: list[str] | None = opt(None, "NAME=FILE: inputs of adapter NAME's task (any format train reads); one per "
+                                       "adapter, repeat", action="append", required=True, metavar="NAME=FILE")
+    output: str | None = opt(None, "folder for router.safetensors and router.json", required=True, metavar="DIR")
+    model: str | None = opt(None, f"base model (default: the adapters' base, else {DEFAULT_MODEL})")
+    adapters: str | None = opt(None, "an adapter store: DIR/<name>/ (e.g. from train --per-user)", metavar="DIR")
+    recipe: list[str] | None = opt(None, "NAME=RECIPE: how NAME's records become prompts (default: the recipe the "
+                                         "adapter was trained with, else text/instruction/chat records); repeat",
+                                   action="append", metavar="NAME=RECIPE")
+    columns: list[str] | None = opt(None, "NAME=ours=theirs,...: field renames for NAME's file (e.g. "
+                                          "sentiment=text=sentence); repeat", action="append", metavar="NAME=MAP")
+    base_data: str | None = opt(None, "inputs of no task: a 'base' class, answered by the base with no adapter",
+                                metavar="FILE")
+    max_examples: int = opt(200, "prompts per class at most (a seeded sample)")
+    val_split: float = opt(0.2, "share of each class held out to measure the router's accuracy (0: none)")
+    seed: int = opt(0, "seed of the sample and the split")
+    l2: float = opt(1e-3, "L2 penalty of the probe (on standardized features)")
+    max_length: int = opt(512, "prompt tokens read per input (the first ones)")
+
+    def __post_init__(self) -> None:
+        _at_least(self, "max_examples", 1)
+        _at_least(self, "max_length", 1)
+        if not 0 <= self.val_split < 1:
+            raise LoraforgeError(f"--val-split must be in [0, 1), got {self.val_split}")
+        if self.l2 < 0:
+            raise LoraforgeError(f"--l2 must be 0 or more, got {self.l2}")
+        self.datasets()  # a malformed NAME=VALUE fails here, with its flag
+
+    def datasets(self) -> dict[str, dict[str, Any]]:
+        """Per class: its file, recipe and column renames, from --data (and --base-data: class "base"), --recipe
+        and --columns."""
+        files = _named(self.data, "--data", "FILE")
+        if "base" in files:
+            raise LoraforgeError("--data base=...: 'base' is the class of inputs of no task; give it as --base-data")
+        if self.base_data:
+            files["base"] = self.base_data
+        found = {name: {"path": path, "recipe": None, "columns": None} for name, path in files.items()}
+        for flag, key, values in (("--recipe", "recipe", self.recipe), ("--columns", "columns", self.columns)):
+            for name, value in _named(values, flag, key.upper()).items():
+                if name not in found:
+                    raise LoraforgeError(f"{flag} {name}=...: no --data {name}=FILE to apply it to")
+                found[name][key] = parse_mapping(value) if key == "columns" else value
+        return found
+
+
+def _named(values: list[str] | None, flag: str, what: str) -> dict[str, str]:
+    """`NAME=VALUE` flags (split at the first '=') as {NAME: VALUE}; a name given twice is an error."""
+    named: dict[str, str] = {}
+    for value in values or []:
+        name, sep, rest = value.partition("=")
+        if not sep or not name.strip() or not rest.strip():
+            raise LoraforgeError(f"{flag} {value!r}: write it as NAME={what}, with NAME an adapter's name")
+        if name.strip() in named:
+            raise LoraforgeError(f"{flag} was given twice for {name.strip()!r}; give it once per adapter")
+        named[name.strip()] = rest.strip()
+    return named
 
 
 @dataclass
