@@ -5,8 +5,8 @@
     router.save("runs/router")
     routes, outputs = generate_routed(session, Router.load("runs/router"), prompts)  # one mixed batch
 
-The router is a linear probe (multinomial logistic regression, L2, full-batch L-BFGS in float64 from zeros, so the
-same data gives the same weights) on features of the BASE model alone: the last hidden states (`layer`, an index
+The router is a linear probe (multinomial logistic regression with L2, scikit-learn's lbfgs: the same data gives the
+same weights) on features of the BASE model alone: the last hidden states (`layer`, an index
 into `hidden_states`) mean-pooled over the prompt's first `max_length` tokens, standardized by the training
 features' mean and std. Its classes are adapter names, plus "base" (route: None, no adapter) for inputs of no task
 when base data is given. Each task's prompts are built as generation builds them: the dataset's recipe
@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -268,25 +267,22 @@ def train_router(session: InferenceSession, datasets: Sequence[RouterData] | Map
     return router
 
 
-def fit_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float, max_iter: int = 200
+def fit_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float, max_iter: int = 1000
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multinomial logistic regression: minimise mean cross-entropy + l2/2 ||W||² by full-batch L-BFGS in float64
-    from zeros (deterministic: no random init); (C, D) weight and (C,) bias in float32."""
-    x64 = x.double()  # (N, D)
-    weight = torch.zeros(n_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20,
-                                  tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+    """Multinomial logistic regression minimising mean cross-entropy + l2/2 ||W||² (the bias unpenalized):
+    scikit-learn's `LogisticRegression` (lbfgs, deterministic) with C = 1 / (l2 N); (C, D) weight and (C,) bias."""
+    from sklearn.linear_model import LogisticRegression
 
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(x64 @ weight.T + bias, y) + 0.5 * l2 * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    return weight.detach().float(), bias.detach().float()
+    if not set(y.tolist()) == set(range(n_classes)):
+        raise LoraforgeError(f"the router's training data lacks classes: has {sorted(set(y.tolist()))} of "
+                             f"{n_classes}")
+    model = LogisticRegression(C=1.0 / (l2 * len(y)), max_iter=max_iter, tol=1e-8)
+    model.fit(x.double().numpy(), y.numpy())
+    weight = torch.from_numpy(model.coef_).float().contiguous()  # (C, D) as saved and loaded: the same kernel
+    bias = torch.from_numpy(model.intercept_).float().contiguous()
+    if n_classes == 2:  # scikit-learn keeps one row for two classes: logits (0, w x + b) give the same softmax
+        weight, bias = torch.cat([torch.zeros_like(weight), weight]), torch.cat([torch.zeros_like(bias), bias])
+    return weight, bias
 
 
 def _check_training(session: InferenceSession, specs: list[RouterData], max_examples: int, val_split: float,
