@@ -13,6 +13,12 @@
 #
 # Environment: PY (the python; default .venv/bin/python, else python3), ARCH (see 2a), ALPACA (the alpaca_zh_en
 # folder; default ../shared/data/alpaca_zh_en). Every section runs; the script fails at the end if any failed.
+#
+# On a machine lent by the `device` tool (no default model, no ../shared, 64 MiB carried), prepare here first:
+#   mkdir -p .gpu/arch .gpu/alpaca && echo /.gpu/ >> .git/info/exclude
+#   cp "$(python -c 'from loraforge.models import *; print(resolve_model(DEFAULT_MODEL))')"/{config.json,tokenizer*,chat_template.jinja,generation_config.json} .gpu/arch/
+#   cp ../shared/data/alpaca_zh_en/alpaca_chinese_part_{0,1}.json .gpu/alpaca/
+# then run, carrying .gpu:  ARCH=.gpu/arch ALPACA=.gpu/alpaca PY=python3 bash bench/gpu_check.sh
 set -uo pipefail
 if [ -z "${PY:-}" ]; then
     if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
