@@ -40,7 +40,7 @@ from loraforge.data.example import Example, Fields, check_columns
 from loraforge.data.formats import make_instruction_example
 from loraforge.data.ner import parse_entities, render_entities, spans_to_bio, tag_problem, tag_spans
 from loraforge.data.readers import Record
-from loraforge.data.tokenize import prompt_ids
+from loraforge.data.tokenize import IGNORE_INDEX, prompt_ids, tokenize_example
 from loraforge.errors import LoraforgeError
 
 if TYPE_CHECKING:
@@ -101,6 +101,12 @@ class Recipe:
     def encode_prompt(self, record: Record, tokenizer: PreTrainedTokenizerBase) -> list[int]:
         """The prompt ids exactly as in training, to generate an answer from."""
         return prompt_ids(self._example(record, "", tokenizer), tokenizer)
+
+    def answer_ids(self, record: Record, answer: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        """The ids training learns after `encode_prompt(record)` when the target is `answer`: its tokens and the
+        end-of-turn or EOS that closes it."""
+        taught = tokenize_example(self._example(record, answer, tokenizer), tokenizer, 10**9)
+        return [t for t in taught.labels if t != IGNORE_INDEX]
 
     def plain_prompt(self, record: Record) -> str:
         """The prompt text of the "plain" style: the input (the instruction if there is none) and a newline."""

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from loraforge.config import DEFAULT_MODEL
 from loraforge.data import IGNORE_INDEX, Record, Recipe, collate, load_examples, make_recipe, pad_id_for, read_records
 from loraforge.data.recipes import Classification
-from loraforge.data.tokenize import TokenizedExample, tokenize_example
+from loraforge.data.tokenize import TokenizedExample
 from loraforge.errors import LoraforgeError
 from loraforge.eval.config import EvalConfig
 from loraforge.eval.fewshot import encode_few_shot, pick_shots
@@ -184,13 +184,8 @@ def score_label_words(session: InferenceSession, adapter: str | None, recipe: Cl
     rows: list[TokenizedExample] = []
     options: list[list[list[int]]] = []
     for ex, prompt in zip(examples, prompts):
-        conts = []
-        for name in recipe.names:
-            taught = tokenize_example(recipe._example(ex.record, name, tokenizer), tokenizer, 10**9)
-            start = len(recipe.encode_prompt(ex.record, tokenizer))
-            conts.append(taught.input_ids[start:])
-            rows.append(TokenizedExample(prompt + taught.input_ids[start:],
-                                         [IGNORE_INDEX] * len(prompt) + taught.input_ids[start:]))
+        conts = [recipe.answer_ids(ex.record, name, tokenizer) for name in recipe.names]
+        rows += [TokenizedExample(prompt + cont, [IGNORE_INDEX] * len(prompt) + cont) for cont in conts]
         options.append(conts)
     nll = torch.empty(len(rows), dtype=torch.float64)
     pad = pad_id_for(tokenizer)
