@@ -193,17 +193,25 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments
     """Causal attention of every packed example at once: q (N, H, D), k and v (N, Hkv, D) with the examples end to
     end as `segments` says; returns (N, H, D). `kernel` is torch's `varlen_attn` (a stand-in in CPU tests)."""
     kernel = kernel or _varlen_kernel()
-    params = inspect.signature(kernel).parameters
-    # causal: window_size=(-1, 0) since torch 2.11, is_causal=True in 2.10
-    options = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    causal, native_gqa = _varlen_contract(kernel)
+    options = dict(causal)
     if k.shape[1] != q.shape[1]:
-        if "enable_gqa" in params:
+        if native_gqa:
             options["enable_gqa"] = True
         else:
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     cu = segments.cu_seqlens
     return kernel(q, k, v, cu, cu, segments.max_len, segments.max_len, scale=scaling, **options)
+
+
+@functools.cache
+def _varlen_contract(kernel) -> tuple[tuple[tuple[str, object], ...], bool]:
+    """How `kernel` is asked for causal attention (window_size=(-1, 0) since torch 2.11, is_causal=True in 2.10)
+    and whether it takes grouped-query heads itself: read once per kernel, not in every layer."""
+    params = inspect.signature(kernel).parameters
+    causal = (("window_size", (-1, 0)),) if "window_size" in params else (("is_causal", True),)
+    return causal, "enable_gqa" in params
 
 
 def segment_lengths(position_ids: torch.Tensor) -> list[int]:

@@ -195,8 +195,8 @@ class CausalTask:
                      cfg.max_length)
         # attention per packed example: SDPA per example on a CPU, varlen flash attention on a GPU in half
         # precision; a GPU in fp32 runs transformers' attention over the block-diagonal mask it builds instead
-        self.packed_attention = self.packed and packed_attention_supported(model) and (
-            model.device.type == "cpu" or model.dtype in (torch.float16, torch.bfloat16))
+        self.packed_attention = self.packed and (model.device.type == "cpu" or model.dtype in (
+            torch.float16, torch.bfloat16)) and packed_attention_supported(model)  # the probe only where it is used
         self.model = model
         self.loss = CausalLMLoss(model, cfg.label_smoothing)
         self.best_scores: dict = {}
