@@ -128,7 +128,7 @@ def _one(values: list[str] | None, flag: str, why: str) -> str | None:
     return values[0] if values else None
 
 
-def _open_adapters(args: GenerateOptions | RouterOptions):
+def _open_adapters(args: GenerateOptions | RouterOptions, max_resident_mb: float = 0.0):
     """The session of --model with the --adapter given (folders, or names in the --adapters store); the session and
     each adapter's name as given and as the session holds it."""
     from loraforge.infer import InferenceSession
@@ -137,7 +137,7 @@ def _open_adapters(args: GenerateOptions | RouterOptions):
     names = args.adapter or []
     if args.adapters:  # a store: --adapter names adapters in it
         session = InferenceSession.open(args.model, dtype=args.dtype, device=args.device)
-        store = AdapterStore(args.adapters, session, max_resident_mb=getattr(args, "max_resident_mb", 0.0))
+        store = AdapterStore(args.adapters, session, max_resident_mb=max_resident_mb)
         return session, list(names), store.ensure(names)  # the names the session holds them by
     # --adapter gives folders, each named by its last path part
     session = InferenceSession.open(args.model, names, dtype=args.dtype, device=args.device)
@@ -147,7 +147,7 @@ def _open_adapters(args: GenerateOptions | RouterOptions):
 def _cmd_generate(args: GenerateOptions) -> int:
     from loraforge.infer import SamplingParams, generate_many
 
-    session, given, names = _open_adapters(args)
+    session, given, names = _open_adapters(args, args.max_resident_mb)
     greedy = args.temperature is None
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0 if greedy else args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
@@ -279,7 +279,8 @@ def _cmd_predict(args: PredictOptions) -> int:
     columns = parse_mapping(args.columns) if args.columns else None
     adapter = _one(args.adapter, "--adapter", "predict runs one adapter; to compare several use loraforge eval")
     result = predict_file(args.data, model=args.model, adapter=adapter, recipe=args.recipe, task=args.task,
-                          columns=columns, metric=args.metric, instruction=args.instruction, file_format=args.file_format, max_examples=args.max_examples,
+                          columns=columns, metric=args.metric, instruction=args.instruction,
+                          file_format=args.file_format, max_examples=args.max_examples,
                           batch_size=args.batch_size, max_length=args.max_length,
                           max_new_tokens=args.max_new_tokens, output=args.output, dtype=args.dtype,
                           device=args.device)

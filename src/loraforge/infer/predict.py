@@ -122,7 +122,8 @@ class PredictResult:
 
 def predict_file(data: str | Path, *, model: str | None = None, adapter: str | Path | None = None,
                  recipe: str | None = None, task: str | None = None, columns: Mapping[str, str] | None = None,
-                 metric: str | None = None, instruction: str | None = None, file_format: str | None = None, max_examples: int = 0, batch_size: int = 16,
+                 metric: str | None = None, instruction: str | None = None, file_format: str | None = None,
+                 max_examples: int = 0, batch_size: int = 16,
                  max_length: int = 512, max_new_tokens: int = 64, output: str | Path | None = None,
                  dtype: str = "float32", device: str = "cpu") -> PredictResult:
     """Predict every record of `data` (or its first `max_examples`), write them as JSON lines, and score them.
