@@ -294,6 +294,13 @@ RECIPE_OPTIONS = ("recipe", "columns", "metric", "instruction")
 """The options that declare a recipe: an adapter keeps them in its train_config.yaml for eval and predict."""
 
 
+def with_adapter_recipe(given: dict[str, Any], adapter: str | Path | None) -> dict[str, Any]:
+    """The recipe options `given` (as RECIPE_OPTIONS) for eval and predict: with no recipe given, the unset ones
+    are the adapter's own, so a task declared once in training is scored without repeating it."""
+    declared = adapter_recipe(adapter) if given.get("recipe") is None and adapter is not None else {}
+    return {k: declared.get(k) if given.get(k) is None else given[k] for k in RECIPE_OPTIONS} if declared else given
+
+
 def adapter_recipe(adapter: str | Path) -> dict[str, Any]:
     """The recipe options an adapter was trained with (from its train_config.yaml), or {} when it has none."""
     path = Path(adapter) / TRAIN_CONFIG_FILE

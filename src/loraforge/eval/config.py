@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loraforge.config import DEFAULT_MODEL, INSTRUCTION_HELP, METRIC_HELP, adapter_recipe, opt, parse_mapping
+from loraforge.config import (DEFAULT_MODEL, INSTRUCTION_HELP, METRIC_HELP, RECIPE_OPTIONS, opt, parse_mapping,
+                              with_adapter_recipe)
 from loraforge.data import make_recipe
 from loraforge.data.recipes import Classification
 from loraforge.errors import LoraforgeError
@@ -62,10 +63,9 @@ class EvalConfig:
         object.__setattr__(self, "adapters", tuple(self.adapters or ()))  # flags arrive as a list, or None
         if isinstance(self.columns, str):
             object.__setattr__(self, "columns", parse_mapping(self.columns))
-        if self.recipe is None and self.adapters:  # the recipe the adapter was trained with, declared once
-            for name, value in adapter_recipe(self.adapters[0]).items():
-                if getattr(self, name) is None:
-                    object.__setattr__(self, name, value)
+        given = {name: getattr(self, name) for name in RECIPE_OPTIONS}
+        for name, value in with_adapter_recipe(given, self.adapters[0] if self.adapters else None).items():
+            object.__setattr__(self, name, value)
         task = self.task or ("text" if self.recipe in (None, "lm") else "generate")
         if task not in TASKS:
             raise LoraforgeError(f"unknown task {self.task!r}; choose one of: {', '.join(TASKS)}")

@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from loraforge.config import DEFAULT_MODEL, adapter_recipe
+from loraforge.config import DEFAULT_MODEL, RECIPE_OPTIONS, with_adapter_recipe
 from loraforge.data import Record, make_recipe, pad_id_for, read_records
 from loraforge.data.encode import HEAD_TASKS, LABELS_FILE, HeadSpec
 from loraforge.data.recipes import Classification, Recipe
@@ -145,16 +145,13 @@ def predict_file(data: str | Path, *, model: str | None = None, adapter: str | P
             raise LoraforgeError(f"--task {task} predicts with a trained head: give --adapter DIR (the output of "
                                  f"loraforge train --task {task})")
         _check_head(adapter, task)
-    elif recipe is None and adapter is not None:
-        declared = adapter_recipe(adapter)  # the recipe the adapter was trained with, declared once
-        if declared:
-            recipe, columns = declared["recipe"], columns or declared["columns"]
-            metric = metric or declared["metric"]
-            instruction = declared["instruction"] if instruction is None else instruction
-    if not is_head and recipe is None:
-        raise LoraforgeError("predict needs --recipe R for a decoder (e.g. sst2, conll2003, squad, e2e, text2text), "
-                             "an adapter trained with one, or an adapter trained with --task seq-cls|token-cls")
-    if not is_head:
+    else:  # a decoder: the recipe as given, or as the adapter was trained with
+        declared = with_adapter_recipe(dict(zip(RECIPE_OPTIONS, (recipe, columns, metric, instruction))), adapter)
+        recipe, columns, metric, instruction = (declared[k] for k in RECIPE_OPTIONS)
+        if recipe is None:
+            raise LoraforgeError("predict needs --recipe R for a decoder (e.g. sst2, conll2003, squad, e2e, "
+                                 "text2text), an adapter trained with one, or an adapter trained with --task "
+                                 "seq-cls|token-cls")
         _check_decoder(model, adapter, recipe)
     records = read_records(data, file_format)
     if max_examples:
