@@ -39,7 +39,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from loraforge.config import adapter_recipe
-from loraforge.data import detect_format, make_recipe, pad_id_for, prompt_ids, read_records, to_example
+from loraforge.data import (TokenizedExample, collate, detect_format, make_recipe, pad_id_for, prompt_ids,
+                            read_records, to_example)
 from loraforge.data.readers import Record
 from loraforge.errors import LoraforgeError
 from loraforge.infer.engine import SamplingParams
@@ -203,12 +204,8 @@ def prompt_features(session: InferenceSession, prompts: Sequence[Sequence[int]],
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             rows = [list(prompts[i])[:max_length] for i in chunk]
-            T = max(len(r) for r in rows)
-            ids = torch.full((len(rows), T), pad, dtype=torch.long)  # (n, T)
-            mask = torch.zeros((len(rows), T), dtype=torch.long)  # (n, T)
-            for i, r in enumerate(rows):
-                ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
-            ids, mask = ids.to(session.device), mask.to(session.device)
+            batch = collate([TokenizedExample(r, r) for r in rows], pad)  # right-padded (labels unused)
+            ids, mask = batch["input_ids"].to(session.device), batch["attention_mask"].to(session.device)  # (n, T)
             out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False,
                         logits_to_keep=1)
             hidden = out.hidden_states[layer].float()  # (n, T, D)
