@@ -50,12 +50,18 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
 def save_adapter(lm: LoraModel, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the adapter so that `peft.PeftModel.from_pretrained(base, directory)` loads it. `state` is
     `lm.adapter_state_dict()` when the caller already took it (under FSDP2 every rank must, one writes)."""
+    state = lm.adapter_state_dict() if state is None else state
+    return write_adapter(directory, state, lm.config)
+
+
+def write_adapter(directory: str | Path, tensors: dict[str, torch.Tensor], config: LoraConfig) -> Path:
+    """adapter_model.safetensors (`tensors`, keys as PEFT saves them) and adapter_config.json into `directory`,
+    each file written atomically."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    state = lm.adapter_state_dict() if state is None else state
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     atomic_write(out / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    text = json.dumps(lm.config.to_peft_dict(), indent=2) + "\n"
+    text = json.dumps(config.to_peft_dict(), indent=2) + "\n"
     atomic_write(out / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return out
 

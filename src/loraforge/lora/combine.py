@@ -47,7 +47,6 @@ it has the same one.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -59,10 +58,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from loraforge.errors import LoraforgeError
-from loraforge.lora.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterWeights, read_adapter
+from loraforge.lora.adapter import AdapterWeights, read_adapter, write_adapter
 from loraforge.lora.config import LoraConfig
 from loraforge.lora.layer import lora_scaling
 from loraforge.lora.model import PEFT_PREFIX
@@ -111,10 +109,7 @@ class Combined:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
-            tensors = {PEFT_PREFIX + k: v.contiguous() for k, v in self.adapter.tensors.items()}
-            save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-            (tmp / ADAPTER_CONFIG).write_text(json.dumps(self.adapter.config.to_peft_dict(), indent=2) + "\n",
-                                              encoding="utf-8")
+            write_adapter(tmp, {PEFT_PREFIX + k: v for k, v in self.adapter.tensors.items()}, self.adapter.config)
             out.rmdir() if out.exists() else None
             tmp.rename(out)
         finally:
