@@ -136,11 +136,11 @@ def _open_adapters(args: GenerateOptions | RouterOptions, max_resident_mb: float
 
     names = args.adapter or []
     if args.adapters:  # a store: --adapter names adapters in it
-        session = InferenceSession.open(args.model, dtype=args.dtype, device=args.device)
+        session = InferenceSession.open(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
         store = AdapterStore(args.adapters, session, max_resident_mb=max_resident_mb)
         return session, list(names), store.ensure(names)  # the names the session holds them by
     # --adapter gives folders, each named by its last path part
-    session = InferenceSession.open(args.model, names, dtype=args.dtype, device=args.device)
+    session = InferenceSession.open(args.model, names, dtype=args.dtype, device=args.device, quantize=args.quantize)
     return session, list(session.adapters), list(session.adapters)
 
 
@@ -238,13 +238,18 @@ def _cmd_merge(args: MergeOptions) -> int:
     output = Path(args.output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise LoraforgeError(f"--output {output} exists and is not an empty folder; give a new folder or remove it")
+    from loraforge.config import adapter_quantize
     from loraforge.lora import load_adapter, read_adapter_config
     from loraforge.models import load_model
+    from loraforge.quant.model import dequantize_model
 
     adapter = _one(args.adapter, "--adapter", "merge folds one adapter into its base (run merge once per adapter)")
     model_name = args.model or read_adapter_config(adapter).base_model_name_or_path or DEFAULT_MODEL
-    model, tokenizer = load_model(model_name)
+    quantize = adapter_quantize([adapter])  # merge onto the base it was trained on: the dequantized packed one
+    model, tokenizer = load_model(model_name, quantize=quantize)
     merged = load_adapter(model, adapter).merge_and_unload()
+    if dequantize_model(merged):  # the layers the adapter did not touch, dense too: a plain model folder
+        print(f"the adapter was trained on a {quantize} base: merged onto its dequantized weights (not re-quantized)")
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:  # built beside its place and renamed in: never half a model folder
@@ -283,7 +288,7 @@ def _cmd_predict(args: PredictOptions) -> int:
                           file_format=args.file_format, max_examples=args.max_examples,
                           batch_size=args.batch_size, max_length=args.max_length,
                           max_new_tokens=args.max_new_tokens, output=args.output, dtype=args.dtype,
-                          device=args.device)
+                          device=args.device, quantize=args.quantize)
     where = f", written to {args.output}" if args.output else ""
     print(f"{len(result.predictions)} predictions{where}")
     if result.scores is None:

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from loraforge.errors import LoraforgeError
+from loraforge.quant.linear import METHODS as QUANTIZE_METHODS
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 METRICS_FILE = "metrics.jsonl"
@@ -187,6 +188,10 @@ class TrainConfig:
     seed: int = opt(0, "seed for LoRA init, data order and dropout: the same seed gives the same run")
     dtype: str = opt("auto", "compute dtype of the frozen base: bfloat16 (fast; LoRA weights and optimizer stay "
                               "float32), float32 (exact), or auto: bfloat16 where the hardware has it")
+    quantize: str = opt("none", "QLoRA: keep the frozen base packed in 4 bits. nf4 (QLoRA's NormalFloat, blocks of 64: "
+                                "0.5625 bytes a weight), nf4-dq (double-quantized scales: 0.516), gguf (a GGUF model's "
+                                "own blocks, e.g. the default model's Q4_1: no added error), or none",
+                        choices=QUANTIZE_METHODS)
     on_bad_record: str = opt("error", "what a malformed record does: error (stop) or skip (count and go on)")
     log_every: int = opt(1, "steps between progress-bar updates")
     val_data: str | None = opt(None, "validation file (same format as data)")
@@ -231,6 +236,9 @@ class TrainConfig:
             raise LoraforgeError(f"option 'lr' must be positive, got {self.lr!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise LoraforgeError(f"option 'dtype' must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.quantize not in QUANTIZE_METHODS:
+            raise LoraforgeError(f"option 'quantize' must be one of {', '.join(QUANTIZE_METHODS)}, got "
+                                 f"{self.quantize!r}")
         if isinstance(self.columns, str):
             self.columns = parse_mapping(self.columns)
         self.mix = parse_mix(self.mix)
@@ -310,6 +318,24 @@ def adapter_recipe(adapter: str | Path) -> dict[str, Any]:
     if not isinstance(saved, dict) or not saved.get("recipe"):
         return {}
     return {k: saved.get(k) for k in RECIPE_OPTIONS}
+
+
+QUANTIZE_HELP = ("the frozen base packed: nf4, nf4-dq, gguf (a GGUF model's own blocks) or none (default: what the "
+                 "adapters were trained on, else none)")
+
+
+def adapter_quantize(adapters: list[str | Path]) -> str:
+    """The packed base the adapters were trained on (`quantize` in their train_config.yaml; "none" when absent), the
+    default for loading them: that is the function they were trained against. Adapters that disagree are refused."""
+    found = set()
+    for adapter in adapters:
+        path = Path(adapter) / TRAIN_CONFIG_FILE
+        saved = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+        found.add(saved.get("quantize", "none") if isinstance(saved, dict) else "none")
+    if len(found) > 1:
+        raise LoraforgeError(f"the adapters were trained on different bases (quantize: {', '.join(sorted(found))}); "
+                             "give --quantize to load them on one, or run them separately")
+    return found.pop() if found else "none"
 
 
 def parse_targets(value: list[str] | str | None) -> list[str] | str | None:

@@ -34,6 +34,8 @@ from loraforge.config import DEFAULT_MODEL
 from loraforge.errors import LoraforgeError
 from loraforge.hub import find_in_hub_cache, hub_cache_dirs, looks_like_hub_id
 from loraforge.lora.targets import DEFAULT_TARGET_MODULES, default_target_modules  # re-exported: models know their targets
+from loraforge.quant.linear import weight_count
+from loraforge.quant.model import gguf_source, quantize_model
 
 logger = logging.getLogger("loraforge")
 
@@ -231,6 +233,7 @@ def load_model(
     kind: str = "causal-lm",
     dtype: torch.dtype = torch.float32,
     num_labels: int | None = None,
+    quantize: str = "none",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a base model and its tokenizer, in eval mode.
 
@@ -239,6 +242,8 @@ def load_model(
         kind: "causal-lm", "seq-cls", "token-cls" or "encoder" (the bare model, no head).
         dtype: the dtype of the loaded weights.
         num_labels: number of classes of the new head; only for "seq-cls" and "token-cls".
+        quantize: "none", or pack the body's linear layers (`quant.METHODS`): "nf4", "nf4-dq", or "gguf" (a GGUF
+            model's own blocks, exactly the weights its dense load has).
 
     `model.name_or_path` is set to `name_or_path` as given (peft records it as `base_model_name_or_path`).
     A tokenizer without a pad token gets pad = eos.
@@ -275,9 +280,11 @@ def load_model(
     model.name_or_path = name_or_path  # peft reads model.__dict__["name_or_path"]
     model.config.name_or_path = name_or_path
     model.eval()
+    if quantize != "none":
+        quantize_model(model, quantize, gguf_source(folder))
     logger.info(
         "loaded %s as %s (%.1fM parameters) in %.1f s",
-        name_or_path, kind, model.num_parameters() / 1e6, time.perf_counter() - start,
+        name_or_path, kind, weight_count(model)[0] / 1e6, time.perf_counter() - start,
     )
     return model, tokenizer
 
@@ -332,14 +339,14 @@ def require_encoder(name_or_path: str, task: str) -> None:
             "(e.g. --recipe sst2)")
 
 
-def load_encoder_with_head(name_or_path: str, task: str, num_labels: int, dtype: torch.dtype = torch.float32
-                           ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_encoder_with_head(name_or_path: str, task: str, num_labels: int, dtype: torch.dtype = torch.float32,
+                           quantize: str = "none") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """`load_model` for a head, without transformers' report that the head is new (it is: we train or load it)."""
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return load_model(name_or_path, kind=task, dtype=dtype, num_labels=num_labels)
+        return load_model(name_or_path, kind=task, dtype=dtype, num_labels=num_labels, quantize=quantize)
     finally:
         hf_logging.set_verbosity(verbosity)

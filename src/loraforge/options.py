@@ -11,7 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from loraforge.config import DEFAULT_MODEL, INSTRUCTION_HELP, METRIC_HELP, opt, parse_mapping, parse_targets
+from loraforge.config import (DEFAULT_MODEL, INSTRUCTION_HELP, METRIC_HELP, QUANTIZE_HELP, QUANTIZE_METHODS, opt,
+                              parse_mapping, parse_targets)
 from loraforge.errors import LoraforgeError
 
 
@@ -20,6 +21,7 @@ class DeviceOptions:
     dtype: str = opt("float32", "auto: bfloat16 where this CPU/GPU runs it natively (much faster), else float32",
                      choices=("float32", "bfloat16", "auto"))
     device: str = opt("cpu", "auto, cpu, cuda or cuda:N")
+    quantize: str | None = opt(None, QUANTIZE_HELP, choices=QUANTIZE_METHODS)
 
 
 @dataclass

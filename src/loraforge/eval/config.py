@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loraforge.config import (DEFAULT_MODEL, INSTRUCTION_HELP, METRIC_HELP, RECIPE_OPTIONS, opt, parse_mapping,
+from loraforge.config import (DEFAULT_MODEL, INSTRUCTION_HELP, METRIC_HELP, QUANTIZE_HELP, QUANTIZE_METHODS, RECIPE_OPTIONS, opt, parse_mapping,
                               with_adapter_recipe)
 from loraforge.data import make_recipe
 from loraforge.data.recipes import Classification
@@ -52,6 +52,7 @@ class EvalConfig:
     dtype: str = opt("float32", "float32, bfloat16, or auto: bfloat16 where this CPU/GPU runs it natively",
                      choices=DTYPES)
     device: str = opt("cpu", "auto, cpu, cuda or cuda:N")
+    quantize: str | None = opt(None, QUANTIZE_HELP, choices=QUANTIZE_METHODS)
     threads: int = opt(0, "torch CPU threads (0 = torch's default, one per core); 1 is faster on a machine other "
                           "jobs keep busy")
     samples: int = opt(8, "examples shown side by side in the report")

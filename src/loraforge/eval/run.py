@@ -138,7 +138,8 @@ def _sessions(specs: list[ModelSpec], cfg: EvalConfig) -> Iterator[tuple[ModelSp
         start = time.perf_counter()
         if session is None or session.base != spec.base:
             session = None  # free the previous base before loading the next one
-            session = InferenceSession.open(spec.base, dtype=cfg.dtype, device=cfg.device)
+            session = InferenceSession.open(spec.base, dtype=cfg.dtype, device=cfg.device,
+                                            quantize=cfg.quantize or adapter_quantize(list(cfg.adapters)))
         if spec.adapter is not None:
             session.add_adapter(spec.name, spec.adapter)
         yield spec, session, time.perf_counter() - start

@@ -125,7 +125,7 @@ def predict_file(data: str | Path, *, model: str | None = None, adapter: str | P
                  metric: str | None = None, instruction: str | None = None, file_format: str | None = None,
                  max_examples: int = 0, batch_size: int = 16,
                  max_length: int = 512, max_new_tokens: int = 64, output: str | Path | None = None,
-                 dtype: str = "float32", device: str = "cpu") -> PredictResult:
+                 dtype: str = "float32", device: str = "cpu", quantize: str | None = None) -> PredictResult:
     """Predict every record of `data` (or its first `max_examples`), write them as JSON lines, and score them.
 
     With an adapter that has labels.json (or `task` seq-cls/token-cls): the encoder-head path; `recipe` and
@@ -156,7 +156,8 @@ def predict_file(data: str | Path, *, model: str | None = None, adapter: str | P
     records = read_records(data, file_format)
     if max_examples:
         records = itertools.islice(records, max_examples)
-    session = InferenceSession.open(model, {"adapter": adapter} if adapter else {}, dtype=dtype, device=device)
+    session = InferenceSession.open(model, {"adapter": adapter} if adapter else {}, dtype=dtype, device=device,
+                                    quantize=quantize)
     if is_head:
         spec = session.head
         if recipe is not None or columns:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from loraforge.config import DEFAULT_MODEL, resolve_dtype
+from loraforge.config import DEFAULT_MODEL, adapter_quantize, resolve_dtype
 from loraforge.data.chat import read_system_prompt
 from loraforge.data.encode import LABELS_FILE, PEFT_TASK_TYPES, HeadSpec
 from loraforge.errors import LoraforgeError
@@ -74,10 +74,12 @@ class InferenceSession:
 
     @classmethod
     def open(cls, model: str | None = None, adapters: Mapping[str, str | Path] | Sequence[str | Path] = (), *,
-             dtype: str = "float32", device: str = "cpu") -> InferenceSession:
+             dtype: str = "float32", device: str = "cpu", quantize: str | None = None) -> InferenceSession:
         """Load the base (`model`, else the adapters' own base, else the default) and add `adapters`: a mapping of
-        names to folders, or folders named by their last path part. Adapters with labels.json are encoder heads."""
+        names to folders, or folders named by their last path part. Adapters with labels.json are encoder heads.
+        `quantize`: the base packed (`quant.METHODS`); None: as the adapters were trained (`adapter_quantize`)."""
         named = dict(adapters) if isinstance(adapters, Mapping) else _name_folders(adapters)
+        quantize = quantize or adapter_quantize(list(named.values()))
         configs = {name: read_adapter_config(folder) for name, folder in named.items()}
         if model is None:
             bases = sorted({c.base_model_name_or_path for c in configs.values() if c.base_model_name_or_path})
@@ -96,14 +98,15 @@ class InferenceSession:
                                      "heads of one task and label set")
             require_encoder(model, first.task)
             base_model, tokenizer = load_encoder_with_head(model, first.task, len(first.labels),
-                                                               resolve_dtype(dtype, resolve_device(device)))
+                                                           resolve_dtype(dtype, resolve_device(device)), quantize)
             session = cls(base_model, tokenizer, base=model, kind=first.task, device=device, head=first)
         else:
             kind = architecture_kind(model)
             if kind != "decoder":
                 raise LoraforgeError(f"'{model}' is an {kind}: it cannot generate text. Give an adapter trained with "
                                      "--task seq-cls|token-cls (it has labels.json), or a decoder model")
-            base_model, tokenizer = load_model(model, dtype=resolve_dtype(dtype, resolve_device(device)))
+            base_model, tokenizer = load_model(model, dtype=resolve_dtype(dtype, resolve_device(device)),
+                                               quantize=quantize)
             session = cls(base_model, tokenizer, base=model, device=device)
         for name, folder in named.items():
             session.add_adapter(name, folder)

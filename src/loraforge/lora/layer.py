@@ -4,6 +4,11 @@
 
 Parameter names, shapes and initialisation are PEFT's (peft/tuners/lora/layer.py), so a state dict is an adapter
 file up to a key prefix. One adapter per layer: many-adapter serving is a different class.
+
+The base may be packed (`quant.QuantLinear`: QLoRA): every read of the base weight goes through one accessor,
+`base_weight` (dense, in the base's layout), and the wrapper for a base module is chosen by its type (`LAYER_FOR`),
+as PEFT dispatches per base-layer type. Merging onto a packed base adds the update to the *dequantized* weight (the
+function that was trained) and puts a dense `nn.Linear` in its place; unmerge puts the packed layer back.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from loraforge.errors import LoraforgeError
+from loraforge.quant.linear import QuantLinear, base_weight
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
@@ -36,10 +42,15 @@ class _LoraBase(nn.Module):
         self.use_dora = use_dora
         self.disabled = False  # set by LoraModel.disable_adapter(); the base output alone
         self._unmerged_weight: torch.Tensor | None = None  # the exact base weight while merged
+        self._unmerged_base: nn.Module | None = None  # a packed base layer while merged (a dense one stands in)
 
     @property
     def merged(self) -> bool:
-        return self._unmerged_weight is not None
+        return self._unmerged_weight is not None or self._unmerged_base is not None
+
+    def forget_unmerged(self) -> None:
+        """Keep the merged weight for good (merge_and_unload): the original is dropped."""
+        self._unmerged_weight = self._unmerged_base = None
 
     def delta_weight(self) -> torch.Tensor:
         """scaling · B·A in fp32, laid out like the base weight."""
@@ -52,8 +63,7 @@ class _LoraBase(nn.Module):
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """The base weight with the update folded in, computed in fp32 (DoRA included)."""
-        weight = self.base_layer.weight.float()
-        new = weight + self.delta_weight()
+        new = base_weight(self.base_layer, torch.float32) + self.delta_weight()
         if self.use_dora:
             # PEFT's DoRA merge: W' = m / ||W + ΔW||_row · (W + ΔW)
             rows = self._weight_rows(new)  # (out, in)
@@ -66,11 +76,19 @@ class _LoraBase(nn.Module):
         """Fold the update into the base weight. Idempotent; the original is kept so unmerge() is exact."""
         if self.merged:
             return
-        weight = self.base_layer.weight
         new = self.merged_weight()
         if not torch.isfinite(new).all():
             raise LoraforgeError(f"merging LoRA into {name or type(self.base_layer).__name__} gives NaN/inf weights; "
                                  "the adapter is broken (check the training loss) and nothing was written")
+        if isinstance(self.base_layer, QuantLinear):  # the dequantized base + the update, dense (not re-quantized)
+            packed = self._unmerged_base = self.base_layer
+            self.base_layer = nn.Linear(packed.in_features, packed.out_features, bias=packed.bias is not None,
+                                        device=packed.device, dtype=packed.dtype).requires_grad_(False)
+            self.base_layer.weight.data = new.to(packed.dtype)
+            if packed.bias is not None:
+                self.base_layer.bias = packed.bias
+            return
+        weight = self.base_layer.weight
         self._unmerged_weight = weight.data
         weight.data = new.to(weight.dtype)
 
@@ -78,6 +96,9 @@ class _LoraBase(nn.Module):
     def unmerge(self) -> None:
         """Restore the exact base weight. Idempotent."""
         if not self.merged:
+            return
+        if self._unmerged_base is not None:
+            self.base_layer, self._unmerged_base = self._unmerged_base, None
             return
         self.base_layer.weight.data = self._unmerged_weight
         self._unmerged_weight = None
@@ -90,14 +111,14 @@ class _LoraBase(nn.Module):
 
 
 class LoraLinear(_LoraBase):
-    """LoRA around `nn.Linear` (weight (out, in)) or transformers' GPT-2 `Conv1D` (weight (in, out))."""
+    """LoRA around `nn.Linear` (weight (out, in)), transformers' GPT-2 `Conv1D` (weight (in, out)) or a packed
+    `QuantLinear` (out, in)."""
 
-    def __init__(self, base_layer: nn.Linear | Conv1D, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+    def __init__(self, base_layer: nn.Linear | Conv1D | QuantLinear, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                  use_rslora: bool = False, use_dora: bool = False, init_lora_weights: bool | str = True):
         super().__init__(base_layer, r, lora_alpha, use_rslora, use_dora)
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        in_features, out_features = base_layer.weight.shape[::-1] if not self.fan_in_fan_out else base_layer.weight.shape
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features = in_features, out_features = linear_features(base_layer)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(in_features, r, bias=False)   # (r, in)
         self.lora_B = nn.Linear(r, out_features, bias=False)  # (out, r)
@@ -105,7 +126,8 @@ class LoraLinear(_LoraBase):
         if use_dora:
             # The magnitude starts as the row norms of W + ΔW, so DoRA starts equal to the base (ΔW = 0 at init).
             with torch.no_grad():
-                norm = torch.linalg.norm(self._weight_rows(base_layer.weight.float() + self.delta_weight()), dim=1)
+                norm = torch.linalg.norm(self._weight_rows(base_weight(base_layer, torch.float32)
+                                                           + self.delta_weight()), dim=1)
             self.lora_magnitude_vector = nn.Parameter(norm)  # (out,)
 
     def _weight_rows(self, weight: torch.Tensor) -> torch.Tensor:
@@ -137,7 +159,7 @@ class LoraLinear(_LoraBase):
 
     def _dora_extra(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         # PEFT's DoraLinearLayer.forward; the norm is detached (DoRA paper, section 4.3).
-        weight = self._weight_rows(self.base_layer.weight).to(x.dtype)  # (out, in)
+        weight = self._weight_rows(base_weight(self.base_layer, x.dtype))  # (out, in)
         lora_weight = self.lora_B.weight @ self.lora_A.weight  # (out, r) @ (r, in)
         weight_norm = torch.linalg.norm(weight + self.scaling * lora_weight.detach(), dim=1).detach()  # (out,)
         mag_norm_scale = (self.lora_magnitude_vector / weight_norm).view(1, -1)
@@ -262,12 +284,27 @@ def _init_a_b(a: torch.Tensor, b: torch.Tensor, r: int, init: bool | str) -> Non
         nn.init.zeros_(b)
 
 
-WRAPPABLE = (nn.Linear, Conv1D, nn.Embedding)
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of a linear base layer: `nn.Linear`, `QuantLinear`, or `Conv1D` (whose weight is (in, out))."""
+    if isinstance(module, Conv1D):
+        return tuple(module.weight.shape)
+    return module.in_features, module.out_features
+
+
+LAYER_FOR: dict[type, type[_LoraBase]] = {
+    nn.Linear: LoraLinear, Conv1D: LoraLinear, QuantLinear: LoraLinear, nn.Embedding: LoraEmbedding,
+}
+"""The LoRA wrapper for each base-layer type (a subclass gets its nearest base class's wrapper)."""
+WRAPPABLE = tuple(LAYER_FOR)
+
+
+def layer_class(module: nn.Module) -> type[_LoraBase] | None:
+    return next((LAYER_FOR[c] for c in type(module).__mro__ if c in LAYER_FOR), None)
 
 
 def wrap(module: nn.Module, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool, use_dora: bool,
          init_lora_weights: bool | str) -> _LoraBase:
     """The LoRA wrapper for one base module (the caller checks `isinstance(module, WRAPPABLE)` first)."""
-    cls = LoraEmbedding if isinstance(module, nn.Embedding) else LoraLinear
-    layer = cls(module, r, lora_alpha, lora_dropout, use_rslora, use_dora, init_lora_weights)
-    return layer.to(module.weight.device)
+    layer = layer_class(module)(module, r, lora_alpha, lora_dropout, use_rslora, use_dora, init_lora_weights)
+    device = module.device if isinstance(module, QuantLinear) else module.weight.device
+    return layer.to(device)

@@ -18,6 +18,7 @@ from loraforge.errors import LoraforgeError
 from loraforge.lora.config import LoraConfig
 from loraforge.lora.layer import _LoraBase, wrap
 from loraforge.lora.targets import check_no_lora, find_targets, replace_module
+from loraforge.quant.linear import weight_count
 
 PEFT_PREFIX = "base_model.model."
 # PeftModelForSequenceClassification / ...ForTokenClassification add these to modules_to_save whatever the user gave
@@ -125,9 +126,7 @@ class LoraModel:
     def report(self) -> ParamReport:
         params = self.adapter_parameters()
         trainable = sum(p.numel() for p in params.values())
-        seen: dict[int, nn.Parameter] = {id(p): p for p in self.model.parameters()}  # tied weights once
-        total = sum(p.numel() for p in seen.values())
-        frozen_bytes = sum(p.numel() * p.element_size() for p in seen.values())
+        total, frozen_bytes = weight_count(self.model)  # tied weights once, packed ones at their real size
         return ParamReport(
             trainable=trainable, total=total,
             adapter_bytes=sum(p.numel() * p.element_size() for p in params.values()),
@@ -162,7 +161,8 @@ class LoraModel:
             if isinstance(weight, nn.Parameter) and not path.endswith(".original_module"):
                 owners.setdefault(id(weight), []).append(path)
         for path, layer in self.layers.items():
-            sharing = [p for p in owners.get(id(layer.base_layer.weight), []) if p != f"{path}.base_layer"]
+            weight = getattr(layer.base_layer, "weight", None)  # a packed base has none to share
+            sharing = [p for p in owners.get(id(weight), []) if p != f"{path}.base_layer"]
             if sharing:
                 raise LoraforgeError(
                     f"cannot merge LoRA into {path}: its weight is tied to {sharing[0]}, so merging would change "
@@ -177,7 +177,7 @@ class LoraModel:
         """Merge, then put the plain base modules back: a model with no trace of LoRA. This handle is spent."""
         self.merge()
         for layer in self.layers.values():
-            layer._unmerged_weight = None  # the merged weight stays
+            layer.forget_unmerged()  # the merged weight stays
         return self._take_out(trained_heads=True)
 
     def unload(self) -> nn.Module:

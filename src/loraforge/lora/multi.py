@@ -29,9 +29,13 @@ import torch
 from torch import nn
 
 from loraforge.errors import LoraforgeError
-from loraforge.lora.layer import Conv1D, lora_scaling
+from loraforge.lora.layer import Conv1D, linear_features, lora_scaling
 from loraforge.lora.model import CLASSIFIER_HEAD_NAMES
 from loraforge.lora.targets import check_no_lora, replace_module
+from loraforge.quant.linear import QuantLinear, base_weight
+
+SERVED = (nn.Linear, Conv1D, QuantLinear)
+"""The base-layer types a `MultiLoraLinear` serves adapters on (a packed base included)."""
 
 
 SMALL_BATCH_ROWS = 64
@@ -74,17 +78,19 @@ class Routing:
 
 
 class MultiLoraLinear(nn.Module):
-    """A frozen `nn.Linear` or GPT-2 `Conv1D` plus any number of adapters, one per slot, each of its own rank."""
+    """A frozen `nn.Linear`, GPT-2 `Conv1D` or packed `QuantLinear` plus any number of adapters, one per slot, each
+    of its own rank. The base weight is read through `base_weight` (a packed one is dequantized per forward)."""
 
     is_lora_wrapper = True
 
-    def __init__(self, base_layer: nn.Linear | Conv1D, routing: Routing):
+    def __init__(self, base_layer: nn.Linear | Conv1D | QuantLinear, routing: Routing):
         super().__init__()
         self.base_layer = base_layer
         self.routing = routing
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        w = base_layer.weight
-        self.out_features, self.in_features = w.shape[::-1] if self.fan_in_fan_out else w.shape
+        self.in_features, self.out_features = linear_features(base_layer)
+        self.dtype, self.device = (base_layer.dtype, base_layer.device) if isinstance(base_layer, QuantLinear) else \
+            (base_layer.weight.dtype, base_layer.weight.device)
         self.lora_a: dict[int, torch.Tensor] = {}  # slot -> A (r, in), in the base weight's dtype
         self.lora_b: dict[int, torch.Tensor] = {}  # slot -> B (out, r)
         self.lora_s: dict[int, float] = {}  # slot -> the scaling still to apply (1.0 when folded into B)
@@ -94,7 +100,7 @@ class MultiLoraLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:  # code that reads a projection's weight (dtype checks) sees the base's
-        return self.base_layer.weight
+        return base_weight(self.base_layer)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -108,7 +114,7 @@ class MultiLoraLinear(nn.Module):
         if a.shape[1] != self.in_features or b.shape[0] != self.out_features or a.shape[0] != b.shape[1]:
             raise ValueError(f"A {tuple(a.shape)} / B {tuple(b.shape)} do not fit a {self.in_features}->"
                              f"{self.out_features} layer")
-        dtype, device = self.base_layer.weight.dtype, self.base_layer.weight.device
+        dtype, device = self.dtype, self.device
         if a.dtype != dtype or b.dtype != dtype or a.device != device or b.device != device:
             a = a.to(device=device, dtype=dtype)
             b, scaling = (b.to(device=device, dtype=torch.float32) * scaling).to(dtype), 1.0
@@ -196,7 +202,7 @@ class MultiLoraLinear(nn.Module):
         """yᵀ = W xᵀ + b (+ s·B A xᵀ for the batch's one adapter, or B_cat (mask ⊙ A_cat xᵀ) for a mixed batch
         of one token per row): xt (in, N) -> (out, N), N the rows. The decode step keeps activations this way."""
         routing = self.routing
-        yt = torch.mm(self.base_layer.weight, xt)  # (out, N), a new tensor: the sums below go into it in place
+        yt = torch.mm(base_weight(self.base_layer, xt.dtype), xt)  # (out, N), a new tensor: the sums below go into it in place
         if with_lora and routing.uniform is not None and routing.uniform in self.lora_a:
             slot = routing.uniform
             a, b = self.lora_a[slot], self.lora_b[slot]
@@ -286,7 +292,7 @@ class MultiLoraModel:
         self.saved: dict[str, MultiSaved] = {}
         self._owned: dict[str, list[str]] = {}  # adapter name -> the layer and saved-module paths it occupies
         if wrap_all:
-            for path in [p for p, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))
+            for path in [p for p, m in model.named_modules() if isinstance(m, SERVED)
                          and not set(p.split(".")) & set(CLASSIFIER_HEAD_NAMES)]:
                 self._layer(path)
 
@@ -344,7 +350,7 @@ class MultiLoraModel:
             if a is None or b is None:
                 raise LoraforgeError(f"{where}: {path} has only one of lora_A/lora_B; the file is incomplete")
             base = self._base_module(path, where)
-            out_f, in_f = base.weight.shape[::-1] if isinstance(base, Conv1D) else base.weight.shape
+            in_f, out_f = linear_features(base)
             r, scaling = scaling_of(config, path)
             if a.shape != (r, in_f) or b.shape != (out_f, r):
                 raise LoraforgeError(
@@ -395,7 +401,7 @@ class MultiLoraModel:
         except AttributeError:
             raise LoraforgeError(f"{where}: this base has no module {path}: the adapter was made for another "
                                  f"architecture ({type(self.model).__name__} here)") from None
-        if not isinstance(module, (nn.Linear, Conv1D)):
+        if not isinstance(module, SERVED):
             raise LoraforgeError(f"{where}: {path} is a {type(module).__name__} here; mixed-batch serving adapts "
                                  "Linear and Conv1D layers")
         return module

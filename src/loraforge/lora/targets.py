@@ -9,6 +9,7 @@ from torch import nn
 from loraforge.errors import LoraforgeError
 from loraforge.lora.config import ALL_LINEAR, LoraConfig
 from loraforge.lora.layer import WRAPPABLE, Conv1D
+from loraforge.quant.linear import QuantLinear
 
 # PEFT's defaults (peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, v0.21.2), by
 # model_type; gemma4 (a regex there) is left out.
@@ -92,7 +93,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if config.exclude_modules and _spec_matches(config.exclude_modules, path):
             continue
         if spec == ALL_LINEAR:
-            if isinstance(module, (nn.Linear, Conv1D)) and path not in heads:
+            if isinstance(module, (nn.Linear, Conv1D, QuantLinear)) and path not in heads:
                 found.append(path)
         elif _spec_matches(spec, path):
             (found if isinstance(module, WRAPPABLE) else unwrappable).append(path)

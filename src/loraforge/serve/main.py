@@ -58,7 +58,7 @@ def serve(options) -> int:
                              f"{KEY_ENV}) so that only your clients can use the server, or bind 127.0.0.1")
     sock = bind(o.host, o.port)
     name = o.model or DEFAULT_MODEL
-    session = InferenceSession.open(name, dtype=o.dtype, device=o.device)
+    session = InferenceSession.open(name, dtype=o.dtype, device=o.device, quantize=o.quantize or "none")
     store = AdapterStore(o.adapters, session, max_resident_mb=o.max_resident_mb) if o.adapters else None
     app = create_app(session, store, dataclasses.replace(o, api_key=api_key))
     bound_host, bound_port = sock.getsockname()[:2]

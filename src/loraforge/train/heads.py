@@ -78,7 +78,8 @@ class HeadTask:
         # "auto" is float32 here: encoders are small, and the head trains in the base's dtype (a bf16 head learns
         # badly)
         model, tokenizer = load_encoder_with_head(cfg.model, cfg.task, len(spec.labels),
-                                                  torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
+                                                  torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32,
+                                                  cfg.quantize)
         train_set, stats = spec.encode_all(records, tokenizer, cfg.max_length, cfg.on_bad_record)
         log.info("data: %s; labels: %s", stats.summary(), ", ".join(spec.labels))
         for reason in stats.skip_reasons:

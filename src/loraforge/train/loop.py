@@ -62,7 +62,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
         torch.set_num_threads(cfg.threads)
     if cfg.task == "causal-lm":
         torch.manual_seed(cfg.seed)
-        model, tokenizer = load_model(cfg.model, dtype=resolve_dtype(cfg.dtype, dist.device))
+        model, tokenizer = load_model(cfg.model, dtype=resolve_dtype(cfg.dtype, dist.device), quantize=cfg.quantize)
         cfg = check_context(cfg, model)
         train_set, val_set, stats = _load_data(cfg, tokenizer)
         task = CausalTask(cfg, model.to(dist.device), tokenizer, train_set, val_set,
@@ -85,7 +85,7 @@ def train_per_user(cfg: TrainConfig, *, resume: bool = False, progress: bool = T
     dist = setup(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model, tokenizer = load_model(cfg.model, dtype=resolve_dtype(cfg.dtype, dist.device))
+    model, tokenizer = load_model(cfg.model, dtype=resolve_dtype(cfg.dtype, dist.device), quantize=cfg.quantize)
     cfg = check_context(cfg, model)
     model = model.to(dist.device)
     groups = load_examples_by(cfg.data, cfg.per_user, tokenizer, cfg.max_length, on_bad_record=cfg.on_bad_record,

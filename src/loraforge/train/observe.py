@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from loraforge.config import METRICS_FILE  # noqa: F401  (re-exported: train writes it)
+from loraforge.quant.linear import QuantLinear
 PLOT_FILE = "loss_curve.png"
 
 
@@ -74,7 +75,7 @@ def plot_loss_curve(rows: list[dict], png: Path, title: str) -> Path:
 def train_flops(model: nn.Module, trainable: int, tokens: int, learned_tokens: int) -> float:
     """FLOPs of LoRA training with a frozen base: forward 2N, backward 2N (activation gradients only) per token.
 
-    N counts the matmul weights a token passes through; the embedding lookup is free, and the output head runs
+    N counts the matmul weights a token passes through (a packed base's too); the embedding lookup is free, and the output head runs
     only on learned tokens (see loss.py). LoRA's own weights cost 6 per parameter per token (they also get weight
     gradients). Full fine-tuning would cost 6N. Attention's T^2 term is left out (small at T <= 512 for these
     models), so the MFU derived from this is conservative.
@@ -93,6 +94,7 @@ def train_flops(model: nn.Module, trainable: int, tokens: int, learned_tokens: i
         else:
             body += p.numel()
     body -= trainable  # LoRA's weights are in model.parameters() too
+    body += sum(m.num_weights for m in model.modules() if isinstance(m, QuantLinear))  # packed: not parameters
     return tokens * (4.0 * body + 6.0 * trainable) + learned_tokens * 4.0 * head_n
 
 
