@@ -161,6 +161,17 @@ def test_golden_packed_loss_list(llama_dir, data_file, tmp_path):
     assert losses["losses"] != pytest.approx(golden["losses"], rel=1e-3)  # packing really changed the batches
 
 
+def test_golden_nf4_loss_list(llama_dir, data_file, tmp_path):
+    """QLoRA on the tiny model: the base's linears packed as NF4, LoRA on all of them."""
+    golden = json.loads(GOLDEN.read_text(encoding="utf-8"))
+    options = {**GOLDEN_OPTIONS, "quantize": "nf4", "target_modules": "all-linear"}
+    assert golden["nf4_options"] == options
+    losses = train(_train(llama_dir, data_file, tmp_path, **options), progress=False).summary["losses"]
+    assert losses == pytest.approx(golden["nf4_losses"], rel=1e-5)
+    dense = train(_train(llama_dir, data_file, tmp_path / "dense", target_modules="all-linear"), progress=False)
+    assert 1e-4 < abs(losses[0] - dense.summary["losses"][0]) < 0.05  # the quantization error, small but real
+
+
 def test_same_seed_same_losses_other_seed_other_losses(golden_run, llama_dir, data_file, tmp_path):
     again = train(_train(llama_dir, data_file, tmp_path / "again"), progress=False).summary["losses"]
     other = train(_train(llama_dir, data_file, tmp_path / "other", seed=1), progress=False).summary["losses"]

@@ -29,6 +29,8 @@ MODEL_SEED = 0
 OPTIONS = dict(max_steps=5, batch_size=2, lr=1e-2, seed=0, r=4, lora_alpha=8, lora_dropout=0.0, packing=False,
                dtype="float32")
 PACKED_OPTIONS = {**OPTIONS, "packing": True, "max_length": 32}
+# QLoRA: the base's linear layers packed as NF4 (pure torch, bitsandbytes' bytes), LoRA on all of them.
+NF4_OPTIONS = {**OPTIONS, "quantize": "nf4", "target_modules": "all-linear"}
 
 
 def run(folder: Path, options: dict) -> list[float]:
@@ -43,6 +45,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         losses = run(Path(tmp) / "padded", OPTIONS)
         packed_losses = run(Path(tmp) / "packed", PACKED_OPTIONS)
+        nf4_losses = run(Path(tmp) / "nf4", NF4_OPTIONS)
     golden = {
         "command": "python tests/golden/make_golden.py",
         "what": "train() on fixtures.tiny_models.save_tiny_llama(seed=0) and RECORDS; summary['losses']",
@@ -54,6 +57,8 @@ def main() -> None:
         "losses": losses,
         "packed_options": PACKED_OPTIONS,
         "packed_losses": packed_losses,
+        "nf4_options": NF4_OPTIONS,
+        "nf4_losses": nf4_losses,
     }
     GOLDEN_FILE.write_text(json.dumps(golden, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {GOLDEN_FILE}: {losses}")

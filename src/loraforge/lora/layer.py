@@ -84,6 +84,7 @@ class _LoraBase(nn.Module):
             packed = self._unmerged_base = self.base_layer
             self.base_layer = nn.Linear(packed.in_features, packed.out_features, bias=packed.bias is not None,
                                         device=packed.device, dtype=packed.dtype).requires_grad_(False)
+            self.base_layer.train(packed.training)
             self.base_layer.weight.data = new.to(packed.dtype)
             if packed.bias is not None:
                 self.base_layer.bias = packed.bias

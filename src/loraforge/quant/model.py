@@ -57,7 +57,7 @@ def quantize_model(model: nn.Module, method: str, gguf_path: Path | None = None)
         dense += linear.weight.numel() * linear.weight.element_size()
         packed += layer.weight_bytes
         layers += 1
-        replace_module(model, path, layer.to(linear.weight.device))
+        replace_module(model, path, layer.to(linear.weight.device).train(linear.training))  # eval stays eval
     if layers == 0:
         raise LoraforgeError(f"--quantize {method}: no linear layer of {type(model).__name__} could be packed"
                              + (" (the GGUF file holds none of them in Q4_0/Q4_1/Q5_0/Q5_1/Q8_0)" if blocks == {}
@@ -79,7 +79,7 @@ def dequantize_model(model: nn.Module) -> int:
         dense.weight.data = packed.dequantize(packed.dtype)
         if packed.bias is not None:
             dense.bias = packed.bias
-        replace_module(model, path, dense)
+        replace_module(model, path, dense.train(packed.training))
     return len(paths)
 
 

@@ -1,0 +1,289 @@
+"""QLoRA's packed base (quant/): NF4 bytes equal bitsandbytes', GGUF blocks dequantize as the gguf package does, the
+QLoRA layer equals its closed form with autograd's gradients and keeps no dense weight for backward, packed sizes are
+counted right, mixed-adapter serving sits on a packed base, and merging adds the update to the dequantized base."""
+from __future__ import annotations
+
+import bitsandbytes.functional as bnb_functional  # the reference (dev extras)
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fixtures.tiny_models import tiny_tokenizer
+from helpers import tiny_llama, token_ids
+from loraforge.lora import LoraConfig, LoraModel, save_adapter
+from loraforge.lora.adapter import read_adapter
+from loraforge.lora.layer import LoraLinear
+from loraforge.lora.multi import MultiLoraModel
+from loraforge.quant import ggml, nf4
+from loraforge.quant.linear import QuantLinear, QuantMatmul, base_weight, weight_count
+from loraforge.quant.model import dequantize_model, quantize_model
+from tolerances import FP32, max_abs_diff
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# SmolLM2's shapes: k/v (192, 576), q/o (576, 576), MLP (1536, 576); (3, 50) and (7,) end in a short tail block.
+SHAPES = [(192, 576), (576, 576), (1536, 576), (3, 50), (7,)]
+
+
+def _weight(shape, seed=0) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+# ---- NF4 against bitsandbytes ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("double", [False, True], ids=["nf4", "nf4-dq"])
+def test_nf4_bytes_absmax_and_values_equal_bitsandbytes(shape, double):
+    w = _weight(shape)
+    packed, state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double)
+    ours = nf4.quantize(w, double=double)
+    assert torch.equal(ours["qweight"], packed.flatten())
+    if double:
+        assert torch.equal(ours["qabsmax"], state.absmax)
+        assert torch.equal(ours["absmax2"], state.state2.absmax)
+        assert torch.equal(ours["offset"], state.offset)
+    else:
+        assert torch.equal(ours["absmax"], state.absmax)
+    assert torch.equal(nf4.dequantize(ours, shape), bnb_functional.dequantize_4bit(packed, state))
+
+
+def test_nf4_code_tables_are_bitsandbytes():
+    assert torch.equal(nf4.NF4_CODE, bnb_functional.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(nf4.dynamic_map(), bnb_functional.create_dynamic_map())
+
+
+def test_double_quantization_without_bitsandbytes_differs_only_at_near_ties(monkeypatch):
+    """The pure-torch fallback picks the nearest code for each absmax; bitsandbytes' approximate binary search
+    picks the neighbour for ~0.2% of them. Every difference is one code step, and bitsandbytes' code is farther by at
+    most 3e-5 on the [-1, 1] scale (the absmax then differs by 3e-5 of its block's scale)."""
+    w = _weight((1536, 576), seed=3)
+    with_bnb = nf4.quantize(w, double=True)
+    monkeypatch.setitem(__import__("sys").modules, "bitsandbytes.functional", None)  # import fails
+    fallback = nf4.quantize(w, double=True)
+    assert torch.equal(fallback["qweight"], with_bnb["qweight"])
+    assert torch.equal(fallback["absmax2"], with_bnb["absmax2"])
+    differ = (fallback["qabsmax"] != with_bnb["qabsmax"]).nonzero().flatten()
+    assert len(differ) <= 0.005 * len(fallback["qabsmax"])
+    code = nf4.dynamic_map()
+    scaled = (nf4.quantize(w)["absmax"] - fallback["offset"]).view(-1, 256) / fallback["absmax2"][:, None]
+    for i in differ.tolist():
+        x, a, b = scaled.flatten()[i], code[fallback["qabsmax"][i].long()], code[with_bnb["qabsmax"][i].long()]
+        assert abs(int(fallback["qabsmax"][i]) - int(with_bnb["qabsmax"][i])) == 1
+        assert (x - a).abs() <= (x - b).abs() <= (x - a).abs() + 3e-5  # ours is the nearer, by under 3e-5
+
+
+def test_nf4_sizes():
+    w = _weight((1536, 576))
+    assert QuantLinear("nf4", nf4.quantize(w), 576, 1536).weight_bytes / w.numel() == 0.5625
+    assert QuantLinear("nf4-dq", nf4.quantize(w, double=True), 576, 1536).weight_bytes / w.numel() < 0.5165
+
+
+# ---- GGUF blocks ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ggml.FORMATS)
+def test_gguf_blocks_dequantize_as_the_gguf_package(fmt):
+    from gguf import GGMLQuantizationType, quants
+
+    w = _weight((96, 256), seed=1).numpy()
+    qtype = GGMLQuantizationType[fmt.upper()]
+    blocks = quants.quantize(w, qtype)
+    expected = torch.from_numpy(quants.dequantize(blocks, qtype))
+    assert torch.equal(ggml.dequantize(torch.from_numpy(blocks), fmt, (96, 256)), expected)
+    assert blocks.shape[1] == 256 // 32 * ggml.block_bytes(fmt)
+
+
+# ---- the QLoRA layer --------------------------------------------------------------------------------------------
+@pytest.fixture(params=["nf4", "nf4-dq", "q4_1"])
+def packed_linear(request) -> QuantLinear:
+    w = _weight((48, 64), seed=2)
+    if request.param == "q4_1":
+        from gguf import GGMLQuantizationType, quants
+
+        blocks = torch.from_numpy(quants.quantize(w.numpy(), GGMLQuantizationType.Q4_1))
+        return QuantLinear("q4_1", {"blocks": blocks}, 64, 48, bias=torch.randn(48))
+    return QuantLinear.from_linear(nn.Linear(64, 48).requires_grad_(False), request.param)
+
+
+def test_qlora_layer_is_its_closed_form_and_gradients_are_autograds(packed_linear):
+    """y = x W_dqᵀ + b + s·B A x, bit for bit in fp32; the gradients of x, A and B equal autograd's through the
+    dequantized weight (the same ops, so equal to fp32 rounding)."""
+    torch.manual_seed(0)
+    layer = LoraLinear(packed_linear, r=4, lora_alpha=8, init_lora_weights=False)
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    y = layer(x)
+    w = packed_linear.dequantize(torch.float32)
+    a, b = layer.lora_A.weight, layer.lora_B.weight
+    expected = F.linear(x, w) + packed_linear.bias + F.linear(F.linear(x, a), b * layer.scaling)
+    assert torch.equal(y, expected)
+    grad = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, a, b), grad)
+    want = torch.autograd.grad(expected, (x, a, b), grad)
+    for g, e in zip(got, want):
+        assert max_abs_diff(g, e) <= FP32
+
+
+def test_backward_keeps_no_dense_weight(packed_linear):
+    """Nothing of the weight's size is saved for backward: the packed layer dequantizes again."""
+    saved: list[torch.Tensor] = []
+    layer = LoraLinear(packed_linear, r=4, lora_alpha=8)
+    x = torch.randn(2, 64, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x).sum().backward()
+    weight_size = packed_linear.in_features * packed_linear.out_features
+    assert saved and all(t.numel() < weight_size for t in saved)
+    assert QuantMatmul  # the Function that does it
+
+
+def test_base_weight_is_the_one_accessor(packed_linear):
+    dense = nn.Linear(64, 48)
+    assert base_weight(dense) is dense.weight
+    assert torch.equal(base_weight(packed_linear, torch.float64), packed_linear.dequantize(torch.float64))
+    assert packed_linear.to(torch.bfloat16).dequantize().dtype == torch.float32  # the bytes were not rounded
+    assert torch.equal(packed_linear.dequantize(), base_weight(packed_linear))
+
+
+# ---- a whole model ----------------------------------------------------------------------------------------------
+def _tiny_nf4() -> nn.Module:
+    model = tiny_llama()
+    quantize_model(model, "nf4")
+    return model
+
+
+def test_quantize_model_packs_the_body_and_counts_it():
+    dense = tiny_llama()
+    params, size = weight_count(dense)
+    model = _tiny_nf4()
+    packed = [p for p, m in model.named_modules() if isinstance(m, QuantLinear)]
+    assert len(packed) == 7 * 2 and not isinstance(model.lm_head, QuantLinear)  # every body linear, not the head
+    assert not any(m.training for m in model.modules())  # an eval model stays in eval (no LoRA dropout)
+    q_params, q_size = weight_count(model)
+    assert q_params == params
+    body = sum(m.num_weights for m in model.modules() if isinstance(m, QuantLinear))
+    assert q_size == size - 4 * body + sum(m.weight_bytes for m in model.modules() if isinstance(m, QuantLinear))
+    report = LoraModel(model, LoraConfig(r=2, target_modules="all-linear")).report()
+    assert report.total == params + report.trainable
+
+
+def test_mixed_batch_on_a_packed_base_equals_each_adapter_alone(tmp_path):
+    """The serving layer on a packed base: each row equals the training layer with its adapter on the same base."""
+    folders = {}
+    for k, targets in enumerate(["all-linear", ["q_proj", "down_proj"]]):
+        torch.manual_seed(10 + k)
+        lm = LoraModel(_tiny_nf4(), LoraConfig(r=2 + k, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+        folders[f"a{k}"] = save_adapter(lm, tmp_path / f"a{k}")
+    multi = MultiLoraModel(_tiny_nf4(), wrap_all=True)
+    for name, folder in folders.items():
+        multi.add(name, read_adapter(folder))
+    names = ["a0", None, "a1"]
+    ids = token_ids(3, 6, seed=5)
+    for few_rows in (False, True):
+        multi.routing.small_batch_kernel = few_rows
+        for length in (6, 1):
+            multi.route(names)
+            with torch.no_grad():
+                mixed = multi.model(input_ids=ids[:, :length]).logits
+            for i, name in enumerate(names):
+                model = _tiny_nf4()
+                if name is not None:
+                    from loraforge.lora import load_adapter
+
+                    load_adapter(model, folders[name])
+                with torch.no_grad():
+                    alone = model(input_ids=ids[i:i + 1, :length]).logits[0]
+                assert max_abs_diff(mixed[i], alone) <= FP32
+
+
+def test_merge_adds_the_update_to_the_dequantized_base_and_unmerge_restores_the_packed_layer():
+    torch.manual_seed(0)
+    lm = LoraModel(_tiny_nf4(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    ids = token_ids()
+    with torch.no_grad():
+        unmerged = lm.model(input_ids=ids).logits
+        packed = lm.layers["model.layers.0.self_attn.q_proj"].base_layer
+        expected = packed.dequantize() + lm.layers["model.layers.0.self_attn.q_proj"].delta_weight()
+        lm.merge()
+        merged = lm.model(input_ids=ids).logits
+        layer = lm.layers["model.layers.0.self_attn.q_proj"]
+        assert type(layer.base_layer) is nn.Linear and torch.equal(layer.base_layer.weight, expected)
+        assert max_abs_diff(merged, unmerged) <= FP32
+        lm.unmerge()
+        assert layer.base_layer is packed
+        assert torch.equal(lm.model(input_ids=ids).logits, unmerged)
+        lm.merge()
+        plain = dequantize_model(lm.merge_and_unload())
+    assert plain == 7 * 2 - 7 * 2  # every body layer was targeted, so all are dense already
+    assert not any(isinstance(m, QuantLinear) for m in lm.model.modules())
+    with torch.no_grad():
+        assert max_abs_diff(lm.model(input_ids=ids).logits, unmerged) <= FP32
+
+
+def test_dequantize_model_writes_plain_weights(tmp_path):
+    model = _tiny_nf4()
+    ids = token_ids()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    assert dequantize_model(model) == 14
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    from loraforge.models import load_model
+
+    loaded, _ = load_model(str(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, before)
+
+
+def test_gguf_quantize_needs_a_gguf_file():
+    from loraforge.errors import LoraforgeError
+
+    with pytest.raises(LoraforgeError, match="not loaded from a .gguf"):
+        quantize_model(tiny_llama(), "gguf", None)
+
+
+@pytest.mark.integration
+def test_default_model_keeps_its_q4_1_blocks_exactly(default_model_dir):
+    """--quantize gguf on the default model: every linear keeps the file's Q4_1 blocks (rows of q and k put back in
+    transformers' order), 0.156 of the fp32 bytes, and the logits equal the dense model's bit for bit."""
+    from loraforge.models import DEFAULT_MODEL, load_model
+
+    dense, tokenizer = load_model(DEFAULT_MODEL)
+    packed, _ = load_model(DEFAULT_MODEL, quantize="gguf")
+    layers = [m for m in packed.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 210 and {m.fmt for m in layers} == {"q4_1"}
+    assert sum(m.weight_bytes for m in layers) / (4 * sum(m.num_weights for m in layers)) == 0.15625
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(packed(ids).logits, dense(ids).logits)
+    k = packed.model.layers[3].self_attn.k_proj  # a permuted one, (192, 576): a real k/v shape
+    expected = dense.model.layers[3].self_attn.k_proj.weight.detach()
+    assert torch.equal(k.dequantize(), expected)
+    ours = nf4.quantize(expected)
+    bnb_packed, state = bnb_functional.quantize_4bit(expected, blocksize=64, quant_type="nf4")
+    assert torch.equal(ours["qweight"], bnb_packed.flatten()) and torch.equal(ours["absmax"], state.absmax)
+    error = float(nf4.dequantize(ours, (192, 576)).sub(expected).norm() / expected.norm())
+    assert 0.07 < error < 0.11  # re-quantizing the Q4_1 weights to NF4: a second error of ~9% of the weight (0.093)
+
+
+def test_train_on_nf4_then_merge_writes_the_trained_function_dense(llama_dir, data_file, tmp_path):
+    """`train --quantize nf4` records it beside the adapter; `merge` then loads the same packed base, adds the update to
+    its dequantized weights and writes plain safetensors whose logits are the QLoRA model's."""
+    from loraforge.cli import main
+    from loraforge.config import TrainConfig, adapter_quantize
+    from loraforge.lora import load_adapter
+    from loraforge.models import load_model
+    from loraforge.train import train
+
+    adapter = tmp_path / "qlora"
+    train(TrainConfig(model=str(llama_dir), data=str(data_file), output=str(adapter), max_steps=3, batch_size=2,
+                      lr=5e-2, r=4, lora_alpha=8, quantize="nf4", target_modules=["q_proj", "up_proj"],
+                      dtype="float32"), progress=False)
+    assert adapter_quantize([adapter]) == "nf4"
+    qlora, tokenizer = load_model(str(llama_dir), quantize="nf4")
+    load_adapter(qlora, adapter)
+    dense_base, _ = load_model(str(llama_dir))
+    ids = tokenizer("a b c d", return_tensors="pt").input_ids
+    assert main(["merge", "--adapter", str(adapter), "--model", str(llama_dir), "--output", str(tmp_path / "m")]) == 0
+    merged, _ = load_model(str(tmp_path / "m"))
+    assert not any(isinstance(m, QuantLinear) for m in merged.modules())
+    with torch.no_grad():
+        want, got, base = (m(ids).logits for m in (qlora, merged, dense_base))
+    assert max_abs_diff(got, want) <= FP32
+    assert max_abs_diff(got, base) > 100 * FP32  # not the dense base's function
