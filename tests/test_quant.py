@@ -287,3 +287,32 @@ def test_train_on_nf4_then_merge_writes_the_trained_function_dense(llama_dir, da
         want, got, base = (m(ids).logits for m in (qlora, merged, dense_base))
     assert max_abs_diff(got, want) <= FP32
     assert max_abs_diff(got, base) > 100 * FP32  # not the dense base's function
+
+
+# ---- LoftQ ------------------------------------------------------------------------------------------------------
+def test_loftq_starts_nearer_the_dense_weight_in_every_layer():
+    """‖W − (Q + s·BA)‖ < ‖W − quant(W)‖ for every layer, the base packed as Q; more iterations fit better."""
+    from loraforge.quant.loftq import apply_loftq, loftq
+
+    dense = tiny_llama()
+    lm = LoraModel(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    ratios = apply_loftq(lm, "nf4")
+    assert len(ratios) == 14 and all(0 < r < 1 for r in ratios.values())
+    for path, layer in lm.layers.items():
+        assert isinstance(layer.base_layer, QuantLinear)
+        w = dense.get_submodule(path).weight
+        start = layer.base_layer.dequantize() + layer.delta_weight()
+        plain = nf4.dequantize(nf4.quantize(w), tuple(w.shape))
+        assert float((w - start).norm() / (w - plain).norm()) == pytest.approx(ratios[path], rel=1e-5)
+    w = _weight((192, 576), seed=4)
+    fits = [loftq(w, "nf4", 16, 2.0, iters)[3] for iters in (1, 2, 5)]
+    assert fits[0] > fits[1] > fits[2]  # measured 0.95, 0.91, 0.87 on a random (576, 576)
+
+
+def test_loftq_needs_an_nf4_base():
+    from loraforge.config import TrainConfig
+    from loraforge.errors import LoraforgeError
+
+    for bad in (dict(quantize="none"), dict(quantize="gguf"), dict(quantize="nf4", per_user="user")):
+        with pytest.raises(LoraforgeError, match="loftq"):
+            TrainConfig(model="m", data="d", output="o", lora_init="loftq", **bad)

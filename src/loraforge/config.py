@@ -192,6 +192,10 @@ class TrainConfig:
                                 "0.5625 bytes a weight), nf4-dq (double-quantized scales: 0.516), gguf (a GGUF model's "
                                 "own blocks, e.g. the default model's Q4_1: no added error), or none",
                         choices=QUANTIZE_METHODS)
+    lora_init: str = opt("default", "how LoRA starts: default (A kaiming-uniform, B zero: the base unchanged), gaussian "
+                                    "(A normal(1/r), B zero), or loftq (with quantize nf4/nf4-dq: A and B fit the "
+                                    "quantization error, so base + adapter starts nearer the dense model)",
+                         choices=("default", "gaussian", "loftq"))
     on_bad_record: str = opt("error", "what a malformed record does: error (stop) or skip (count and go on)")
     log_every: int = opt(1, "steps between progress-bar updates")
     val_data: str | None = opt(None, "validation file (same format as data)")
@@ -239,6 +243,11 @@ class TrainConfig:
         if self.quantize not in QUANTIZE_METHODS:
             raise LoraforgeError(f"option 'quantize' must be one of {', '.join(QUANTIZE_METHODS)}, got "
                                  f"{self.quantize!r}")
+        if self.lora_init not in ("default", "gaussian", "loftq"):
+            raise LoraforgeError(f"option 'lora_init' must be default, gaussian or loftq, got {self.lora_init!r}")
+        if self.lora_init == "loftq" and (self.quantize not in ("nf4", "nf4-dq") or self.per_user):
+            raise LoraforgeError("lora_init loftq fits the NF4 quantization error of a dense base: use it with "
+                                 "--quantize nf4 or nf4-dq, and without per_user (each user would move the base)")
         if isinstance(self.columns, str):
             self.columns = parse_mapping(self.columns)
         self.mix = parse_mix(self.mix)
@@ -322,6 +331,11 @@ def adapter_recipe(adapter: str | Path) -> dict[str, Any]:
 
 QUANTIZE_HELP = ("the frozen base packed: nf4, nf4-dq, gguf (a GGUF model's own blocks) or none (default: what the "
                  "adapters were trained on, else none)")
+
+
+def load_quantize(cfg: TrainConfig) -> str:
+    """How training loads the base: packed as `quantize`, or dense for LoftQ (which packs it at injection)."""
+    return "none" if cfg.lora_init == "loftq" else cfg.quantize
 
 
 def adapter_quantize(adapters: list[str | Path]) -> str:

@@ -25,11 +25,15 @@ _HEADS = ("lm_head", "score", "classifier")
 
 
 def body_linears(model: nn.Module) -> list[str]:
-    """Paths of the `nn.Linear` layers a quantized base packs: all but the output head and classifier heads."""
+    """Paths of the `nn.Linear` layers a quantized base packs: all but the output head, classifier heads and the
+    adapters' own layers (LoRA's A and B, trained copies of heads), when LoRA is already in."""
     get_out = getattr(model, "get_output_embeddings", None)
     head = get_out() if get_out else None
+    adapters = {id(sub) for m in model.modules() if getattr(m, "is_lora_wrapper", False)
+                for name, child in m.named_children() if name not in ("base_layer", "original_module")
+                for sub in child.modules()}
     return [path for path, m in model.named_modules() if type(m) is nn.Linear and m is not head
-            and not set(path.split(".")) & set(_HEADS)]
+            and id(m) not in adapters and not set(path.split(".")) & set(_HEADS)]
 
 
 def quantize_model(model: nn.Module, method: str, gguf_path: Path | None = None) -> dict[str, int]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraforge.config import TrainConfig
+from loraforge.config import TrainConfig, load_quantize
 from loraforge.data import IGNORE_INDEX, pad_id_for, read_records
 from loraforge.data.encode import PEFT_TASK_TYPES, HeadSpec, collate_head
 from loraforge.data.split import sample_few_shot, train_val_split
@@ -79,7 +79,7 @@ class HeadTask:
         # badly)
         model, tokenizer = load_encoder_with_head(cfg.model, cfg.task, len(spec.labels),
                                                   torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32,
-                                                  cfg.quantize)
+                                                  load_quantize(cfg))
         train_set, stats = spec.encode_all(records, tokenizer, cfg.max_length, cfg.on_bad_record)
         log.info("data: %s; labels: %s", stats.summary(), ", ".join(spec.labels))
         for reason in stats.skip_reasons:

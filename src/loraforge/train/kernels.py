@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraforge.quant.linear import QuantLinear
+
 
 class RMSNormFunction(torch.autograd.Function):
     """weight * (x / sqrt(mean(x^2) + eps)), computed in fp32 and cast back, as LlamaRMSNorm. Saves x and 1/rms."""
@@ -102,11 +104,23 @@ def _silu_types() -> tuple[type, ...]:
 def _same_function(module: nn.Module, forward, width: int) -> bool:
     """Does `forward` give the module's own output on a seeded random input? Run in eval mode (no dropout inside)
     and with a private generator, so the probe draws nothing from the global RNG."""
-    param = next(module.parameters())
+    dtype, device = _compute_dtype_device(module)
     generator = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(2, 3, width, generator=generator).to(device=param.device, dtype=param.dtype)
+    x = torch.randn(2, 3, width, generator=generator).to(device=device, dtype=dtype)
     with _eval_mode(module):
         return torch.equal(forward(module, x), module(x))
+
+
+def _compute_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device activations have in `module`: its first floating parameter's, or a packed layer's (an MLP
+    of QLoRA layers may hold no parameter at all)."""
+    for m in module.modules():
+        if isinstance(m, QuantLinear):
+            return m.dtype, m.device
+        param = next((p for p in m.parameters(recurse=False) if p.is_floating_point()), None)
+        if param is not None:
+            return param.dtype, param.device
+    return torch.get_default_dtype(), torch.device("cpu")
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from loraforge.config import TrainConfig, resolve_dtype
+from loraforge.config import TrainConfig, load_quantize, resolve_dtype
 from loraforge.data import collate, count_tokens, load_examples, pad_id_for
 from loraforge.data.chat import write_system_prompt
 from loraforge.data.mix import MixStats, load_mix
@@ -62,7 +62,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> T
         torch.set_num_threads(cfg.threads)
     if cfg.task == "causal-lm":
         torch.manual_seed(cfg.seed)
-        model, tokenizer = load_model(cfg.model, dtype=resolve_dtype(cfg.dtype, dist.device), quantize=cfg.quantize)
+        model, tokenizer = load_model(cfg.model, dtype=resolve_dtype(cfg.dtype, dist.device), quantize=load_quantize(cfg))
         cfg = check_context(cfg, model)
         train_set, val_set, stats = _load_data(cfg, tokenizer)
         task = CausalTask(cfg, model.to(dist.device), tokenizer, train_set, val_set,
@@ -85,7 +85,7 @@ def train_per_user(cfg: TrainConfig, *, resume: bool = False, progress: bool = T
     dist = setup(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model, tokenizer = load_model(cfg.model, dtype=resolve_dtype(cfg.dtype, dist.device), quantize=cfg.quantize)
+    model, tokenizer = load_model(cfg.model, dtype=resolve_dtype(cfg.dtype, dist.device), quantize=load_quantize(cfg))
     cfg = check_context(cfg, model)
     model = model.to(dist.device)
     groups = load_examples_by(cfg.data, cfg.per_user, tokenizer, cfg.max_length, on_bad_record=cfg.on_bad_record,

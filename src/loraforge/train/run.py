@@ -25,6 +25,8 @@ from loraforge.data import read_records
 from loraforge.errors import LoraforgeError
 from loraforge.lora import LoraConfig, LoraModel, save_adapter
 from loraforge.lora.adapter import ADAPTER_WEIGHTS, atomic_write
+from loraforge.quant.loftq import apply_loftq
+from loraforge.quant.model import body_linears, quantize_model
 from loraforge.train import checkpoint as ckpt
 from loraforge.train.distributed import Dist
 from loraforge.train.observe import (METRICS_FILE, PLOT_FILE, MetricsLog, measure_matmul_peak, peak_memory_mb,
@@ -90,10 +92,18 @@ def resume_config(output: str | Path, overrides: dict) -> TrainConfig:
 
 
 def inject(model: nn.Module, cfg: TrainConfig, task_type: str) -> LoraModel:
-    """LoRA layers as `cfg` says (rank, alpha, dropout, targets) into `model`, saved with PEFT's `task_type`."""
-    return LoraModel(model, LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                       target_modules=cfg.target_modules, task_type=task_type,
-                                       base_model_name_or_path=cfg.model))
+    """LoRA layers as `cfg` says (rank, alpha, dropout, targets, init) into `model`, saved with PEFT's `task_type`.
+    LoftQ (`lora_init: loftq`) starts from a dense base: it fits A and B to each targeted layer's NF4 error and packs
+    that layer, then the rest of the body is packed as any `--quantize` load does."""
+    lm = LoraModel(model, LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                     target_modules=cfg.target_modules, task_type=task_type,
+                                     base_model_name_or_path=cfg.model,
+                                     init_lora_weights="gaussian" if cfg.lora_init == "gaussian" else True))
+    if cfg.lora_init == "loftq":
+        apply_loftq(lm, cfg.quantize)
+        if body_linears(model):
+            quantize_model(model, cfg.quantize)
+    return lm
 
 
 def check_paths(cfg: TrainConfig, resume: bool) -> Path:
