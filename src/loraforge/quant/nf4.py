@@ -13,6 +13,8 @@ subtracted, and the rest quantized blockwise (`DQ_BLOCK` = 256) on bitsandbytes'
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 BLOCK = 64
@@ -26,9 +28,11 @@ NF4_CODE = torch.tensor([
 ], dtype=torch.float32)
 
 
+@functools.cache
 def dynamic_map() -> torch.Tensor:
     """bitsandbytes' signed 8-bit dynamic map (`create_dynamic_map()`, Dettmers 2015): 256 sorted float32 values,
-    a sign, a run of zero bits that sets the exponent (powers of ten), and a linear fraction after it."""
+    a sign, a run of zero bits that sets the exponent (powers of ten), and a linear fraction after it. Built once;
+    never modify it."""
     data: list[float] = []
     for i in range(7):  # exponents 10^-6 .. 10^0
         boundaries = torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float32)
@@ -96,7 +100,7 @@ def absmax_of(packed: dict[str, torch.Tensor]) -> torch.Tensor:
     if "absmax" in packed:
         return packed["absmax"]
     code = dynamic_map().to(packed["qabsmax"].device)
-    values = code[packed["qabsmax"].long()]
+    values = code.index_select(0, packed["qabsmax"].int())
     return _scale_blocks(values, packed["absmax2"], DQ_BLOCK) + packed["offset"]
 
 
