@@ -2,14 +2,16 @@
 # The one place for GPU checks: everything loraforge claims on a CUDA GPU, in under 8 minutes on one GPU.
 #
 #   bash bench/gpu_check.sh            # from the repository root, with the venv built (make install)
-#   bash bench/gpu_check.sh tests big  # some sections: tests small small-matched big big-matched
+#   bash bench/gpu_check.sh tests big  # some sections: tests small small-matched big big-matched qlora
 #
 # 1. the CUDA-marked tests (tests/test_cuda.py): golden losses, a PEFT round trip and the decode engine on the GPU;
 # 2. training tokens/s and peak GPU memory against PEFT + transformers Trainer on the same GPU, same config:
 #    a. the default model (SmolLM2-135M); where its GGUF is not installed, its architecture with random weights,
 #       built from ARCH (a folder with its config.json and tokenizer): speed and memory depend on shapes only;
 #    b. a 1B-class Llama built from random weights (no bigger model is on disk).
-# Later capabilities (QLoRA, serving) add their GPU checks here.
+# 3. QLoRA: training on the default model (or its shape) with the base packed as nf4 / nf4-dq against plain LoRA;
+#    its CUDA tests (golden NF4 losses, the packed layer, decoding on a packed base) are in section 1.
+# Later capabilities (serving) add their GPU checks here.
 #
 # Environment: PY (the python; default .venv/bin/python, else python3), ARCH (see 2a), ALPACA (the alpaca_zh_en
 # folder; default ../shared/data/alpaca_zh_en). Every section runs; the script fails at the end if any failed.
@@ -77,6 +79,17 @@ fi
 if want big-matched; then
     section "2b'. the 1B model, PEFT given as many real tokens a step (38 examples, length-grouped)"
     check $PY bench/train_throughput.py "${BIG_ARGS[@]}" --peft-batch-size 38 --peft-sampling group_by_length
+fi
+
+if want qlora; then
+    section "3. QLoRA on the GPU: LoRA vs the base packed as nf4 / nf4-dq, same steps (tokens/s, peak GPU memory)"
+    check $PY -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from train_throughput import write_alpaca; write_alpaca(Path('$WORK'), Path('$ALPACA'))"
+    for Q in none nf4 nf4-dq; do
+        check $PY -m loraforge train --model "${SMALL:-smollm2-135m-instruct}" --device cuda --dtype bfloat16 \
+            --data "$WORK/train.jsonl" --quantize $Q --target-modules all-linear --max-steps 20 --batch-size 16 \
+            --max-length 512 --output "$WORK/qlora-$Q" --quiet
+        check $PY -c "import json,sys; s=json.load(open('$WORK/qlora-$Q/train_summary.json')); print('$Q', 'tok/s', s['tokens_per_second'], 'peak GPU MB', s['peak_memory_mb'], 'final loss', round(s['final_loss'], 4))"
+    done
 fi
 
 rm -rf "$WORK"

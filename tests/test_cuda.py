@@ -6,6 +6,8 @@ addopts), so a CPU machine never runs them, and a GPU run that cannot reach CUDA
 - a PEFT round trip on the GPU: our adapter loaded by PEFT gives our logits within the fp32 tolerance;
 - the decode engine on the GPU gives the CPU's greedy tokens;
 - packed attention in bf16 runs torch's varlen flash attention, equal to each example alone.
+- QLoRA: the golden NF4 losses, a packed layer (forward and input gradient), and greedy decoding on a packed base
+  equal the CPU's.
 """
 from __future__ import annotations
 
@@ -89,4 +91,42 @@ def test_engine_on_cuda_gives_the_cpus_greedy_tokens(llama_dir):
     params = SamplingParams(max_new_tokens=12)
     cpu = generate_many(InferenceSession.open(str(llama_dir)), prompts, params)
     gpu = generate_many(InferenceSession.open(str(llama_dir), device="cuda"), prompts, params)
+    assert gpu == cpu
+
+
+# ---- QLoRA on the GPU -------------------------------------------------------------------------------------------
+def test_golden_nf4_losses_on_cuda(llama_dir, data_file, tmp_path):
+    """QLoRA (nf4, packed on the CPU at load, moved to the GPU with the model) gives the CPU's golden losses."""
+    golden = json.loads(GOLDEN.read_text(encoding="utf-8"))
+    cfg = TrainConfig(model=str(llama_dir), data=str(data_file), output=str(tmp_path / "o"), device="cuda",
+                      **golden["nf4_options"])
+    losses = train(cfg, progress=False).summary["losses"]
+    assert max(abs(a - b) for a, b in zip(losses, golden["nf4_losses"])) <= 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "nf4-dq"])
+def test_packed_layer_on_cuda_is_the_cpus(fmt):
+    from torch import nn
+
+    from loraforge.quant.linear import QuantLinear
+
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(nn.Linear(576, 192).requires_grad_(False), fmt)
+    x = torch.randn(4, 576, requires_grad=True)
+    cpu = layer(x)
+    (grad_cpu,) = torch.autograd.grad(cpu.sum(), x)
+    xg = x.detach().cuda().requires_grad_(True)
+    gpu = layer.cuda()(xg)
+    (grad_gpu,) = torch.autograd.grad(gpu.sum(), xg)
+    assert torch.equal(layer.dequantize().cpu(), layer.cpu().dequantize())  # unpacking is exact on both
+    assert max_abs_diff(gpu.cpu(), cpu) <= FP32 and max_abs_diff(grad_gpu.cpu(), grad_cpu) <= FP32
+
+
+def test_engine_on_a_packed_base_on_cuda_gives_the_cpus_greedy_tokens(llama_dir):
+    from loraforge.infer import InferenceSession, SamplingParams, generate_many
+
+    prompts = [[1, 5, 6, 7], [1, 9, 10], [1, 11, 12, 13, 14]]
+    params = SamplingParams(max_new_tokens=12)
+    cpu = generate_many(InferenceSession.open(str(llama_dir), quantize="nf4"), prompts, params)
+    gpu = generate_many(InferenceSession.open(str(llama_dir), quantize="nf4", device="cuda"), prompts, params)
     assert gpu == cpu

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from loraforge.config import DEFAULT_MODEL, TrainConfig, build_config, load_yaml, parse_bool, parse_mapping
 from loraforge.errors import LoraforgeError
-from loraforge.options import (CombineOptions, DemoOptions, GenerateOptions, InspectOptions, MergeOptions,
+from loraforge.options import (CombineOptions, DemoOptions, ExportOptions, GenerateOptions, InspectOptions, MergeOptions,
                                PredictOptions, RouterOptions, ServeOptions, from_namespace)
 
 log = logging.getLogger("loraforge")
@@ -217,10 +217,12 @@ def _cmd_router(args: RouterOptions) -> int:
 
 def _cmd_inspect(args: InspectOptions) -> int:
     from loraforge.lora import LoraConfig, LoraModel
-    from loraforge.models import describe_modules, load_model
+    from loraforge.models import describe_modules, gguf_file_of, load_model, resolve_model
 
     model, _ = load_model(args.model)
-    print(f"{type(model).__name__} ({model.config.model_type})")
+    source = gguf_file_of(args.model)
+    print(f"{type(model).__name__} ({model.config.model_type}) at {resolve_model(args.model).resolve()}"
+          + (f", converted from {source}" if source else ""))
     for path, kind, shape in describe_modules(model):
         print(f"  {path:<60} {kind:<14} {tuple(shape)}")
     lora_config = LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=args.target_modules)
@@ -235,23 +237,29 @@ def _cmd_merge(args: MergeOptions) -> int:
     import shutil
     import tempfile
 
+    import torch
+
     output = Path(args.output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise LoraforgeError(f"--output {output} exists and is not an empty folder; give a new folder or remove it")
     from loraforge.config import adapter_quantize
-    from loraforge.lora import load_adapter, read_adapter_config
-    from loraforge.models import load_model
+    from loraforge.lora import load_adapter
+    from loraforge.lora.adapter import umask_mode
+    from loraforge.models import adapter_base, load_model, saved_dtype
     from loraforge.quant.model import dequantize_model
 
     adapter = _one(args.adapter, "--adapter", "merge folds one adapter into its base (run merge once per adapter)")
-    model_name = args.model or read_adapter_config(adapter).base_model_name_or_path or DEFAULT_MODEL
+    model_name = args.model or adapter_base(adapter) or DEFAULT_MODEL
     quantize = adapter_quantize([adapter])  # merge onto the base it was trained on: the dequantized packed one
     model, tokenizer = load_model(model_name, quantize=quantize)
     merged = load_adapter(model, adapter).merge_and_unload()
     if dequantize_model(merged):  # the layers the adapter did not touch, dense too: a plain model folder
         print(f"the adapter was trained on a {quantize} base: merged onto its dequantized weights (not re-quantized)")
+    dtype = saved_dtype(model_name) if args.dtype == "auto" else getattr(torch, args.dtype)
+    merged = merged.to(dtype)  # the merge itself ran in fp32
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    tmp.chmod(umask_mode(0o777))  # mkdtemp makes it private: a service running as another user could not read it
     try:  # built beside its place and renamed in: never half a model folder
         merged.save_pretrained(tmp)  # safetensors
         tokenizer.save_pretrained(tmp)
@@ -259,7 +267,34 @@ def _cmd_merge(args: MergeOptions) -> int:
         tmp.rename(output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"merged model written to {args.output}")
+    print(f"merged model written to {args.output} ({str(dtype).removeprefix('torch.')})")
+    return 0
+
+
+def _cmd_export(args: ExportOptions) -> int:
+    from loraforge.export.gguf import export_adapter, export_merged
+    from loraforge.export.ollama import write_modelfile
+    from loraforge.models import adapter_base, gguf_file_of
+
+    adapter = _one(args.adapter, "--adapter", "export writes one adapter (run it once per adapter)")
+    base = args.model or adapter_base(adapter) or DEFAULT_MODEL
+    base_gguf = gguf_file_of(base)
+    if base_gguf is None:
+        raise LoraforgeError(f"the base {base!r} is not a GGUF model, so llama.cpp has no base file to load the "
+                             "adapter on, and no tokenizer to copy into a merged file. Merge it (loraforge merge) and "
+                             "convert that folder with llama.cpp's convert_hf_to_gguf.py")
+    if args.merged:
+        result = export_merged(adapter, base_gguf, args.output, quant=args.quant)
+        print(f"merged model written to {result.path} ({result.nbytes / 2**20:.1f} MiB of tensors, adapted weights "
+              f"in {args.quant}); the update kept: cosine {result.retention:.4f} with the trained one"
+              + ("" if result.retention > 0.9 else " (re-quantizing lost much of it: prefer q8_0 or f16)"))
+    else:
+        result = export_adapter(adapter, args.output, dtype=args.dtype)
+        print(f"adapter written to {result.path} ({result.tensors} tensors, {result.nbytes / 2**20:.2f} MiB); load it "
+              f"on {base_gguf}: llama-cli -m {base_gguf} --lora {result.path}")
+    if args.ollama:
+        modelfile = write_modelfile(Path(args.output), base_gguf, merged=args.merged)
+        print(f"Ollama: {modelfile} (ollama create NAME -f {modelfile})")
     return 0
 
 
@@ -353,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
              "score a base model, few-shot prompts and adapters on the same records; report"),
             ("inspect", InspectOptions, _cmd_inspect, "list a model's layers and what LoRA would train"),
             ("merge", MergeOptions, _cmd_merge, "fold an adapter into its base and write a plain transformers model"),
+            ("export", ExportOptions, _cmd_export,
+             "write an adapter (or the merged model) as GGUF for llama.cpp and Ollama"),
             ("combine", CombineOptions, _cmd_combine,
              "combine adapters trained on one base into one adapter (cat, linear, svd, ties, dare_*, ...)"),
             ("demo", DemoOptions, _cmd_demo, "fine-tune the default model on the bundled sample and compare answers")):

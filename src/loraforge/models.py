@@ -6,6 +6,7 @@ every transformers call is made with `local_files_only=True`.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -170,6 +171,55 @@ def resolve_model(name_or_path: str) -> Path:
     return path
 
 
+BASE_FILE = "base_model.json"
+"""Beside an adapter: the base it was trained on as {"path": the folder, "alias": the name given, "sha256": of its
+weights}. adapter_config.json's base_model_name_or_path holds the absolute folder, which PEFT and transformers open
+from anywhere on this machine; the alias (a built-in name or a Hub id) finds it on another."""
+
+
+def base_record(name_or_path: str) -> dict[str, str]:
+    """What an adapter records of its base (`BASE_FILE`)."""
+    folder = resolve_model(name_or_path).resolve()
+    return {"path": str(folder), "alias": name_or_path, "sha256": _weights_digest(str(folder))}
+
+
+@functools.lru_cache(maxsize=8)
+def _weights_digest(folder: str) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def adapter_base(adapter: str | Path) -> str | None:
+    """The base to load an adapter on: its alias when that is a built-in name or a Hub id (portable), else the folder
+    adapter_config.json records when it exists here, else whatever the adapter says (an old relative path)."""
+    from loraforge.lora.adapter import read_adapter_config
+
+    recorded = read_adapter_config(adapter).base_model_name_or_path
+    side = Path(adapter) / BASE_FILE
+    alias = json.loads(side.read_text(encoding="utf-8")).get("alias") if side.is_file() else None
+    if alias and (alias in BUILTIN_MODELS or looks_like_hub_id(alias)):
+        return alias
+    if recorded and Path(recorded).exists():
+        return recorded
+    return alias or recorded
+
+
+def gguf_file_of(name_or_path: str) -> Path | None:
+    """The GGUF file a base comes from: a built-in GGUF model's, a .gguf path, or the source of a converted cache
+    folder; None for a transformers folder."""
+    if name_or_path in BUILTIN_MODELS:
+        path = _builtin_path(name_or_path)
+        return path if path.suffix == ".gguf" else None
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path.resolve()
+    return gguf_source(path) if path.is_dir() else None
+
+
 def gguf_to_folder(gguf_path: Path) -> Path:
     """Dequantize a GGUF file into `$LORAFORGE_HOME/models/<stem>-<hash>/`, or return that folder if it exists.
 
@@ -287,6 +337,16 @@ def load_model(
         name_or_path, kind, weight_count(model)[0] / 1e6, time.perf_counter() - start,
     )
     return model, tokenizer
+
+
+def saved_dtype(name_or_path: str) -> torch.dtype:
+    """The dtype a base's folder stores its weights in (config.json's dtype/torch_dtype; float32 if it says none).
+    A GGUF base's converted folder stores float32 (its blocks dequantized)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model(name_or_path), local_files_only=True)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 def describe_modules(model: nn.Module) -> list[tuple[str, str, tuple[int, ...]]]:

@@ -130,6 +130,24 @@ class MergeOptions:
     adapter: list[str] | None = opt(None, "the adapter folder (once)", action="append", required=True)
     output: str | None = opt(None, "folder for the merged model (new or empty)", required=True)
     model: str | None = opt(None, "base model (default: the adapter's base_model_name_or_path)")
+    dtype: str = opt("auto", "weights of the merged model: auto (the base's own, as its folder stores them), "
+                             "float32, bfloat16 or float16", choices=("auto", "float32", "bfloat16", "float16"))
+
+
+@dataclass
+class ExportOptions:
+    adapter: list[str] | None = opt(None, "the adapter folder (once)", action="append", required=True)
+    output: str | None = opt(None, "the .gguf file to write", required=True, metavar="FILE.gguf")
+    format: str = opt("gguf", "file format (gguf: llama.cpp, Ollama, LM Studio)", choices=("gguf",))
+    merged: bool = opt(False, "write the whole model, base + update, instead of an adapter for the base's GGUF",
+                       action="store_true")
+    quant: str = opt("q8_0", "with --merged: the adapted weights' type (f32, f16, bf16, q8_0; q4_0, q4_1, q5_0, q5_1 "
+                             "lose most of a small update: the retention is printed)",
+                     choices=("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"))
+    dtype: str = opt("f16", "the adapter's tensors (f32, f16, q8_0)", choices=("f32", "f16", "q8_0"))
+    model: str | None = opt(None, "the base, a built-in name or a .gguf file (default: the adapter's base)")
+    ollama: bool = opt(False, "also write a Modelfile beside the output (FROM + ADAPTER, or FROM the merged file)",
+                       action="store_true")
 
 
 @dataclass

@@ -82,10 +82,9 @@ def load_eval_examples(path: str, recipe: Recipe, file_format: str | None = None
 
 def model_specs(cfg: EvalConfig) -> list[ModelSpec]:
     """The rows: the base (always), the base with K shots (if asked), then each adapter on its base."""
-    from loraforge.lora import read_adapter_config
+    from loraforge.models import adapter_base
 
-    adapter_bases = [cfg.model or read_adapter_config(a).base_model_name_or_path or DEFAULT_MODEL
-                     for a in cfg.adapters]
+    adapter_bases = [cfg.model or adapter_base(a) or DEFAULT_MODEL for a in cfg.adapters]
     base = cfg.model or (adapter_bases[0] if adapter_bases else DEFAULT_MODEL)
     specs = [ModelSpec("base", base)]
     if cfg.few_shot:

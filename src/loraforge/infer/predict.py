@@ -31,7 +31,7 @@ from loraforge.infer.batch import BatchOptions, generate_batch
 from loraforge.infer.session import InferenceSession
 from loraforge.lora import read_adapter_config
 from loraforge.metrics import get_metric
-from loraforge.models import architecture_kind
+from loraforge.models import adapter_base, architecture_kind
 
 log = logging.getLogger("loraforge")
 
@@ -194,7 +194,7 @@ def _check_head(adapter: str | Path, task: str | None) -> None:
 
 def _check_decoder(model: str | None, adapter: str | Path | None, recipe: str) -> None:
     """A LoraforgeError that says which path fits when the base is not a decoder."""
-    name = model or (read_adapter_config(adapter).base_model_name_or_path if adapter else None) or DEFAULT_MODEL
+    name = model or (adapter_base(adapter) if adapter else None) or DEFAULT_MODEL
     kind = architecture_kind(name)
     if kind != "decoder":
         not_head = f", and adapter {adapter} has no {LABELS_FILE}, so it is no seq-cls/token-cls head" \

@@ -24,9 +24,10 @@ from loraforge.config import DEFAULT_MODEL, adapter_quantize, resolve_dtype
 from loraforge.data.chat import read_system_prompt
 from loraforge.data.encode import LABELS_FILE, PEFT_TASK_TYPES, HeadSpec
 from loraforge.errors import LoraforgeError
-from loraforge.lora.adapter import AdapterWeights, read_adapter, read_adapter_config
+from loraforge.lora.adapter import AdapterWeights, read_adapter
 from loraforge.lora.multi import MultiLoraModel
-from loraforge.models import architecture_kind, load_encoder_with_head, load_model, require_encoder
+from loraforge.models import (adapter_base, architecture_kind, load_encoder_with_head, load_model, require_encoder,
+                              resolve_model)
 
 log = logging.getLogger("loraforge")
 DEVICES = ("auto", "cpu", "cuda")
@@ -80,13 +81,12 @@ class InferenceSession:
         `quantize`: the base packed (`quant.METHODS`); None: as the adapters were trained (`adapter_quantize`)."""
         named = dict(adapters) if isinstance(adapters, Mapping) else _name_folders(adapters)
         quantize = quantize or adapter_quantize(list(named.values()))
-        configs = {name: read_adapter_config(folder) for name, folder in named.items()}
         if model is None:
-            bases = sorted({c.base_model_name_or_path for c in configs.values() if c.base_model_name_or_path})
+            bases = {str(resolve_model(b).resolve()): b for b in map(adapter_base, named.values()) if b}  # by folder
             if len(bases) > 1:
-                raise LoraforgeError(f"the adapters were made for different bases ({', '.join(bases)}); give --model "
-                                     "to serve them on one, or run them separately")
-            model = bases[0] if bases else DEFAULT_MODEL
+                raise LoraforgeError(f"the adapters were made for different bases ({', '.join(bases.values())}); give "
+                                     "--model to serve them on one, or run them separately")
+            model = next(iter(bases.values()), DEFAULT_MODEL)
         heads = {name: HeadSpec.load(folder) for name, folder in named.items() if (Path(folder) / LABELS_FILE).is_file()}
         if heads:
             if len(heads) != len(named):

@@ -35,12 +35,21 @@ def is_adapter_name(name: object) -> bool:
     return isinstance(name, str) and ADAPTER_NAME.fullmatch(name) is not None and ".." not in name
 
 
+def umask_mode(mode: int = 0o666) -> int:
+    """`mode` under this process's umask: what `open` would have given a new file (0o777 for a folder)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temp file in the same folder, then rename: a crash never leaves a half-written file."""
+    """Write through a temp file in the same folder, then rename: a crash never leaves a half-written file. The file
+    gets the mode a plain write would (mkstemp's 0600 would hide it from a service running as another user)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -60,7 +60,7 @@ from pathlib import Path
 import torch
 
 from loraforge.errors import LoraforgeError
-from loraforge.lora.adapter import AdapterWeights, read_adapter, write_adapter
+from loraforge.lora.adapter import AdapterWeights, read_adapter, umask_mode, write_adapter
 from loraforge.lora.config import LoraConfig
 from loraforge.lora.layer import lora_scaling
 from loraforge.lora.model import PEFT_PREFIX
@@ -108,6 +108,7 @@ class Combined:
         out = _check_output(directory)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        tmp.chmod(umask_mode(0o777))  # mkdtemp makes it private
         try:
             write_adapter(tmp, {PEFT_PREFIX + k: v for k, v in self.adapter.tensors.items()}, self.adapter.config)
             out.rmdir() if out.exists() else None

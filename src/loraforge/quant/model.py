@@ -38,8 +38,6 @@ def body_linears(model: nn.Module) -> list[str]:
 
 def quantize_model(model: nn.Module, method: str, gguf_path: Path | None = None) -> dict[str, int]:
     """Replace the body's linears by packed ones, in place; a summary {"layers", "dense_bytes", "packed_bytes"}."""
-    from loraforge.lora.targets import replace_module  # noqa: PLC0415 (lora imports quant, not the reverse)
-
     if method not in METHODS or method == "none":
         raise LoraforgeError(f"unknown quantization {method!r}; use one of: {', '.join(METHODS)}")
     blocks = _gguf_blocks(model, gguf_path) if method == "gguf" else {}
@@ -61,7 +59,7 @@ def quantize_model(model: nn.Module, method: str, gguf_path: Path | None = None)
         dense += linear.weight.numel() * linear.weight.element_size()
         packed += layer.weight_bytes
         layers += 1
-        replace_module(model, path, layer.to(linear.weight.device).train(linear.training))  # eval stays eval
+        model.set_submodule(path, layer.to(linear.weight.device).train(linear.training))  # eval stays eval
     _own_memory(model)
     if layers == 0:
         raise LoraforgeError(f"--quantize {method}: no linear layer of {type(model).__name__} could be packed"
@@ -88,8 +86,6 @@ def _own_memory(model: nn.Module) -> None:
 def dequantize_model(model: nn.Module) -> int:
     """Every `QuantLinear` replaced by a dense `nn.Linear` of its dequantized weight (in its compute dtype), in
     place: a model that `save_pretrained` writes as plain weights. The number of layers replaced."""
-    from loraforge.lora.targets import replace_module  # noqa: PLC0415
-
     paths = [path for path, m in model.named_modules() if isinstance(m, QuantLinear)]
     for path in paths:
         packed = model.get_submodule(path)
@@ -98,7 +94,7 @@ def dequantize_model(model: nn.Module) -> int:
         dense.weight.data = packed.dequantize(packed.dtype)
         if packed.bias is not None:
             dense.bias = packed.bias
-        replace_module(model, path, dense.train(packed.training))
+        model.set_submodule(path, dense.train(packed.training))
     return len(paths)
 
 

@@ -25,6 +25,7 @@ from loraforge.data import read_records
 from loraforge.errors import LoraforgeError
 from loraforge.lora import LoraConfig, LoraModel, save_adapter
 from loraforge.lora.adapter import ADAPTER_WEIGHTS, atomic_write
+from loraforge.models import BASE_FILE, base_record
 from loraforge.quant.loftq import apply_loftq
 from loraforge.quant.model import body_linears, quantize_model
 from loraforge.train import checkpoint as ckpt
@@ -97,7 +98,7 @@ def inject(model: nn.Module, cfg: TrainConfig, task_type: str) -> LoraModel:
     that layer, then the rest of the body is packed as any `--quantize` load does."""
     lm = LoraModel(model, LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                      target_modules=cfg.target_modules, task_type=task_type,
-                                     base_model_name_or_path=cfg.model,
+                                     base_model_name_or_path=base_record(cfg.model)["path"],
                                      init_lora_weights="gaussian" if cfg.lora_init == "gaussian" else True))
     if cfg.lora_init == "loftq":
         apply_loftq(lm, cfg.quantize)
@@ -144,6 +145,7 @@ def start(cfg: TrainConfig, output: Path, lm: LoraModel, forward: nn.Module, dis
         log.info("resuming from %s (step %d of %d)", last[-1], state.step, cfg.max_steps)
     elif dist.main:
         write_text(output / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_text(output / BASE_FILE, json.dumps(base_record(cfg.model), indent=2) + "\n")
     metrics = MetricsLog(output / METRICS_FILE, resume_step=state.step if resume else None) if dist.main else None
     return Run(cfg, output, lm, forward, optimizer, scheduler, state, metrics, dist)
 
