@@ -120,21 +120,24 @@ def test_merged_file_keeps_the_base_and_holds_the_update(base, adapter, tmp_path
         assert result.retention < 0.8
 
 
-def test_merged_q8_0_loads_back_as_the_merged_model(base, adapter, tmp_path):
-    """GGUF in, closing the round trip: the merged Q8_0 file loads as a model whose logits are base + update's."""
+@pytest.mark.parametrize("quant, worst", [("f16", 0.1), ("q8_0", 1.5)])
+def test_merged_file_loads_back_as_the_merged_model(base, adapter, tmp_path, quant, worst):
+    """GGUF in, closing the round trip: the merged file loads as a model whose logits are base + update's (O(10)
+    logits; f16 and Q8_0 re-encode the adapted weights only)."""
     from loraforge.lora import load_adapter
 
     model, tokenizer, base_path = base
     folder, _ = adapter
-    path = export_merged(folder, base_path, tmp_path / "merged-q8.gguf", quant="q8_0", base_model=model).path
+    path = export_merged(folder, base_path, tmp_path / f"merged-{quant}.gguf", quant=quant, base_model=model).path
     loaded, _ = load_model(str(path))
     fresh, _ = load_model(DEFAULT_MODEL)
     lm = load_adapter(fresh, folder)
     ids = tokenizer("The Golden Curry is a restaurant near the river.", return_tensors="pt").input_ids
     with torch.no_grad():
-        want, got = lm.model(ids).logits, loaded(ids).logits
+        want, got, plain = lm.model(ids).logits, loaded(ids).logits, model(ids).logits
+    print(f"merged {quant}: max |logit difference| {float((got - want).abs().max()):.3f}")
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
-    assert float((got - want).abs().max()) < 0.5  # Q8_0 of the adapted weights
+    assert float((got - want).abs().max()) < worst < float((plain - want).abs().max())  # nearer than the base
 
 
 def test_cli_export_with_ollama_modelfile(base, adapter, tmp_path):

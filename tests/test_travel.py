@@ -73,11 +73,15 @@ def test_merge_writes_the_dtype_asked_for(trained, tmp_path):
     sizes = {}
     for dtype in ("bfloat16", "auto"):  # auto: the base's own, float32 for the tiny base
         out = tmp_path / dtype
-        assert main(["merge", "--adapter", str(trained), "--output", str(out), "--dtype", dtype]) == 0
+        old = os.umask(0o022)
+        try:
+            assert main(["merge", "--adapter", str(trained), "--output", str(out), "--dtype", dtype]) == 0
+        finally:
+            os.umask(old)
         assert json.loads((out / "config.json").read_text())["dtype"] == ("bfloat16" if dtype == "bfloat16" else
                                                                           "float32")
         weights = out / "model.safetensors"
-        assert weights.stat().st_mode & 0o077, "readable by others as the umask allows, not 0600"
+        assert weights.stat().st_mode & 0o777 == 0o644 and out.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
         sizes[dtype] = weights.stat().st_size
         load_model(str(out))  # loads back
     assert sizes["bfloat16"] < 0.6 * sizes["auto"]

@@ -244,7 +244,7 @@ def _cmd_merge(args: MergeOptions) -> int:
         raise LoraforgeError(f"--output {output} exists and is not an empty folder; give a new folder or remove it")
     from loraforge.config import adapter_quantize
     from loraforge.lora import load_adapter
-    from loraforge.lora.adapter import umask_mode
+    from loraforge.lora.adapter import follow_umask
     from loraforge.models import adapter_base, load_model, saved_dtype
     from loraforge.quant.model import dequantize_model
 
@@ -259,10 +259,10 @@ def _cmd_merge(args: MergeOptions) -> int:
     merged = merged.to(dtype)  # the merge itself ran in fp32
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    tmp.chmod(umask_mode(0o777))  # mkdtemp makes it private: a service running as another user could not read it
     try:  # built beside its place and renamed in: never half a model folder
         merged.save_pretrained(tmp)  # safetensors
         tokenizer.save_pretrained(tmp)
+        follow_umask(tmp)  # mkdtemp's 0700 and the writers' 0600 would hide it from a service of another user
         output.rmdir() if output.exists() else None
         tmp.rename(output)
     finally:

@@ -34,6 +34,7 @@ from transformers import (
 from loraforge.config import DEFAULT_MODEL
 from loraforge.errors import LoraforgeError
 from loraforge.hub import find_in_hub_cache, hub_cache_dirs, looks_like_hub_id
+from loraforge.lora.adapter import follow_umask
 from loraforge.lora.targets import DEFAULT_TARGET_MODULES, default_target_modules  # re-exported: models know their targets
 from loraforge.quant.linear import weight_count
 from loraforge.quant.model import gguf_source, quantize_model
@@ -232,13 +233,14 @@ def gguf_to_folder(gguf_path: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be readable like any other
+
     try:
         model, tokenizer = _load_gguf(gguf_path)
         model.save_pretrained(tmp)  # safetensors; tied lm_head is stored once and re-tied on load
         tokenizer.save_pretrained(tmp)  # writes chat_template.jinja too
         source = {"gguf": str(gguf_path), "size": gguf_path.stat().st_size}
         (tmp / "loraforge_source.json").write_text(json.dumps(source, indent=2) + "\n")
+        follow_umask(tmp)  # mkdtemp and the writers make it private; the cache is readable like any other
         try:
             os.replace(tmp, target)
         except OSError:

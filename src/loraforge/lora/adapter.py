@@ -42,6 +42,13 @@ def umask_mode(mode: int = 0o666) -> int:
     return mode & ~mask
 
 
+def follow_umask(folder: Path) -> None:
+    """`folder` and everything in it get the modes a plain write would: transformers and safetensors write through
+    private temp files (0600), which a service running as another user (Ollama's, a container's) cannot read."""
+    for path in [Path(folder), *Path(folder).rglob("*")]:
+        path.chmod(umask_mode(0o777 if path.is_dir() else 0o666))
+
+
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Write through a temp file in the same folder, then rename: a crash never leaves a half-written file. The file
     gets the mode a plain write would (mkstemp's 0600 would hide it from a service running as another user)."""

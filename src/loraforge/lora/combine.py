@@ -108,7 +108,7 @@ class Combined:
         out = _check_output(directory)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        tmp.chmod(umask_mode(0o777))  # mkdtemp makes it private
+        tmp.chmod(umask_mode(0o777))  # mkdtemp makes it private; the files are written by atomic_write
         try:
             write_adapter(tmp, {PEFT_PREFIX + k: v for k, v in self.adapter.tensors.items()}, self.adapter.config)
             out.rmdir() if out.exists() else None
