@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from loraforge.config import DEFAULT_MODEL
+from loraforge.config import DEFAULT_MODEL, adapter_quantize
 from loraforge.data import IGNORE_INDEX, Record, Recipe, collate, load_examples, make_recipe, pad_id_for, read_records
 from loraforge.data.recipes import Classification
 from loraforge.data.tokenize import TokenizedExample
