@@ -320,13 +320,15 @@ def with_adapter_recipe(given: dict[str, Any], adapter: str | Path | None) -> di
 
 def adapter_recipe(adapter: str | Path) -> dict[str, Any]:
     """The recipe options an adapter was trained with (from its train_config.yaml), or {} when it has none."""
+    saved = saved_train_config(adapter)
+    return {k: saved.get(k) for k in RECIPE_OPTIONS} if saved.get("recipe") else {}
+
+
+def saved_train_config(adapter: str | Path) -> dict[str, Any]:
+    """The options an adapter was trained with (its train_config.yaml), or {} when it has none."""
     path = Path(adapter) / TRAIN_CONFIG_FILE
-    if not path.is_file():
-        return {}
-    saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(saved, dict) or not saved.get("recipe"):
-        return {}
-    return {k: saved.get(k) for k in RECIPE_OPTIONS}
+    saved = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return saved if isinstance(saved, dict) else {}
 
 
 QUANTIZE_HELP = ("the frozen base packed: nf4, nf4-dq, gguf (a GGUF model's own blocks) or none (default: what the "
@@ -341,11 +343,7 @@ def load_quantize(cfg: TrainConfig) -> str:
 def adapter_quantize(adapters: list[str | Path]) -> str:
     """The packed base the adapters were trained on (`quantize` in their train_config.yaml; "none" when absent), the
     default for loading them: that is the function they were trained against. Adapters that disagree are refused."""
-    found = set()
-    for adapter in adapters:
-        path = Path(adapter) / TRAIN_CONFIG_FILE
-        saved = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
-        found.add(saved.get("quantize", "none") if isinstance(saved, dict) else "none")
+    found = {saved_train_config(adapter).get("quantize", "none") for adapter in adapters}
     if len(found) > 1:
         raise LoraforgeError(f"the adapters were trained on different bases (quantize: {', '.join(sorted(found))}); "
                              "give --quantize to load them on one, or run them separately")

@@ -81,13 +81,8 @@ class _LoraBase(nn.Module):
             raise LoraforgeError(f"merging LoRA into {name or type(self.base_layer).__name__} gives NaN/inf weights; "
                                  "the adapter is broken (check the training loss) and nothing was written")
         if isinstance(self.base_layer, QuantLinear):  # the dequantized base + the update, dense (not re-quantized)
-            packed = self._unmerged_base = self.base_layer
-            self.base_layer = nn.Linear(packed.in_features, packed.out_features, bias=packed.bias is not None,
-                                        device=packed.device, dtype=packed.dtype).requires_grad_(False)
-            self.base_layer.train(packed.training)
-            self.base_layer.weight.data = new.to(packed.dtype)
-            if packed.bias is not None:
-                self.base_layer.bias = packed.bias
+            self._unmerged_base = self.base_layer
+            self.base_layer = self.base_layer.to_dense(new)
             return
         weight = self.base_layer.weight
         self._unmerged_weight = weight.data

@@ -56,6 +56,16 @@ class QuantLinear(nn.Module):
             return nf4.dequantize(self.packed(), shape, dtype)
         return ggml.dequantize(self.packed()["blocks"], self.fmt, shape, dtype)
 
+    def to_dense(self, weight: torch.Tensor | None = None) -> nn.Linear:
+        """A frozen `nn.Linear` in this layer's place: `weight` (out, in), default this layer's own dequantized, in the
+        compute dtype; the same bias and train/eval mode."""
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.device,
+                          dtype=self.dtype).requires_grad_(False)
+        dense.weight.data = (self.dequantize(self.dtype) if weight is None else weight).to(self.dtype)
+        if self.bias is not None:
+            dense.bias = self.bias
+        return dense.train(self.training)
+
     @property
     def device(self) -> torch.device:
         return getattr(self, self._keys[0]).device

@@ -88,13 +88,7 @@ def dequantize_model(model: nn.Module) -> int:
     place: a model that `save_pretrained` writes as plain weights. The number of layers replaced."""
     paths = [path for path, m in model.named_modules() if isinstance(m, QuantLinear)]
     for path in paths:
-        packed = model.get_submodule(path)
-        dense = nn.Linear(packed.in_features, packed.out_features, bias=packed.bias is not None,
-                          device=packed.device, dtype=packed.dtype).requires_grad_(False)
-        dense.weight.data = packed.dequantize(packed.dtype)
-        if packed.bias is not None:
-            dense.bias = packed.bias
-        model.set_submodule(path, dense.train(packed.training))
+        model.set_submodule(path, model.get_submodule(path).to_dense())
     return len(paths)
 
 
