@@ -338,6 +338,14 @@ def _cmd_eval(cfg) -> int:
     from loraforge.eval.report import comparison_table
     from loraforge.eval.run import run_eval
 
+    if cfg.tasks:
+        from loraforge.eval.multitask import run_multitask, table
+
+        result = run_multitask(cfg)
+        header, rows = table(result)
+        print("\n".join(" | ".join(cells) for cells in [header, *rows]))
+        print(f"written to {cfg.output}: " + ", ".join(path.name for path in result.files.values()))
+        return 0
     result = run_eval(cfg)
     print(comparison_table(result.models))
     print(f"written to {cfg.output}: " + ", ".join(path.name for path in result.files.values()))

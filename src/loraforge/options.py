@@ -66,6 +66,9 @@ class RouterOptions(DeviceOptions):
                                    action="append", metavar="NAME=RECIPE")
     columns: list[str] | None = opt(None, "NAME=ours=theirs,...: field renames for NAME's file (e.g. "
                                           "sentiment=text=sentence); repeat", action="append", metavar="NAME=MAP")
+    file_format: list[str] | None = opt(None, "NAME=FORMAT: the reader for NAME's file when its suffix does not say "
+                                              "(jsonl, json, csv, tsv, text, conll); repeat", action="append",
+                                        metavar="NAME=FORMAT")
     base_data: str | None = opt(None, "inputs of no task: a 'base' class, answered by the base with no adapter",
                                 metavar="FILE")
     max_examples: int = opt(200, "prompts per class at most (a seeded sample)")
@@ -84,15 +87,17 @@ class RouterOptions(DeviceOptions):
         self.datasets()  # a malformed NAME=VALUE fails here, with its flag
 
     def datasets(self) -> dict[str, dict[str, Any]]:
-        """Per class: its file, recipe and column renames, from --data (and --base-data: class "base"), --recipe
-        and --columns."""
+        """Per class: its file, recipe, column renames and reader, from --data (and --base-data: class "base"),
+        --recipe, --columns and --file-format."""
         files = _named(self.data, "--data", "FILE")
         if "base" in files:
             raise LoraforgeError("--data base=...: 'base' is the class of inputs of no task; give it as --base-data")
         if self.base_data:
             files["base"] = self.base_data
-        found = {name: {"path": path, "recipe": None, "columns": None} for name, path in files.items()}
-        for flag, key, values in (("--recipe", "recipe", self.recipe), ("--columns", "columns", self.columns)):
+        found = {name: {"path": path, "recipe": None, "columns": None, "file_format": None}
+                 for name, path in files.items()}
+        for flag, key, values in (("--recipe", "recipe", self.recipe), ("--columns", "columns", self.columns),
+                                  ("--file-format", "file_format", self.file_format)):
             for name, value in _named(values, flag, key.upper()).items():
                 if name not in found:
                     raise LoraforgeError(f"{flag} {name}=...: no --data {name}=FILE to apply it to")

@@ -97,6 +97,33 @@ def parse_entities(text: str, tokens: Sequence[str], types: Sequence[str]) -> li
     return spans_to_bio(spans, len(tokens))
 
 
+def entities_parse(text: str, tokens: Sequence[str], types: Sequence[str]) -> bool:
+    """True when `text` is a well-formed entity list for this sentence: "none", or `words: TYPE` items separated by
+    ";", each TYPE one of `types` and each item's words found in the sentence, in order, without overlap. What
+    `parse_entities` reads exactly; a sloppy answer (a stray phrase, an unknown type, words not in the sentence)
+    is scored by `parse_entities` for what it got right but does not parse here."""
+    text = text.strip()
+    if text == NO_ENTITIES:
+        return True
+    kinds = "|".join(re.escape(t) for t in sorted(types, key=len, reverse=True))
+    item = re.compile(rf"(.+?)\s*:\s*({kinds})")
+    taken = [False] * len(tokens)
+    cursor = 0
+    for part in text.split(";"):
+        match = item.fullmatch(part.strip())
+        if match is None:
+            return False
+        words = match.group(1).split()
+        start = _find(words, tokens, taken, cursor)
+        if start is None:
+            start = _find(words, tokens, taken, 0)
+        if start is None:
+            return False
+        taken[start:start + len(words)] = [True] * len(words)
+        cursor = start + len(words)
+    return True
+
+
 def _find(words: list[str], tokens: Sequence[str], taken: list[bool], start: int) -> int | None:
     n = len(words)
     for i in range(start, len(tokens) - n + 1):

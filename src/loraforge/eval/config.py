@@ -19,7 +19,12 @@ DTYPES = ("float32", "bfloat16", "auto")  # auto: config.resolve_dtype (bfloat16
 class EvalConfig:
     """What `loraforge eval` runs; each field is one flag (`--adapter` for `adapters`, repeated), built by the CLI."""
 
-    data: str = opt(None, "records to score, e.g. a dev split (never the official test)", required=True)
+    data: str | None = opt(None, "records to score, e.g. a dev split (never the official test); required unless "
+                                 "--tasks")
+    tasks: str | None = opt(None, "a YAML task list (loraforge.eval.multitask): several tasks' dev data, each with "
+                                  "its single adapter, against multi-task models (joint, combined) and a router; "
+                                  "writes one table of the fine-tuning gain each keeps, with plots and each task's "
+                                  "report. Replaces --data, --recipe and --adapter", metavar="FILE")
     recipe: str | None = opt(None, "task recipe (e2e, sst2, conll2003, squad, text2text, ...; default: the one the "
                                    "first adapter was trained with); lm or none: perplexity of the data file in its "
                                    "detected format")
@@ -59,8 +64,17 @@ class EvalConfig:
     output: str = opt("runs/eval", "folder for results.json, predictions.jsonl, report.md, report.html and plots")
 
     def __post_init__(self) -> None:
+        if self.tasks:
+            given = [flag for flag, value in (("--data", self.data), ("--recipe", self.recipe),
+                                              ("--adapter", self.adapters), ("--few-shot", self.few_shot),
+                                              ("--num-beams", self.num_beams != 1),
+                                              ("--answer", self.answer != "generate")) if value]
+            if given:
+                raise LoraforgeError(f"--tasks FILE takes each task's data, recipe and adapters from the file (and "
+                                     f"decodes greedily); drop {', '.join(given)}")
+            return
         if not self.data:
-            raise LoraforgeError("eval needs the records to score: --data FILE (a dev split)")
+            raise LoraforgeError("eval needs the records to score: --data FILE (a dev split), or --tasks FILE")
         object.__setattr__(self, "adapters", tuple(self.adapters or ()))  # flags arrive as a list, or None
         if isinstance(self.columns, str):
             object.__setattr__(self, "columns", parse_mapping(self.columns))

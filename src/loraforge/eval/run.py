@@ -123,10 +123,16 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
             row = _evaluate_text(spec, session, recipe, cfg)
         row.load_seconds = load_seconds
         result.models.append(row)
-    result.files["results"] = _write_results(result, output / "results.json")
-    result.files["predictions"] = _write_predictions(result, output / "predictions.jsonl")
-    result.files.update(write_report(result, output))
+    result.files = write_outputs(result, output)
     return result
+
+
+def write_outputs(result: EvalResult, output: Path) -> dict[str, Path]:
+    """results.json, predictions.jsonl and the report (report.md, report.html, plots) of `result` in `output`."""
+    files = {"results": _write_results(result, output / "results.json"),
+             "predictions": _write_predictions(result, output / "predictions.jsonl")}
+    files.update(write_report(result, output))
+    return files
 
 
 def _sessions(specs: list[ModelSpec], cfg: EvalConfig) -> Iterator[tuple[ModelSpec, InferenceSession, float]]:
