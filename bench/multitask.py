@@ -18,7 +18,8 @@ weights are chosen on) and a report part (the next `report` items: what the tabl
 3. joint: one adapter on all four training files (`mix:` in a YAML), each capped to the examples its single adapter
    saw (its train_tokens over its mean example length), mixed by size (T=1), one epoch: the same examples and
    about the same tokens as the four single runs together. WORK/joint/.
-4. router: `loraforge router` on 200 training inputs per task (20% held out for its accuracy). WORK/router/.
+4. router: `loraforge router` on 200 training inputs per task (20% held out for its accuracy), features from an
+   early layer over the prompt's first tokens (ROUTER_LAYER, ROUTER_TOKENS). WORK/router/.
 5. combine: every `loraforge combine` method over the four singles, the weight (the same for each adapter) chosen
    from WEIGHTS by the mean share of the validation loss gain kept, (base - row) / (base - single) per task.
    WORK/combined/<method>/ and WORK/combined/selection.json.
@@ -48,6 +49,9 @@ DENSITY = 0.5
 SVD_RANK = 32
 """`svd` keeps half of `cat`'s rank 64; the pruning methods are factored back at rank 64 (all of it)."""
 PRUNED_RANK = 64
+ROUTER_LAYER, ROUTER_TOKENS = 4, 128
+"""The router reads decoder layer 4 of 30 over a prompt's first 128 tokens: its forward is ~1/7 of a prefill of
+those tokens, and the four tasks' prompts differ from their first words."""
 STAGES = ("data", "single", "joint", "router", "combine", "eval")
 
 TASKS = {
@@ -249,6 +253,7 @@ def record(work: Path, args: argparse.Namespace, budget: dict, selection: dict, 
     report = (work / "report" / "multitask.md").read_text(encoding="utf-8")
     table = report.split("<!-- table -->", 2)[1] if "<!-- table -->" in report else report
     chosen = ", ".join(f"{m} w={c['weight']}" for m, c in selection["chosen"].items())
+    goals = goal_lines(json.loads((work / "report" / "multitask.json").read_text(encoding="utf-8")))
     lines = [
         f"Written by `python bench/multitask.py{' --steps ' + str(args.steps) if args.steps else ''}` on "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.uname().machine}, {os.cpu_count()} cores; "
@@ -262,6 +267,10 @@ def record(work: Path, args: argparse.Namespace, budget: dict, selection: dict, 
         "Stage times (min): " + ", ".join(f"{k} {v / 60:.1f}" for k, v in seconds.items()) + ".",
         "",
         table.strip(),
+        "",
+        "| goal | measured | |",
+        "|---|---|---|",
+        *goals,
     ]
     results = ROOT / "bench" / "RESULTS.md"
     text = results.read_text(encoding="utf-8")
@@ -272,6 +281,32 @@ def record(work: Path, args: argparse.Namespace, budget: dict, selection: dict, 
     else:
         text += "\n## Multi-task: one model for four tasks — `bench/multitask.py`\n\n" + block + "\n"
     results.write_text(text, encoding="utf-8")
+
+
+def goal_lines(data: dict) -> list[str]:
+    """The issue's three goals as table rows, from multitask.json."""
+    rows = {r["name"]: r for r in data["rows"]}
+    multi = [r for r in data["rows"] if r["name"] not in ("base", "single")]
+    static = [r for r in multi if r["name"] in METHODS]
+    best = max(multi, key=lambda r: r["worst_gain_kept"] if r["worst_gain_kept"] is not None else -math.inf)
+    best_static = max(static, key=lambda r: r["mean_gain_kept"] if r["mean_gain_kept"] is not None else -math.inf)
+    joint = rows.get("joint")
+
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    lines = [f"| best multi-task model keeps >= 95% of the gain on the worst task | {best['name']}: "
+             f"{pct(best['worst_gain_kept'])} | {'met' if (best['worst_gain_kept'] or 0) >= 0.95 else 'not met'} |",
+             f"| best static combination keeps >= 70% of the mean gain | {best_static['name']}: "
+             f"{pct(best_static['mean_gain_kept'])}" + (f" (joint training, also one adapter: "
+                                                         f"{pct(joint['mean_gain_kept'])})" if joint else "")
+             + f" | {'met' if (best_static['mean_gain_kept'] or 0) >= 0.70 else 'not met'} |"]
+    if "routed" in rows:
+        ratio = rows["routed"]["tokens_per_second"] / rows["single"]["tokens_per_second"]
+        lines.append(f"| routing costs <= 5% of mixed-batch throughput | routed {rows['routed']['tokens_per_second']:.1f}"
+                     f" vs direct {rows['single']['tokens_per_second']:.1f} tokens/s: {ratio:.3f}x | "
+                     f"{'met' if ratio >= 0.95 else 'not met'} |")
+    return lines
 
 
 def main() -> None:
@@ -319,7 +354,8 @@ def main() -> None:
     print("4. router", flush=True)
     start = time.perf_counter()
     if not (work / "router" / "router.json").is_file():
-        cmd = [*LORAFORGE, "router", "--output", work / "router", "--model", "smollm2-135m-instruct"]
+        cmd = [*LORAFORGE, "router", "--output", work / "router", "--model", "smollm2-135m-instruct",
+               "--layer", str(ROUTER_LAYER), "--max-length", str(ROUTER_TOKENS)]
         for task, spec in TASKS.items():
             cmd += ["--adapter", work / "single" / task, "--data", f"{task}={spec['train']}",
                     "--recipe", f"{task}={spec['recipe']}"]

@@ -114,6 +114,29 @@ def test_features_are_the_mean_of_the_base_hidden_states(setup):
         assert torch.allclose(row, hidden.mean(0), atol=1e-5)
 
 
+def test_an_early_layer_stops_the_forward_there(setup):
+    """layer=1: the output of decoder layer 1 of 2, equal to the full forward's hidden_states[1]; the layers above
+    it never run, which is what makes an early-layer router cheap."""
+    session = setup[0]
+    prompts = _ids(session, ["coffee shop", "the river near the city centre is family friendly"])
+    ran = []
+    with session.use(None) as model:
+        handles = [block.register_forward_hook(lambda m, a, o, k=k: ran.append(k))
+                   for k, block in enumerate(model.model.layers)]
+    try:
+        early = prompt_features(session, prompts, layer=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert ran == [0]  # one batch, layer 0 only
+    model = tiny_llama(0)
+    for row, ids in zip(early, prompts):
+        with torch.no_grad():
+            hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[1][0]  # (T, D)
+        assert torch.allclose(row, hidden.mean(0), atol=1e-5)
+    assert not torch.allclose(early, prompt_features(session, prompts, layer=-1))
+
+
 def test_recipe_prompts(setup, tmp_path):
     """A dataset read with a recipe: its prompts are `recipe.encode_prompt`, as generation is fed them; without
     --recipe, the recipe the adapter was trained with (its train_config.yaml) is used."""

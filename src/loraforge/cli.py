@@ -200,7 +200,8 @@ def _cmd_router(args: RouterOptions) -> int:
     order = given + [name for name in specs if name not in given]  # an unknown name is refused by train_router
     router = train_router(session, [RouterData(name, **specs[name]) for name in order],
                           base_data=RouterData(BASE, **base) if base else None, max_examples=args.max_examples,
-                          val_split=args.val_split, seed=args.seed, l2=args.l2, max_length=args.max_length)
+                          val_split=args.val_split, seed=args.seed, l2=args.l2, max_length=args.max_length,
+                          layer=args.layer)
     router.save(args.output)
     trained = sum(c["train"] for c in router.counts.values())
     held = sum(c["val"] for c in router.counts.values())

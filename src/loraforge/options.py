@@ -76,6 +76,8 @@ class RouterOptions(DeviceOptions):
     seed: int = opt(0, "seed of the sample and the split")
     l2: float = opt(1e-3, "L2 penalty of the probe (on standardized features)")
     max_length: int = opt(512, "prompt tokens read per input (the first ones)")
+    layer: int = opt(-1, "hidden states the probe reads: -1 the last (after the final norm), i the output of decoder "
+                         "layer i, which stops the routing forward there (cheaper: i/L of a prefill)")
 
     def __post_init__(self) -> None:
         _at_least(self, "max_examples", 1)

@@ -15,13 +15,12 @@ record's own shape (text: the text as a plain prompt; instruction, prompt/comple
 answer). A seeded, per-class share is held out and the router's accuracy on it (overall and per class) is kept in
 router.json beside router.safetensors (weight, bias, mean, std; read with safetensors, never pickle).
 
-Cost at serving time: one extra forward of the base over each prompt (batched, no KV cache kept, logits of the last
-position only), about a base prefill, plus a (B, D) x (D, C) matmul; decoding is untouched. It cannot simply be the
-prefill, since the prefill runs each row on its adapter, and an adapter changes the hidden states from its first
-adapted layer on. Ways to share it later: (1) take features from an early layer and stop the routing forward there
-(k/L of a prefill); (2) where adapters leave the first k layers alone, those layers' KV cache is the same for every
-route, so the routing forward's cache of them can seed the engine's prefill, which then starts at layer k; (3) route
-on a prompt prefix (the instruction) and prefill the rest after the route is known.
+Cost at serving time: one extra forward of the base over each prompt's first `max_length` tokens (batched, no KV
+cache kept), plus a (B, D) x (D, C) matmul; decoding is untouched. With `layer` = k, an early decoder layer, the
+forward stops after layer k (`prompt_features`): k/L of a prefill. It cannot simply be the prefill, since the
+prefill runs each row on its adapter, and an adapter changes the hidden states from its first adapted layer on.
+Ways to share more of it later: where adapters leave the first k layers alone, those layers' KV cache is the same
+for every route, so the routing forward's cache could seed the engine's prefill, which would then start at layer k.
 """
 from __future__ import annotations
 
@@ -192,7 +191,12 @@ class Router:
 def prompt_features(session: InferenceSession, prompts: Sequence[Sequence[int]], *, layer: int = -1,
                     max_length: int = 512, batch_size: int = 16) -> torch.Tensor:
     """(N, D) float32: the base's hidden states `layer` mean-pooled over each prompt's first `max_length` tokens.
-    Prompts go in batches of similar length, right-padded (causal attention: padding after a row never reaches it)."""
+    Prompts go in batches of similar length, right-padded (causal attention: padding after a row never reaches it).
+
+    `layer` indexes transformers' `hidden_states` (0: the embeddings, i: the output of decoder layer i, -1: the
+    last, after the final norm). For 0 < layer < the number of layers the forward stops after decoder layer
+    `layer`: the layers above it are never run, so routing costs layer/L of a prefill (same values as the full
+    forward's `hidden_states[layer]`)."""
     if session.kind != "causal-lm":
         raise LoraforgeError(f"routing picks adapters for generation; this session serves {session.kind} heads")
     if any(len(p) == 0 for p in prompts):
@@ -201,19 +205,53 @@ def prompt_features(session: InferenceSession, prompts: Sequence[Sequence[int]],
     pooled: list[torch.Tensor | None] = [None] * len(prompts)
     pad = pad_id_for(session.tokenizer)
     with session.use(None) as model:  # the base alone
+        stop_after = _stop_layer(model, layer)
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             rows = [list(prompts[i])[:max_length] for i in chunk]
             batch = collate([TokenizedExample(r, r) for r in rows], pad)  # right-padded (labels unused)
             ids, mask = batch["input_ids"].to(session.device), batch["attention_mask"].to(session.device)  # (n, T)
-            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False,
-                        logits_to_keep=1)
-            hidden = out.hidden_states[layer].float()  # (n, T, D)
+            hidden = _hidden(model, ids, mask, layer, stop_after).float()  # (n, T, D)
             m = mask[..., None].float()  # (n, T, 1)
             means = ((hidden * m).sum(1) / m.sum(1)).cpu()  # (n, D)
             for i, index in enumerate(chunk):
                 pooled[index] = means[i]
     return torch.stack(pooled) if pooled else torch.empty(0, _hidden_size(session))
+
+
+class _Stop(Exception):
+    """Raised by the hook on the last decoder layer a feature needs, carrying that layer's output."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+
+def _stop_layer(model, layer: int):
+    """The decoder layer whose output is `hidden_states[layer]`, when the forward can stop there; else None."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or not 0 < layer < len(layers):
+        return None
+    return layers[layer - 1]
+
+
+def _hidden(model, ids: torch.Tensor, mask: torch.Tensor, layer: int, stop_after) -> torch.Tensor:
+    if stop_after is None:
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False,
+                    logits_to_keep=1)
+        return out.hidden_states[layer]
+
+    def stop(module, args, output):
+        raise _Stop(output[0] if isinstance(output, tuple) else output)
+
+    handle = stop_after.register_forward_hook(stop)
+    try:
+        model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+    except _Stop as done:
+        return done.hidden
+    finally:
+        handle.remove()
+    raise RuntimeError("the routing forward did not reach its feature layer")
 
 
 # ---- training -----------------------------------------------------------------------------------------------------
