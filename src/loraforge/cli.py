@@ -273,19 +273,22 @@ def _cmd_merge(args: MergeOptions) -> int:
 
 
 def _cmd_export(args: ExportOptions) -> int:
-    from loraforge.export.gguf import export_adapter, export_merged
+    from loraforge.export.gguf import export_adapter, export_merged, export_merged_model
     from loraforge.export.ollama import write_modelfile
-    from loraforge.models import adapter_base, gguf_file_of
+    from loraforge.models import adapter_base, gguf_file_of, load_model
 
     adapter = _one(args.adapter, "--adapter", "export writes one adapter (run it once per adapter)")
     base = args.model or adapter_base(adapter) or DEFAULT_MODEL
     base_gguf = gguf_file_of(base)
-    if base_gguf is None:
-        raise LoraforgeError(f"the base {base!r} is not a GGUF model, so llama.cpp has no base file to load the "
-                             "adapter on, and no tokenizer to copy into a merged file. Merge it (loraforge merge) and "
-                             "convert that folder with llama.cpp's convert_hf_to_gguf.py")
+    if base_gguf is None and not args.merged:
+        raise LoraforgeError(f"the base {base!r} is not a GGUF model, so llama.cpp has no base file to load an adapter "
+                             "on. Export the merged model instead (--merged writes the whole model as one GGUF)")
     if args.merged:
-        result = export_merged(adapter, base_gguf, args.output, quant=args.quant)
+        if base_gguf is not None:
+            result = export_merged(adapter, base_gguf, args.output, quant=args.quant)
+        else:
+            model, tokenizer = load_model(base)
+            result = export_merged_model(adapter, model, tokenizer, args.output, quant=args.quant)
         print(f"merged model written to {result.path} ({result.nbytes / 2**20:.1f} MiB of tensors, adapted weights "
               f"in {args.quant}); the update kept: cosine {result.retention:.4f} with the trained one"
               + ("" if result.retention > 0.9 else " (re-quantizing lost much of it: prefer q8_0 or f16)"))

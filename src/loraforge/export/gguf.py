@@ -17,6 +17,12 @@ the weights the adapter does not touch keep the base file's own blocks, exactly.
 The update is added to the weight the adapter was trained on (the dense load of the GGUF, which is its blocks
 dequantized exactly). Re-quantizing to 4 or 5 bits loses most of a small update; the retention of the update
 (cosine between the update the file now holds and the true one) is measured and returned, for every quant.
+
+A base with no GGUF of its own (a transformers folder of a llama-architecture model) is written whole by
+`export_merged_model`: llama.cpp's hyperparameter keys from its config, its byte-level BPE tokenizer (tokens and their
+types, merges, the pre-tokenizer's name, special ids, chat template), every weight under its GGUF name with q and k
+in GGML's row order, norms in F32. Rotary scaling and other tokenizer kinds are refused (llama.cpp's
+convert_hf_to_gguf.py covers them). loraforge reads such a file back (`--model FILE.gguf`) as the weights it holds.
 """
 from __future__ import annotations
 
@@ -171,15 +177,15 @@ def export_merged(adapter: str | Path, base_gguf: str | Path, output: str | Path
     """Base + update as one GGUF: every tensor and key of `base_gguf`, the adapted weights re-encoded in `quant`.
 
     `base_model` is the dense transformers model the adapter was trained on (default: the load of `base_gguf`)."""
-    if quant not in MERGED_TYPES:
-        raise LoraforgeError(f"--quant {quant}: choose one of {', '.join(MERGED_TYPES)}")
+    _check_quant(quant)
     weights = read_adapter(adapter)
     if base_model is None:
         from loraforge.models import load_model  # noqa: PLC0415
 
         base_model, _ = load_model(str(base_gguf))
     updates = _updates(weights, base_model.config)
-    by_name = {name: (path, a, b) for path, (name, a, b, _) in updates.items()}
+    by_name = {name: (path, b @ a * (weights.config.lora_alpha / a.shape[0])) for path, (name, a, b, _) in
+               updates.items()}
     reader = GGUFReader(base_gguf)
     writer = GGUFWriter(None, "llama")
     writer.add_file_type(FILE_TYPES[quant])
@@ -188,29 +194,174 @@ def export_merged(adapter: str | Path, base_gguf: str | Path, output: str | Path
             continue  # written above
         writer.add_key_value(field.name, field.contents(), field.types[0],
                              field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
-    qtype = MERGED_TYPES[quant]
-    dot = true_sq = kept_sq = 0.0
+    kept = _Retention()
     nbytes = 0
     for tensor in reader.tensors:
         if tensor.name not in by_name:
             writer.add_tensor(tensor.name, np.asarray(tensor.data), raw_dtype=tensor.tensor_type)  # as it was
             nbytes += tensor.n_bytes
             continue
-        path, a, b = by_name[tensor.name]
-        dense = base_model.get_submodule(path).weight.detach().float()
-        kind = tensor.name.split(".")[2]
-        if kind in PERMUTED:
-            dense = permute_rows(dense, getattr(base_model.config, PERMUTED[kind]))
-        update = b @ a * (weights.config.lora_alpha / a.shape[0])  # (out, in), GGML row order
-        data, used = _encode((dense + update).numpy(), qtype)
-        kept = torch.from_numpy(gguf.quants.dequantize(data, used).astype(np.float32)).view_as(dense) - dense
-        dot += float((kept * update).sum())
-        true_sq += float((update * update).sum())
-        kept_sq += float((kept * kept).sum())
-        writer.add_tensor(tensor.name, data, raw_dtype=used)
-        nbytes += data.nbytes
+        path, update = by_name[tensor.name]
+        dense = _ggml_rows(tensor.name, base_model.get_submodule(path).weight.detach().float(), base_model.config)
+        nbytes += _add_merged(writer, tensor.name, dense, update, MERGED_TYPES[quant], kept)
+    return _finish(writer, output, len(reader.tensors), nbytes, kept)
+
+
+def export_merged_model(adapter: str | Path, base_model, tokenizer, output: str | Path, *, quant: str = "q8_0",
+                        name: str | None = None) -> Export:
+    """Base + update as one GGUF written from a transformers llama model (a base that has no GGUF of its own):
+    llama.cpp's hyperparameter keys from its config, its byte-level BPE tokenizer (tokens, types, merges, special
+    ids, chat template), every weight under GGUF's name and, for q and k, in GGML's row order. 2-D weights are
+    encoded in `quant` (F16 where a row does not fill whole blocks), norms stay F32; adapted weights are base +
+    update, with the update's retention measured as `export_merged` does."""
+    _check_quant(quant)
+    weights = read_adapter(adapter)
+    config = base_model.config
+    updates = _updates(weights, config)
+    by_path = {path: b @ a * (weights.config.lora_alpha / a.shape[0]) for path, (_, a, b, _) in updates.items()}
+    writer = GGUFWriter(None, "llama")
+    writer.add_file_type(FILE_TYPES[quant])
+    _llama_metadata(writer, config, name or Path(str(getattr(config, "_name_or_path", "") or "model")).name)
+    _tokenizer_metadata(writer, tokenizer, config.vocab_size)
+    names = gguf_names(config, config.num_hidden_layers)
+    kept = _Retention()
+    nbytes = count = 0
+    for key, tensor in base_model.state_dict().items():
+        if key == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
+            continue  # llama.cpp reuses token_embd
+        gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise LoraforgeError(f"{key} of this {config.model_type} model has no GGUF tensor name; it cannot be "
+                                 "exported")
+        dense = _ggml_rows(gguf_name, tensor.detach().float(), config)
+        if dense.dim() == 1:  # norms: F32, as llama.cpp's converter writes them
+            writer.add_tensor(gguf_name, dense.numpy(), raw_dtype=GGMLQuantizationType.F32)
+            nbytes += dense.numel() * 4
+        else:
+            update = by_path.get(key.removesuffix(".weight"))
+            nbytes += _add_merged(writer, gguf_name, dense, update, MERGED_TYPES[quant], kept)
+        count += 1
+    return _finish(writer, output, count, nbytes, kept)
+
+
+def _check_quant(quant: str) -> None:
+    if quant not in MERGED_TYPES:
+        raise LoraforgeError(f"--quant {quant}: choose one of {', '.join(MERGED_TYPES)}")
+
+
+def _ggml_rows(gguf_name: str, weight: torch.Tensor, config) -> torch.Tensor:
+    """`weight` with q/k rows in GGML's order (llama.cpp's converter permutes them); others as they are."""
+    kind = gguf_name.split(".")[2] if gguf_name.startswith("blk.") else ""
+    return permute_rows(weight, getattr(config, PERMUTED[kind])) if kind in PERMUTED else weight
+
+
+class _Retention:
+    """cosine(update the file holds, true update) summed over every adapted weight."""
+
+    def __init__(self) -> None:
+        self.dot = self.true_sq = self.kept_sq = 0.0
+
+    def add(self, kept: torch.Tensor, update: torch.Tensor) -> None:
+        self.dot += float((kept * update).sum())
+        self.true_sq += float((update * update).sum())
+        self.kept_sq += float((kept * kept).sum())
+
+    @property
+    def value(self) -> float | None:
+        return self.dot / max((self.true_sq * self.kept_sq) ** 0.5, 1e-30) if self.true_sq else None
+
+
+def _add_merged(writer: GGUFWriter, name: str, dense: torch.Tensor, update: torch.Tensor | None,
+                qtype: GGMLQuantizationType, kept: _Retention) -> int:
+    """dense (+ update) encoded as `qtype` into `writer`; its bytes. The update kept is measured on the way."""
+    merged = dense if update is None else dense + update
+    data, used = _encode(merged.numpy(), qtype)
+    if update is not None:
+        stored = torch.from_numpy(gguf.quants.dequantize(data, used).astype(np.float32)).view_as(dense)
+        kept.add(stored - dense, update)
+    writer.add_tensor(name, data, raw_dtype=used)
+    return data.nbytes
+
+
+def _finish(writer: GGUFWriter, output: str | Path, tensors: int, nbytes: int, kept: _Retention) -> Export:
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     _write(writer, output)
-    retention = dot / max((true_sq * kept_sq) ** 0.5, 1e-30)
-    return Export(output, len(reader.tensors), nbytes, retention)
+    return Export(output, tensors, nbytes, kept.value)
+
+
+def _llama_metadata(writer: GGUFWriter, config, name: str) -> None:
+    """The hyperparameters llama.cpp reads for `general.architecture = llama`."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
+    scaling = getattr(config, "rope_scaling", None)
+    if rope_type != "default" or (scaling and scaling.get("rope_type", scaling.get("type")) != "default"):
+        raise LoraforgeError(f"this base scales its rotary embedding ({rope_type if rope_type != 'default' else scaling}),"
+                             " which the GGUF export does not write; convert the merged folder (loraforge merge) with "
+                             "llama.cpp's convert_hf_to_gguf.py")
+    theta = rope.get("rope_theta") if isinstance(rope, dict) else None
+    theta = theta or getattr(config, "rope_theta", None) or 10000.0
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_name(name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(float(theta))
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(config.vocab_size)
+
+
+def _tokenizer_metadata(writer: GGUFWriter, tokenizer, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer as llama.cpp reads it (`tokenizer.ggml.model = gpt2`). The pre-tokenizer name tells
+    llama.cpp how to split text before BPE: "smollm" (digits one by one, then GPT-2's regex) or "gpt-2"."""
+    import json  # noqa: PLC0415
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str()) if getattr(tokenizer, "is_fast", False) else None
+    if spec is None or spec["model"]["type"] != "BPE" or not _byte_level(spec.get("pre_tokenizer")):
+        raise LoraforgeError("the GGUF export writes byte-level BPE tokenizers (GPT-2's, SmolLM's, Llama 3's); this "
+                             "base's is another kind. Merge it (loraforge merge) and convert that folder with llama.cpp's "
+                             "convert_hf_to_gguf.py")
+    pre = "smollm" if _splits_digits(spec.get("pre_tokenizer")) else "gpt-2"
+    vocab = tokenizer.get_vocab()
+    special = set(tokenizer.all_special_ids)
+    added = {t.content: t.special for t in tokenizer.added_tokens_decoder.values()}
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for text, i in vocab.items():
+        if i >= vocab_size:
+            raise LoraforgeError(f"token {text!r} has id {i}, beyond the model's vocab_size {vocab_size}")
+        tokens[i] = text
+        types[i] = gguf.TokenType.CONTROL if i in special or added.get(text) else \
+            gguf.TokenType.USER_DEFINED if text in added else gguf.TokenType.NORMAL
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for token, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
+                       ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
+        value = getattr(tokenizer, f"{token}_token_id", None)
+        if value is not None:
+            add(int(value))
+    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _byte_level(pre: dict | None) -> bool:
+    if not pre:
+        return False
+    return pre["type"] == "ByteLevel" or (pre["type"] == "Sequence" and any(_byte_level(p) for p in pre["pretokenizers"]))
+
+
+def _splits_digits(pre: dict | None) -> bool:
+    if not pre:
+        return False
+    if pre["type"] == "Digits":
+        return bool(pre.get("individual_digits"))
+    return pre["type"] == "Sequence" and any(_splits_digits(p) for p in pre["pretokenizers"])
