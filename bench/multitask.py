@@ -125,10 +125,12 @@ def split_dev(task: str, spec: dict, out: Path) -> dict[str, Path]:
 # ---- 3. joint ---------------------------------------------------------------------------------------------------
 def mean_example_tokens(spec: dict, max_length: int) -> float:
     """Mean tokens of one training example (prompt + answer, cut to max_length), over a seeded 300-record sample."""
-    from loraforge.data import load_examples, make_recipe
-    from loraforge.models import load_tokenizer
+    from transformers import AutoTokenizer
 
-    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    from loraforge.data import load_examples, make_recipe
+    from loraforge.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
     examples, _ = load_examples(spec["train"], tokenizer, max_length,
                                 recipe=make_recipe(spec["recipe"], spec["columns"]),
                                 file_format=spec["file_format"], max_examples=300, seed=0)

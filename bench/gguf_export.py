@@ -1,8 +1,8 @@
 """GGUF export, measured in llama.cpp: export time, file size, agreement with loraforge per type, and llama.cpp's
 decode speed with the adapter against without it, beside loraforge's own, in one run.
 
-    python bench/gguf.py               # the recorded run (bench/RESULTS.md, "GGUF export")
-    python bench/gguf.py --steps 5     # a quick look
+    python bench/gguf_export.py               # the recorded run (bench/RESULTS.md, "GGUF export")
+    python bench/gguf_export.py --steps 5     # a quick look
 
 An adapter is trained with the demo's settings (all linear layers, r=16) for `--steps`, then exported as an adapter
 GGUF (f32, f16, q8_0) and as merged files (f16, q8_0, q5_1, q4_1). Each file is run by llama.cpp (llama-cpp-python,
@@ -25,8 +25,6 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
-# This file's name would shadow the gguf package for everything imported after it: take its folder off the path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 
