@@ -284,7 +284,7 @@ def test_merge_refuses_tied_embedding_and_changes_nothing():
     (dict(bias="x"), ["'bias'", "'x'", "lora_only"]),
     (dict(lora_dropout=1.0), ["lora_dropout"]),
     (dict(lora_alpha=0), ["lora_alpha"]),
-    (dict(init_lora_weights="pissa"), ["init_lora_weights", "pissa"]),
+    (dict(init_lora_weights="olora"), ["init_lora_weights", "olora"]),
     (dict(rank_pattern={"q_proj": 0}), ["rank_pattern", "q_proj"]),
     (dict(target_modules="(["), ["target_modules", "regex"]),
     (dict(rank=8), ["unknown", "rank", "lora_alpha"]),

@@ -46,6 +46,9 @@ def data_recipe(recipe: str | None, columns: dict[str, str] | None, metric: str 
     return {"recipe": make_recipe(recipe, columns, metric, instruction), "columns": None}
 
 
+LORA_INITS = ("default", "gaussian", "loftq", "pissa")
+
+
 @dataclass
 class MixSpec:
     """One dataset of a `mix` (joint multi-task training): its file, how its records become examples (each dataset
@@ -194,8 +197,10 @@ class TrainConfig:
                         choices=QUANTIZE_METHODS)
     lora_init: str = opt("default", "how LoRA starts: default (A kaiming-uniform, B zero: the base unchanged), gaussian "
                                     "(A normal(1/r), B zero), or loftq (with quantize nf4/nf4-dq: A and B fit the "
-                                    "quantization error, so base + adapter starts nearer the dense model)",
-                         choices=("default", "gaussian", "loftq"))
+                                    "quantization error, so base + adapter starts nearer the dense model), or pissa "
+                                    "(A and B the base weight's top-r singular part, the frozen base the rest; saved "
+                                    "as an ordinary rank-2r adapter on the original base)",
+                         choices=LORA_INITS)
     on_bad_record: str = opt("error", "what a malformed record does: error (stop) or skip (count and go on)")
     log_every: int = opt(1, "steps between progress-bar updates")
     val_data: str | None = opt(None, "validation file (same format as data)")
@@ -243,8 +248,11 @@ class TrainConfig:
         if self.quantize not in QUANTIZE_METHODS:
             raise LoraforgeError(f"option 'quantize' must be one of {', '.join(QUANTIZE_METHODS)}, got "
                                  f"{self.quantize!r}")
-        if self.lora_init not in ("default", "gaussian", "loftq"):
-            raise LoraforgeError(f"option 'lora_init' must be default, gaussian or loftq, got {self.lora_init!r}")
+        if self.lora_init not in LORA_INITS:
+            raise LoraforgeError(f"option 'lora_init' must be one of {', '.join(LORA_INITS)}, got {self.lora_init!r}")
+        if self.lora_init == "pissa" and self.quantize != "none":
+            raise LoraforgeError("lora_init pissa moves the frozen base to W minus its top-r part, which a packed base "
+                                 "cannot hold: use it with quantize none; for a 4-bit base, lora_init loftq")
         if self.lora_init == "loftq" and (self.quantize not in ("nf4", "nf4-dq") or self.per_user):
             raise LoraforgeError("lora_init loftq fits the NF4 quantization error of a dense base: use it with "
                                  "--quantize nf4 or nf4-dq, and without per_user (each user would move the base)")

@@ -82,6 +82,7 @@ def _updates(weights: AdapterWeights, config) -> dict[str, tuple[str, torch.Tens
     alpha = lora_alpha, the module's scaling)} for every adapted weight, or a refusal that says why."""
     cfg = weights.config
     where = f"adapter {weights.source}"
+    cfg.check_on_original_base(where)
     if cfg.use_dora:
         raise LoraforgeError(f"{where} uses DoRA, which llama.cpp cannot apply as an adapter; merge it instead "
                              "(loraforge export --merged)")

@@ -64,10 +64,11 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 
 def save_adapter(lm: LoraModel, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write the adapter so that `peft.PeftModel.from_pretrained(base, directory)` loads it. `state` is
-    `lm.adapter_state_dict()` when the caller already took it (under FSDP2 every rank must, one writes)."""
+    """Write the adapter so that `peft.PeftModel.from_pretrained(base, directory)` loads it (a PiSSA start as the
+    ordinary adapter it amounts to: `LoraModel.saved_form`). `state` is `lm.adapter_state_dict()` when the caller
+    already took it (under FSDP2 every rank must, one writes)."""
     state = lm.adapter_state_dict() if state is None else state
-    return write_adapter(directory, state, lm.config)
+    return write_adapter(directory, *lm.saved_form(state))
 
 
 def write_adapter(directory: str | Path, tensors: dict[str, torch.Tensor], config: LoraConfig) -> Path:

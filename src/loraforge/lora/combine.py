@@ -212,6 +212,7 @@ def _parse(weights: AdapterWeights) -> _Parsed:
     """The adapter's factors by module path, and the embedding base weights PEFT saves beside them; refuses what
     does not combine (DoRA, biases, saved modules)."""
     config, where = weights.config, f"adapter {weights.source}"
+    config.check_on_original_base(where)
     if config.use_dora:
         raise LoraforgeError(f"{where} is a DoRA adapter (use_dora): its magnitude vector rescales the whole updated "
                              "weight, so DoRA updates do not add and cannot be combined. Combine plain LoRA adapters, "

@@ -65,7 +65,8 @@ class LoraConfig:
     modules_to_save: list[str] | None = None
     """Modules trained in full and saved with the adapter (e.g. a classifier head)."""
     init_lora_weights: bool | str = True
-    """True: A kaiming-uniform, B zero. "gaussian": A normal(std=1/r), B zero. False: both random (testing)."""
+    """True: A kaiming-uniform, B zero. "gaussian": A normal(std=1/r), B zero. "pissa": A and B the top-r singular
+    part of the base weight, which keeps the rest (saved as an ordinary rank-2r adapter). False: both random."""
     rank_pattern: dict[str, int] = field(default_factory=dict)
     """Per-module rank overrides: {regex matched at the end of the module path: r}."""
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -87,9 +88,9 @@ class LoraConfig:
         if self.bias not in BIAS_MODES:
             raise LoraforgeError(f"LoRA field 'bias' must be one of {BIAS_MODES}, got {self.bias!r}")
         init = self.init_lora_weights
-        if not (isinstance(init, bool) or (isinstance(init, str) and init.lower() == "gaussian")):
+        if not (isinstance(init, bool) or (isinstance(init, str) and init.lower() in ("gaussian", "pissa"))):
             raise LoraforgeError(
-                f"LoRA field 'init_lora_weights' must be true, false or \"gaussian\", got {init!r}"
+                f"LoRA field 'init_lora_weights' must be true, false, \"gaussian\" or \"pissa\", got {init!r}"
             )
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise LoraforgeError(f"LoRA field 'task_type' must be one of {TASK_TYPES}, got {self.task_type!r}")
@@ -105,6 +106,15 @@ class LoraConfig:
         for pattern, rank in self.rank_pattern.items():
             if not isinstance(rank, int) or rank <= 0:
                 raise LoraforgeError(f"rank_pattern[{pattern!r}] must be a positive integer, got {rank!r}")
+
+    def check_on_original_base(self, where: str) -> None:
+        """Refuse an adapter whose layers only make sense on a moved base: a PiSSA adapter saved as trained (PEFT's
+        save_pretrained without the weight conversion) adds to W minus its start, not to W."""
+        if str(self.init_lora_weights).lower() == "pissa":
+            raise LoraforgeError(f"{where} is a PiSSA adapter saved as trained: it applies to the base minus its "
+                                 "PiSSA start, not to the base itself. Save it converted (loraforge does; in PEFT: "
+                                 "save_pretrained(..., path_initial_model_for_weight_conversion=...)), or load it "
+                                 "with loraforge.lora.load_adapter, which re-derives that base")
 
     def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
         """The (r, lora_alpha) of one module: its rank_pattern/alpha_pattern entry, else the global values."""

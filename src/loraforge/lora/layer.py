@@ -118,7 +118,11 @@ class LoraLinear(_LoraBase):
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(in_features, r, bias=False)   # (r, in)
         self.lora_B = nn.Linear(r, out_features, bias=False)  # (out, r)
-        _init_a_b(self.lora_A.weight, self.lora_B.weight, r, init_lora_weights)
+        self.pissa_start: tuple[torch.Tensor, torch.Tensor] | None = None  # (A0, B0) of a PiSSA start
+        if init_lora_weights == PISSA:
+            self._pissa_init()
+        else:
+            _init_a_b(self.lora_A.weight, self.lora_B.weight, r, init_lora_weights)
         if use_dora:
             # The magnitude starts as the row norms of W + ΔW, so DoRA starts equal to the base (ΔW = 0 at init).
             with torch.no_grad():
@@ -128,6 +132,30 @@ class LoraLinear(_LoraBase):
 
     def _weight_rows(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.T if self.fan_in_fan_out else weight
+
+    @torch.no_grad()
+    def _pissa_init(self) -> None:
+        """PiSSA (Meng et al. 2024), PEFT's `init_lora_weights="pissa"`: with W = U S Vᵀ, A and B start as the top-r
+        singular directions, B = U_r sqrt(S_r/s), A = sqrt(S_r/s) V_rᵀ (so s·B A is W's best rank-r part), and the
+        frozen base keeps the rest, W − s·B A: the layer computes exactly W at step 0, and training moves the
+        principal part instead of a zero start. A0 and B0 are kept (`pissa_start`) so the trained adapter can be
+        saved as an ordinary one on the original W (`LoraModel.saved_form`)."""
+        base = self.base_layer
+        if isinstance(base, QuantLinear):
+            raise LoraforgeError("init_lora_weights pissa moves the frozen base to W minus its top-r part, which a "
+                                 "packed (4-bit) base cannot hold; with quantize, use lora_init loftq")
+        if self.use_dora:
+            raise LoraforgeError("init_lora_weights pissa does not go with DoRA (use_dora): choose one")
+        dtype = base.weight.dtype
+        weight = self._weight_rows(base.weight.float())  # (out, in)
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        sr = s[:self.r] / self.scaling
+        a = torch.diag(torch.sqrt(sr)) @ vh[:self.r]  # (r, in)
+        b = u[:, :self.r] @ torch.diag(torch.sqrt(sr))  # (out, r)
+        self.lora_A.weight.copy_(a)
+        self.lora_B.weight.copy_(b)
+        base.weight.data = self._weight_rows(weight - self.scaling * b @ a).to(dtype).contiguous()
+        self.pissa_start = (a.clone(), b.clone())
 
     def delta_weight(self) -> torch.Tensor:
         delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling  # (out, in)
@@ -226,6 +254,9 @@ class LoraEmbedding(_LoraBase):
         # PEFT applies no dropout to embedding LoRA; the field is accepted and has no effect, as there.
         self.lora_embedding_A = nn.Parameter(torch.empty(r, num))
         self.lora_embedding_B = nn.Parameter(torch.empty(dim, r))
+        if init_lora_weights == PISSA:
+            raise LoraforgeError("init_lora_weights pissa starts Linear and Conv1D layers; an embedding target takes "
+                                 "the default start (leave it out of target_modules, or use init true)")
         if init_lora_weights is False:
             nn.init.normal_(self.lora_embedding_A)
             nn.init.normal_(self.lora_embedding_B)
@@ -265,6 +296,10 @@ class LoraEmbedding(_LoraBase):
         weight_norm = torch.linalg.norm(self.base_layer.weight.T + self.scaling * lora_weight.detach(), dim=1)
         mag_norm_scale = self.lora_magnitude_vector / weight_norm.detach()  # (dim,)
         return (mag_norm_scale * result + mag_norm_scale * update * scale).to(result.dtype)
+
+
+PISSA = "pissa"
+"""`init_lora_weights` value of a PiSSA start (`LoraLinear._pissa_init`)."""
 
 
 def _init_a_b(a: torch.Tensor, b: torch.Tensor, r: int, init: bool | str) -> None:

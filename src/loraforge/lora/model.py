@@ -123,6 +123,29 @@ class LoraModel:
         """The adapter as PEFT saves it: `base_model.model.<path>.lora_A.weight` and so on."""
         return {PEFT_PREFIX + k: whole(p).detach() for k, p in self.adapter_parameters().items()}
 
+    def saved_form(self, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], LoraConfig]:
+        """The tensors and config an adapter file holds for `state` (`adapter_state_dict()`): as they are, or, for
+        a PiSSA start, an ordinary adapter on the original base, as PEFT's `save_pretrained(...,
+        path_initial_model_for_weight_conversion=...)` writes it: the trained layer is W − s·B0A0 + s·B A =
+        W + s·(B A − B0 A0) = W + s·[B, −B0] [A; A0], rank 2r at the same scaling (lora_alpha doubled, or ×√2 with
+        rsLoRA, and the patterns likewise). It loads anywhere, PEFT included, with no PiSSA step."""
+        starts = {path: layer.pissa_start for path, layer in self.layers.items()
+                  if getattr(layer, "pissa_start", None) is not None}
+        if not starts:
+            return state, self.config
+        tensors = dict(state)
+        for path, (a0, b0) in starts.items():
+            key_a, key_b = f"{PEFT_PREFIX}{path}.lora_A.weight", f"{PEFT_PREFIX}{path}.lora_B.weight"
+            a, b = tensors[key_a], tensors[key_b]
+            tensors[key_a] = torch.cat([a, a0.to(a.device, a.dtype)], dim=0)  # (2r, in)
+            tensors[key_b] = torch.cat([b, -b0.to(b.device, b.dtype)], dim=1)  # (out, 2r)
+        cfg = self.config
+        grow = 2 ** 0.5 if cfg.use_rslora else 2.0  # s = alpha/r (or alpha/sqrt r) unchanged at rank 2r
+        config = dataclasses.replace(cfg, r=2 * cfg.r, lora_alpha=grow * cfg.lora_alpha, init_lora_weights=True,
+                                     rank_pattern={k: 2 * v for k, v in cfg.rank_pattern.items()},
+                                     alpha_pattern={k: grow * v for k, v in cfg.alpha_pattern.items()})
+        return tensors, config
+
     def report(self) -> ParamReport:
         params = self.adapter_parameters()
         trainable = sum(p.numel() for p in params.values())

@@ -331,6 +331,7 @@ class MultiLoraModel:
     # ---- checks: a file that does not fit this model is refused before anything changes ------------------------
     def _plan(self, weights) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, float]], dict[str, dict]]:
         config, where = weights.config, f"adapter {weights.source} (made for {weights.config.base_model_name_or_path})"
+        config.check_on_original_base(where)
         if config.use_dora:
             raise LoraforgeError(f"{where} is a DoRA adapter: mixed-batch serving supports plain LoRA only. Merge it "
                                  "(loraforge merge) and serve the merged model, or train without use_dora")

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from loraforge.errors import LoraforgeError
 from loraforge.lora import LoraModel, save_adapter
+from loraforge.lora.adapter import write_adapter
 from loraforge.lora.model import whole
 from loraforge.train.distributed import Dist
 from loraforge.lora.adapter import ADAPTER_WEIGHTS
@@ -70,7 +71,7 @@ def save_checkpoint(output: Path, lm: LoraModel, optimizer: torch.optim.Optimize
     if dist.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_adapter(lm, tmp, adapter)
+        write_adapter(tmp, adapter, lm.config)  # as trained (a PiSSA start too): what --resume loads back
         tensors.update(_rng_tensors())
         save_file(tensors, tmp / TENSORS_FILE)
         for r in range(1, dist.world):

@@ -99,7 +99,8 @@ def inject(model: nn.Module, cfg: TrainConfig, task_type: str) -> LoraModel:
     lm = LoraModel(model, LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                      target_modules=cfg.target_modules, task_type=task_type,
                                      base_model_name_or_path=base_record(cfg.model)["path"],
-                                     init_lora_weights="gaussian" if cfg.lora_init == "gaussian" else True))
+                                     init_lora_weights=cfg.lora_init if cfg.lora_init in ("gaussian", "pissa")
+                                     else True))
     if cfg.lora_init == "loftq":
         apply_loftq(lm, cfg.quantize)
         if body_linears(model):
