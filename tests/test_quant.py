@@ -309,10 +309,62 @@ def test_loftq_starts_nearer_the_dense_weight_in_every_layer():
     assert fits[0] > fits[1] > fits[2]  # measured 0.95, 0.91, 0.87 on a random (576, 576)
 
 
+@pytest.fixture(scope="module")
+def loftq_runs(llama_dir, data_file, tmp_path_factory):
+    """The tiny Llama trained 2 steps from a LoftQ start on NF4, with 3 alternations (the base moves) and with 1."""
+    from loraforge.config import TrainConfig
+    from loraforge.train import train
+
+    root = tmp_path_factory.mktemp("loftq")
+    runs = {}
+    for iters in (3, 1):
+        cfg = TrainConfig(model=str(llama_dir), data=str(data_file), output=str(root / f"t{iters}"), max_steps=2,
+                          batch_size=2, max_length=32, r=4, lora_alpha=8, quantize="nf4", lora_init="loftq",
+                          loftq_iter=iters, target_modules="all-linear", lr=1e-2)
+        result = train(cfg, progress=False)
+        ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
+        with torch.no_grad():
+            runs[iters] = (root / f"t{iters}", ids, result.lora.model(ids).logits)
+    return runs
+
+
+def test_loftq_moved_base_is_saved_and_every_load_puts_it_back(loftq_runs, llama_dir, tmp_path, capsys):
+    """loftq_iter 3: Q_T is saved beside the adapter, and a session (and merge) on it gives the trained model's
+    logits; loftq_iter 1 moves nothing and saves nothing. A moved base is every row's, so such an adapter is served
+    alone."""
+    from loraforge.cli import main
+    from loraforge.errors import LoraforgeError
+    from loraforge.infer import InferenceSession
+    from loraforge.models import load_model
+    from loraforge.quant.loftq import MOVED_BASE
+
+    moved, ids, trained = loftq_runs[3]
+    assert (moved / MOVED_BASE).is_file() and not (loftq_runs[1][0] / MOVED_BASE).exists()
+    for iters in (3, 1):
+        folder, _, logits = loftq_runs[iters]
+        session = InferenceSession.open(str(llama_dir), {"a": folder})
+        with session.use("a") as model, torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, logits, atol=1e-5, rtol=0)
+    with pytest.raises(LoraforgeError, match="serve it alone"):
+        InferenceSession.open(str(llama_dir), {"a": moved, "b": loftq_runs[1][0]})
+    session = InferenceSession.open(str(llama_dir), {"b": loftq_runs[1][0]})
+    with pytest.raises(LoraforgeError, match="base of its own"):
+        session.add_adapter("a", moved)
+    assert main(["merge", "--adapter", str(moved), "--output", str(tmp_path / "merged")]) == 0
+    merged, _ = load_model(str(tmp_path / "merged"))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, trained, atol=1e-4, rtol=0)
+    assert main(["export", "--adapter", str(moved), "--merged", "--output", str(tmp_path / "m.gguf")]) == 2
+    assert "LoftQ base of its own" in capsys.readouterr().err
+
+
 def test_loftq_needs_an_nf4_base():
     from loraforge.config import TrainConfig
     from loraforge.errors import LoraforgeError
 
-    for bad in (dict(quantize="none"), dict(quantize="gguf"), dict(quantize="nf4", per_user="user")):
+    for bad in (dict(quantize="none"), dict(quantize="gguf"), dict(quantize="nf4", per_user="user"),
+                dict(quantize="nf4", loftq_iter=6), dict(quantize="nf4", loftq_iter=0)):
         with pytest.raises(LoraforgeError, match="loftq"):
             TrainConfig(model="m", data="d", output="o", lora_init="loftq", **bad)
+    with pytest.raises(LoraforgeError, match="needs lora_init loftq"):
+        TrainConfig(model="m", data="d", output="o", quantize="nf4", loftq_iter=2)

@@ -247,12 +247,14 @@ def _cmd_merge(args: MergeOptions) -> int:
     from loraforge.lora import load_adapter
     from loraforge.lora.adapter import follow_umask
     from loraforge.models import adapter_base, load_model, saved_dtype
+    from loraforge.quant.loftq import apply_moved_base
     from loraforge.quant.model import dequantize_model
 
     adapter = _one(args.adapter, "--adapter", "merge folds one adapter into its base (run merge once per adapter)")
     model_name = args.model or adapter_base(adapter) or DEFAULT_MODEL
     quantize = adapter_quantize([adapter])  # merge onto the base it was trained on: the dequantized packed one
     model, tokenizer = load_model(model_name, quantize=quantize)
+    apply_moved_base(model, adapter)  # LoftQ with loftq_iter > 1 trained on a base of its own
     merged = load_adapter(model, adapter).merge_and_unload()
     if dequantize_model(merged):  # the layers the adapter did not touch, dense too: a plain model folder
         print(f"the adapter was trained on a {quantize} base: merged onto its dequantized weights (not re-quantized)")

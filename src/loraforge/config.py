@@ -201,6 +201,8 @@ class TrainConfig:
                                     "(A and B the base weight's top-r singular part, the frozen base the rest; saved "
                                     "as an ordinary rank-2r adapter on the original base)",
                          choices=LORA_INITS)
+    loftq_iter: int = opt(1, "lora_init loftq: alternations of quantize and SVD (1-5); above 1 the packed base itself "
+                             "moves, and is saved beside the adapter (loftq_base.safetensors) for every later load")
     on_bad_record: str = opt("error", "what a malformed record does: error (stop) or skip (count and go on)")
     log_every: int = opt(1, "steps between progress-bar updates")
     val_data: str | None = opt(None, "validation file (same format as data)")
@@ -250,6 +252,10 @@ class TrainConfig:
                                  f"{self.quantize!r}")
         if self.lora_init not in LORA_INITS:
             raise LoraforgeError(f"option 'lora_init' must be one of {', '.join(LORA_INITS)}, got {self.lora_init!r}")
+        if isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, int) or not 1 <= self.loftq_iter <= 5:
+            raise LoraforgeError(f"option 'loftq_iter' must be a whole number from 1 to 5, got {self.loftq_iter!r}")
+        if self.loftq_iter > 1 and self.lora_init != "loftq":
+            raise LoraforgeError("option 'loftq_iter' counts LoftQ's alternations: it needs lora_init loftq")
         if self.lora_init == "pissa" and self.quantize != "none":
             raise LoraforgeError("lora_init pissa moves the frozen base to W minus its top-r part, which a packed base "
                                  "cannot hold: use it with quantize none; for a 4-bit base, lora_init loftq")

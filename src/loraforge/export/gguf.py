@@ -83,6 +83,12 @@ def _updates(weights: AdapterWeights, config) -> dict[str, tuple[str, torch.Tens
     cfg = weights.config
     where = f"adapter {weights.source}"
     cfg.check_on_original_base(where)
+    from loraforge.quant.loftq import has_moved_base  # noqa: PLC0415
+
+    if has_moved_base(weights.source):
+        raise LoraforgeError(f"{where} was trained on a LoftQ base of its own (loftq_base.safetensors), which no GGUF "
+                             "base file holds: merge it (loraforge merge) and convert the merged folder with llama.cpp's "
+                             "convert_hf_to_gguf.py")
     if cfg.use_dora:
         raise LoraforgeError(f"{where} uses DoRA, which llama.cpp cannot apply as an adapter; merge it instead "
                              "(loraforge export --merged)")

@@ -26,6 +26,7 @@ from loraforge.data.encode import LABELS_FILE, PEFT_TASK_TYPES, HeadSpec
 from loraforge.errors import LoraforgeError
 from loraforge.lora.adapter import AdapterWeights, read_adapter
 from loraforge.lora.multi import MultiLoraModel
+from loraforge.quant.loftq import MOVED_BASE, apply_moved_base, has_moved_base
 from loraforge.models import (adapter_base, architecture_kind, load_encoder_with_head, load_model, require_encoder,
                               resolve_model)
 
@@ -72,6 +73,7 @@ class InferenceSession:
         self.head = head
         self.lora = MultiLoraModel(self.model, self.device, wrap_all=kind == "causal-lm")
         self.adapters: dict[str, AdapterInfo] = {}
+        self.moved_base: str | None = None  # the adapter whose LoftQ base this session's base is (`open`)
 
     @classmethod
     def open(cls, model: str | None = None, adapters: Mapping[str, str | Path] | Sequence[str | Path] = (), *,
@@ -107,7 +109,14 @@ class InferenceSession:
                                      "--task seq-cls|token-cls (it has labels.json), or a decoder model")
             base_model, tokenizer = load_model(model, dtype=resolve_dtype(dtype, resolve_device(device)),
                                                quantize=quantize)
+            moved = [folder for folder in named.values() if has_moved_base(folder)]
+            if moved and len(named) > 1:
+                raise LoraforgeError(f"adapter {moved[0]} was trained with LoftQ on a base of its own "
+                                     f"({MOVED_BASE}), which would be every row's base: serve it alone")
+            if moved:
+                apply_moved_base(base_model, moved[0])
             session = cls(base_model, tokenizer, base=model, device=device)
+            session.moved_base = str(Path(moved[0]).resolve()) if moved else None
         for name, folder in named.items():
             session.add_adapter(name, folder)
         return session
@@ -118,6 +127,10 @@ class InferenceSession:
         A file that does not fit the base is refused before anything changes."""
         weights = source if isinstance(source, AdapterWeights) else read_adapter(source)
         folder = Path(weights.source)
+        if has_moved_base(folder) and str(folder.resolve()) != self.moved_base:
+            raise LoraforgeError(f"adapter {folder} was trained with LoftQ on a base of its own ({MOVED_BASE}); it runs "
+                                 "only in a session opened for it alone (loraforge generate/eval --adapter "
+                                 f"{folder}), not beside other adapters")
         head = HeadSpec.load(folder) if (folder / LABELS_FILE).is_file() else None
         if (head is None) != (self.head is None) or (head and self.head and head.labels != self.head.labels):
             raise LoraforgeError(f"adapter {weights.source} does not fit this session: "

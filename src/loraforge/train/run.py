@@ -26,7 +26,7 @@ from loraforge.errors import LoraforgeError
 from loraforge.lora import LoraConfig, LoraModel, save_adapter
 from loraforge.lora.adapter import ADAPTER_WEIGHTS, atomic_write
 from loraforge.models import BASE_FILE, base_record
-from loraforge.quant.loftq import apply_loftq
+from loraforge.quant.loftq import apply_loftq, save_moved_base
 from loraforge.quant.model import body_linears, quantize_model
 from loraforge.train import checkpoint as ckpt
 from loraforge.train.distributed import Dist
@@ -102,7 +102,7 @@ def inject(model: nn.Module, cfg: TrainConfig, task_type: str) -> LoraModel:
                                      init_lora_weights=cfg.lora_init if cfg.lora_init in ("gaussian", "pissa")
                                      else True))
     if cfg.lora_init == "loftq":
-        apply_loftq(lm, cfg.quantize)
+        apply_loftq(lm, cfg.quantize, cfg.loftq_iter)
         if body_linears(model):
             quantize_model(model, cfg.quantize)
     return lm
@@ -216,6 +216,8 @@ def finish_run(run: Run, stats, **extra) -> dict:
     adapter = run.lm.adapter_state_dict()  # every rank (FSDP2 gathers the LoRA weights only), rank 0 writes
     if run.dist.main and not (state.best_step is not None and best.is_dir()):
         save_adapter(run.lm, output, adapter)
+    if run.dist.main and cfg.lora_init == "loftq" and cfg.loftq_iter > 1:  # the base moved: keep it with the adapter
+        save_moved_base(run.lm, output, cfg.quantize, cfg.loftq_iter)
     if run.dist.main:
         if state.best_step is not None and best.is_dir():
             for name in ("adapter_model.safetensors", "adapter_config.json"):
