@@ -256,17 +256,23 @@ def record(work: Path, args: argparse.Namespace, budget: dict, selection: dict, 
     table = report.split("<!-- table -->", 2)[1] if "<!-- table -->" in report else report
     chosen = ", ".join(f"{m} w={c['weight']}" for m, c in selection["chosen"].items())
     goals = goal_lines(json.loads((work / "report" / "multitask.json").read_text(encoding="utf-8")))
+    router = json.loads((work / "router" / "router.json").read_text(encoding="utf-8"))
     lines = [
         f"Written by `python bench/multitask.py{' --steps ' + str(args.steps) if args.steps else ''}` on "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.uname().machine}, {os.cpu_count()} cores; "
         "dev splits only (a validation part for the weights, a report part for the table).",
         "",
-        "Training budget (real tokens): " + ", ".join(
-            f"{t} {b['train_tokens']:,} in {b['steps']} steps" for t, b in budget.get("single", {}).items())
-        + (f"; joint {budget['joint']['train_tokens']:,} in {budget['joint']['steps']} steps"
-           if "joint" in budget else "") + ".",
+        "Training (real tokens, steps, minutes of steps): " + ", ".join(
+            f"{t} {b['train_tokens']:,} in {b['steps']} steps, {b['train_seconds'] / 60:.1f} min"
+            for t, b in budget.get("single", {}).items())
+        + (f"; joint {budget['joint']['train_tokens']:,} in {budget['joint']['steps']} steps, "
+           f"{budget['joint']['train_seconds'] / 60:.1f} min" if "joint" in budget else "")
+        + " (the runs shared the CPU with other jobs at times: minutes are not a speed measurement).",
         f"Combination weights chosen on validation loss: {chosen}.",
-        "Stage times (min): " + ", ".join(f"{k} {v / 60:.1f}" for k, v in seconds.items()) + ".",
+        f"Router: layer {router['layer']}, first {router['max_length']} prompt tokens; held-out accuracy "
+        f"{router['accuracy']:.4f} on {sum(c['val'] for c in router['counts'].values())} training prompts.",
+        "Stage times of this invocation (min; a stage already done is skipped): "
+        + ", ".join(f"{k} {v / 60:.1f}" for k, v in seconds.items()) + ".",
         "",
         table.strip(),
         "",
