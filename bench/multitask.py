@@ -49,6 +49,8 @@ DENSITY = 0.5
 SVD_RANK = 32
 """`svd` keeps half of `cat`'s rank 64; the pruning methods are factored back at rank 64 (all of it)."""
 PRUNED_RANK = 64
+VAL_RECORDS = 32
+"""Validation records per task that a combination weight is chosen on (their answers' loss)."""
 ROUTER_LAYER, ROUTER_TOKENS = 4, 128
 """The router reads decoder layer 4 of 30 over a prompt's first 128 tokens: its forward is ~1/7 of a prefill of
 those tokens, and the four tasks' prompts differ from their first words."""
@@ -183,6 +185,7 @@ def choose_combinations(work: Path, data: dict[str, dict[str, Path]]) -> dict:
         examples, _ = load_examples(data[task]["val"], session.tokenizer, 1024,
                                     recipe=make_recipe(spec["recipe"], spec["columns"]),
                                     file_format=spec["file_format"])
+        examples = examples[:VAL_RECORDS]  # E2E's 32 MRs are ~290 records: the first 32 records suffice for a loss
         batches[task] = [collate(examples[i:i + 8], pad) for i in range(0, len(examples), 8)]
 
     def val_loss(adapter: str | None) -> dict[str, float]:

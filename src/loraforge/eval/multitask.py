@@ -281,9 +281,12 @@ def run_multitask(cfg: EvalConfig) -> MultiTaskResult:
         prompts += [recipes[task.name].encode_prompt(ex.record, session.tokenizer) for ex in examples[task.name]]
         owners += [task.name] * len(examples[task.name])
     budget = {t.name: SamplingParams(max_new_tokens=t.max_new_tokens) for t in spec.tasks}
+    # Run order: the single and routed rows last and back to back, so their throughputs (what routing costs) are
+    # measured under the same conditions; the table shows base, single, the models, routed.
     plan: list[tuple[str, str | None, list[str | None] | None]] = [
-        (BASE, None, [None] * len(prompts)), (SINGLE, None, list(owners)),
-        *((name, folder, [name] * len(prompts)) for name, folder in spec.models.items())]
+        (BASE, None, [None] * len(prompts)),
+        *((name, folder, [name] * len(prompts)) for name, folder in spec.models.items()),
+        (SINGLE, None, list(owners))]
     if router is not None:
         plan.append((ROUTED, spec.router, None))
     primary = {t.name: _primary(recipes[t.name]) for t in spec.tasks}
@@ -317,6 +320,8 @@ def run_multitask(cfg: EvalConfig) -> MultiTaskResult:
             if name == ROUTED:
                 row.routed_right[task.name] = sum(c == task.name for c in chosen) / n
         result.rows.append(row)
+    shown = [BASE, SINGLE, *spec.models, ROUTED]
+    result.rows.sort(key=lambda r: shown.index(r.name))
     for task in spec.tasks:  # each task's ordinary report, in its own folder
         task_cfg = dataclasses.replace(cfg, tasks=None, data=task.data, recipe=task.recipe, columns=task.columns,
                                        metric=task.metric, instruction=task.instruction, file_format=task.file_format,
