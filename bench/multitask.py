@@ -59,16 +59,16 @@ STAGES = ("data", "single", "joint", "router", "combine", "eval")
 TASKS = {
     "sentiment": {"config": "examples/sst2.yaml", "recipe": "sst2", "columns": {"text": "sentence"},
                   "train": SHARED / "sst2/train.tsv", "dev": SHARED / "sst2/dev.tsv", "file_format": None,
-                  "val": 64, "report": 200, "max_new_tokens": 8},
+                  "val": 64, "report": 100, "max_new_tokens": 8},
     "ner": {"config": "examples/conll2003.yaml", "recipe": "conll2003", "columns": None,
             "train": SHARED / "conll2003/eng.train", "dev": SHARED / "conll2003/eng.testa", "file_format": "conll",
-            "val": 48, "report": 150, "max_new_tokens": 64},
+            "val": 48, "report": 80, "max_new_tokens": 64},
     "summary": {"config": "examples/scitldr.yaml", "recipe": "scitldr", "columns": None,
                 "train": SHARED / "scitldr/train.jsonl", "dev": SHARED / "scitldr/dev.jsonl", "file_format": None,
-                "val": 24, "report": 80, "max_new_tokens": 64},
+                "val": 24, "report": 40, "max_new_tokens": 64},
     "data2text": {"config": "examples/e2e.yaml", "recipe": "e2e", "columns": None,
                   "train": SHARED / "e2e/trainset.csv", "dev": SHARED / "e2e/devset.csv", "file_format": None,
-                  "val": 32, "report": 80, "max_new_tokens": 64},
+                  "val": 32, "report": 40, "max_new_tokens": 64},
 }
 
 
