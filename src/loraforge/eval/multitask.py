@@ -59,9 +59,8 @@ from loraforge.errors import LoraforgeError
 from loraforge.eval.config import EvalConfig
 from loraforge.eval.report import COLORS, _CSS, _data_uri, _md_table, _pyplot
 from loraforge.eval.results import EvalExample, EvalResult, ModelResult
-from loraforge.eval.run import load_eval_examples, write_outputs
+from loraforge.eval.run import load_eval_examples, score_outputs, write_outputs
 from loraforge.infer.engine import Engine, Request, SamplingParams
-from loraforge.infer.predict import score_recipe
 from loraforge.infer.session import InferenceSession
 
 log = logging.getLogger("loraforge")
@@ -264,12 +263,9 @@ def run_multitask(cfg: EvalConfig) -> MultiTaskResult:
         examples[task.name] = load_eval_examples(task.data, recipes[task.name], task.file_format, task.max_examples)
     base = spec.model or adapter_base(spec.tasks[0].adapter) or DEFAULT_MODEL
     adapters = [t.adapter for t in spec.tasks] + list(spec.models.values())
-    session = InferenceSession.open(base, dtype=cfg.dtype, device=cfg.device,
+    session = InferenceSession.open(base, {**{t.name: t.adapter for t in spec.tasks}, **spec.models},
+                                    dtype=cfg.dtype, device=cfg.device,
                                     quantize=cfg.quantize or adapter_quantize(adapters))
-    for task in spec.tasks:
-        session.add_adapter(task.name, task.adapter)
-    for name, folder in spec.models.items():
-        session.add_adapter(name, folder)
     router = None
     if spec.router:
         router = Router.load(spec.router)
@@ -343,16 +339,10 @@ def _primary(recipe: Recipe) -> str:
 
 def _score_task(task: TaskSpec, recipe: Recipe, examples: list[EvalExample], new_ids: list[list[int]], tokenizer,
                 row: str, adapter: str | None, base: str, seconds: float) -> ModelResult:
-    texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new_ids]
-    parsed = [recipe.parse_prediction(text, ex.record) for text, ex in zip(texts, examples)]
-    metrics = score_recipe(recipe, parsed, [ex.references for ex in examples])
-    rows = []
-    for i, (ex, text, p) in enumerate(zip(examples, texts, parsed)):
-        entry = {"model": row, "example": i, "where": ex.record.where, "input": recipe.prompt(ex.record)[1],
-                 "references": ex.references, "output": text, "parsed": p}
-        if isinstance(recipe, Ner):
-            entry["parses"] = entities_parse(text, recipe.sentence(ex.record)[0], list(recipe.types))
-        rows.append(entry)
+    metrics, rows = score_outputs(row, recipe, examples, new_ids, tokenizer)
+    if isinstance(recipe, Ner):
+        for entry, ex in zip(rows, examples):
+            entry["parses"] = entities_parse(entry["output"], recipe.sentence(ex.record)[0], list(recipe.types))
     return ModelResult(name=row, base=base, adapter=adapter, few_shot=0, metrics=metrics, n=len(examples),
                        seconds=seconds, tokens=sum(len(ids) for ids in new_ids), rows=rows)
 

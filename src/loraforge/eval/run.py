@@ -166,15 +166,26 @@ def _evaluate_generation(spec: ModelSpec, session: InferenceSession, recipe: Rec
     else:
         new_ids = generate_batch(session, prompts, options, spec.name if spec.adapter else None)
     seconds = time.perf_counter() - start
+    metrics, rows = score_outputs(spec.name, recipe, examples, new_ids, tokenizer)
+    for row, prompt, probs in zip(rows, prompts, probabilities):
+        row["prompt_tokens"] = len(prompt)
+        if probs:
+            row["probabilities"] = probs
+    return ModelResult(name=spec.name, base=spec.base, adapter=spec.adapter, few_shot=spec.few_shot, metrics=metrics,
+                       n=len(examples), seconds=seconds, tokens=sum(len(ids) for ids in new_ids), rows=rows)
+
+
+def score_outputs(model: str, recipe: Recipe, examples: list[EvalExample], new_ids: list[list[int]], tokenizer
+                  ) -> tuple[dict[str, float], list[dict]]:
+    """The recipe's metrics over generated `new_ids` (one list per example) and one predictions.jsonl row each:
+    the text, what the recipe parsed from it, the input and the references."""
     texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new_ids]
     parsed = [recipe.parse_prediction(text, ex.record) for text, ex in zip(texts, examples)]
     metrics = score_recipe(recipe, parsed, [ex.references for ex in examples])
-    rows = [{"model": spec.name, "example": i, "where": ex.record.where, "input": recipe.prompt(ex.record)[1],
-             "references": ex.references, "output": text, "parsed": p, "prompt_tokens": len(prompt)}
-            | ({"probabilities": probs} if probs else {})
-            for i, (ex, text, p, prompt, probs) in enumerate(zip(examples, texts, parsed, prompts, probabilities))]
-    return ModelResult(name=spec.name, base=spec.base, adapter=spec.adapter, few_shot=spec.few_shot, metrics=metrics,
-                       n=len(examples), seconds=seconds, tokens=sum(len(ids) for ids in new_ids), rows=rows)
+    rows = [{"model": model, "example": i, "where": ex.record.where, "input": recipe.prompt(ex.record)[1],
+             "references": ex.references, "output": text, "parsed": p}
+            for i, (ex, text, p) in enumerate(zip(examples, texts, parsed))]
+    return metrics, rows
 
 
 @torch.no_grad()
