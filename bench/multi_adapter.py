@@ -13,8 +13,8 @@ Rows printed:
    on one adapter (what reading one adapter instead of eight costs), PEFT `adapter_names`
    (its mixed-batch path), transformers `generate` on the plain base; the ratios the issue asks for; the share of
    the measured fp32 and bf16 matmul peaks that the mixed batch's FLOPs reach;
-2. the decode kernels measured for the multi-adapter layer (stacked masked matmuls: the default; per-adapter
-   grouped matmuls; gather + bmm), each on the same mixed batch;
+2. the decode kernels measured for the multi-adapter layer (the C++ SGMV kernel: the default; the stacked masked
+   matmuls it falls back to without a compiler; per-adapter grouped matmuls; gather + bmm), each on the same mixed batch;
 3. cold load: an r=16 all-linear adapter read from disk into the live model (`AdapterStore.ensure` after eviction),
    median and p90 over `--loads` loads;
 4. 1,000 adapters registered in a store with a 64-resident cap, each used once in turn, in a child process: its
@@ -228,7 +228,15 @@ def main() -> None:
     t_mixed, mixed_out = best_of(args.repeats, lambda: ours(session, ids, names, new))
     t_base, _ = best_of(args.repeats, lambda: ours(session, ids, [None] * ROWS, new))
     t_one, _ = best_of(args.repeats, lambda: ours(session, ids, ["user0"] * ROWS, new))
-    kernels = {"stacked (default)": (t_mixed, True)}
+    kernels = {"sgmv: each row on its own adapter, C++ (default)": (t_mixed, True)}
+    os.environ["LORAFORGE_KERNELS"] = "0"  # the fallback where the kernel cannot be built
+    session.lora.routing.set(None)  # the layers rebuild their stacks for the next mix
+    try:
+        t, out = best_of(args.repeats, lambda: ours(session, ids, names, new))
+        kernels["stacked + row mask (the fallback without a compiler)"] = (t, out == mixed_out)
+    finally:
+        os.environ.pop("LORAFORGE_KERNELS")
+        session.lora.routing.set(None)
     global DEFAULT_FORWARD_T
     DEFAULT_FORWARD_T = default = MultiLoraLinear.forward_t
     for label, forward_t in (("grouped per adapter", grouped_decode), ("gather + bmm", gather_decode)):

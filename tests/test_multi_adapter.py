@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from fixtures.tiny_models import tiny_tokenizer
 from helpers import session_of, tiny_gpt2, tiny_llama, token_ids
 from loraforge.errors import LoraforgeError
-from loraforge.lora import LoraConfig, LoraModel, load_adapter, save_adapter
+from loraforge.lora import LoraConfig, LoraModel, load_adapter, save_adapter, sgmv
 from loraforge.lora.adapter import read_adapter
 from loraforge.lora.multi import MultiLoraModel
 from tolerances import FP32, max_abs_diff
@@ -58,9 +58,11 @@ def _served(builder, folders, wrap_all: bool = False) -> MultiLoraModel:
     return multi
 
 
-@pytest.mark.parametrize("length", [7, 1])  # prefill (a grouped matmul per adapter) and decode (the stacked kernel)
+@pytest.mark.parametrize("length", [7, 1])  # prefill (a grouped matmul per adapter) and decode (the mixed kernel)
 @pytest.mark.parametrize("few_rows", [False, True])  # x Wᵀ, or the engine's W xᵀ kernel for a few rows
-def test_each_row_equals_its_adapter_alone(adapters, length, few_rows):
+@pytest.mark.parametrize("kernel", ["sgmv", "masked"])  # the C++ kernel, or the fallback where it cannot be built
+def test_each_row_equals_its_adapter_alone(adapters, length, few_rows, kernel, monkeypatch):
+    monkeypatch.setenv("LORAFORGE_KERNELS", "1" if kernel == "sgmv" else "0")
     builder, folders = adapters
     multi = _served(builder, folders, wrap_all=few_rows)
     multi.routing.small_batch_kernel = few_rows
@@ -69,6 +71,8 @@ def test_each_row_equals_its_adapter_alone(adapters, length, few_rows):
     multi.route(names)
     with torch.no_grad():
         mixed = multi.model(input_ids=ids).logits  # (6, T, V)
+        if length == 1:
+            assert all(layer._stack[0] == kernel for layer in multi.layers.values() if layer._stack is not None)
         multi.route(None)
         base_same_batch = multi.model(input_ids=ids).logits  # the same layers, no adapter anywhere
     assert max_abs_diff(base_same_batch, _alone(builder, None, ids)) <= FP32
@@ -79,6 +83,39 @@ def test_each_row_equals_its_adapter_alone(adapters, length, few_rows):
             alone = _alone(builder, folders[name], ids[i:i + 1])[0]
             assert max_abs_diff(mixed[i], alone) <= FP32
             assert max_abs_diff(mixed[i], base_same_batch[i]) > 100 * FP32  # the adapter did something
+
+
+def test_sgmv_kernel_against_the_closed_form():
+    """y[:, row] += s·B_k A_k x[:, row] for each row's own adapter k, on strided views (the row-major batch's
+    transposes), groups of 1-3 rows, ranks 2-5 padded with zeros; rows in no group are not touched (bit for bit)."""
+    kernel = sgmv.kernel()
+    assert kernel is not None, "the C++ kernel did not build here (see the warning above): a compiler is required"
+    torch.manual_seed(0)
+    n_in, n_out, N = 37, 133, 9  # 133 outputs: two blocks of 64 and a partial third
+    ranks, scalings = [2, 5, 3], [2.0, 0.7, 1.5]
+    A = [torch.randn(r, n_in) for r in ranks]
+    B = [torch.randn(n_out, r) for r in ranks]
+    groups = [[4], [0, 7, 2], [5, 8]]  # rows 1, 3, 6: the base
+    R = max(ranks)
+    a, bt = torch.zeros(3, R, n_in), torch.zeros(3, R, 3 * sgmv.BLOCK)
+    for g, r in enumerate(ranks):
+        a[g, :r], bt[g, :r, :n_out] = A[g], (B[g] * scalings[g]).T
+    bt = bt.view(3, R, 3, sgmv.BLOCK).permute(2, 0, 1, 3).contiguous()  # (C, G, R, BLOCK)
+    rows = torch.tensor([i for group in groups for i in group])
+    offsets = torch.tensor([0, 1, 4, 6])
+    x = torch.randn(N, n_in)  # row-major: the kernel gets the (in, N) view
+    y = torch.randn(N, n_out)
+    expected = y.clone()
+    for g, group in enumerate(groups):
+        for i in group:
+            expected[i] += scalings[g] * (B[g] @ (A[g] @ x[i]))
+    before = y.clone()
+    kernel.sgmv_(y.T, x.T, a, bt, rows, offsets)
+    assert max_abs_diff(y, expected) <= FP32
+    assert torch.equal(y[[1, 3, 6]], before[[1, 3, 6]])
+    yt, xt = before.T.contiguous(), x.T.contiguous()  # the decode step's transposed, contiguous layout
+    kernel.sgmv_(yt, xt, a, bt, rows, offsets)
+    assert max_abs_diff(yt.T, expected) <= FP32
 
 
 def test_one_adapter_for_the_whole_batch_and_no_adapter(adapters):

@@ -6,17 +6,21 @@ This is the serving layer (STYLE.md: the training layer holds one adapter). Adap
 (`lora.adapter.read_adapter`) and put into numbered *slots*; one `Routing` object, shared by every layer, holds
 each row's slot for the next forward. Kernels, chosen by measurement (bench/RESULTS.md, "multi-adapter kernels"):
 
-- decode (one token per row): the A's of the adapters present in the batch are stacked into one (G·R, in) matrix
-  and the B's into one (out, G·R). Then one matmul gives every row's projection on every present adapter, a 0/1
-  mask keeps each row's own block, and one more matmul adds it: three ops a layer whatever the mix, no Python
-  loop over rows or adapters. The stacks are rebuilt only when the set of adapters in the batch changes.
+- decode (one token per row): each row times its own adapter only, in one call a layer (`lora/csrc/sgmv.cpp`,
+  Punica's SGMV for CPUs, compiled on first use by `lora.sgmv`): every present adapter's A and s·B are read once,
+  whatever number of rows use it. The A's and s·Bᵀ's of the adapters present are stacked into a (G, R, in) and a
+  blocked (C, G, R, 64) tensor, the rows listed adapter by adapter. Where the kernel cannot be built (no C++ compiler), or the
+  weights are not fp32 on a CPU, the fallback stacks them into one (G·R, in) and one (out, G·R) matrix: one matmul
+  gives every row's projection on every present adapter, a 0/1 mask keeps each row's own block, one more matmul adds
+  it (three ops a layer, but G times the FLOPs). Stacks are rebuilt only when the set of adapters in the batch
+  changes. No Python loop over rows or adapters either way.
 - prefill (many tokens per row): one (x A_kᵀ) B_kᵀ per adapter present, on that adapter's rows only, so the
   FLOPs are the adapter's own.
 - a few rows (the engine's decode step, `Routing.small_batch_kernel`): the same sums computed transposed,
   yᵀ = W xᵀ + ..., the faster form on this machine's CPU when the rows are few (`forward_t`).
 
-A base row is multiplied by a zero mask, so it gets exactly +0: its output is what the base computes on the same
-batch, bit for bit, and a batch with no adapter row skips the LoRA branch entirely. The scaling (alpha/r, or
+A base row gets nothing from the kernel, and exactly +0 from the fallback's zero mask: its output is what the base
+computes on the same batch, bit for bit, and a batch with no adapter row skips the LoRA branch entirely. The scaling (alpha/r, or
 alpha/sqrt(r) with rsLoRA, per module with rank/alpha patterns) is applied in the matmul (`alpha=`), or folded into B
 when the adapter's dtype or device differs from the base's. DoRA, embedding targets and bias-training adapters are
 refused with a message; a merged model has no LoRA left to serve.
@@ -29,6 +33,7 @@ import torch
 from torch import nn
 
 from loraforge.errors import LoraforgeError
+from loraforge.lora import sgmv
 from loraforge.lora.layer import Conv1D, linear_features, lora_scaling
 from loraforge.lora.model import CLASSIFIER_HEAD_NAMES
 from loraforge.lora.targets import check_no_lora, replace_module
@@ -95,7 +100,7 @@ class MultiLoraLinear(nn.Module):
         self.lora_b: dict[int, torch.Tensor] = {}  # slot -> B (out, r)
         self.lora_s: dict[int, float] = {}  # slot -> the scaling still to apply (1.0 when folded into B)
         self._stack_key: tuple[int, int] | None = None
-        self._stack: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._stack: tuple | None = None  # `_stacks`, for the batch's mix
         self._version = 0
 
     @property
@@ -138,26 +143,59 @@ class MultiLoraLinear(nn.Module):
             return 0
         return sum(t.numel() * t.element_size() for t in (self.lora_a[slot], self.lora_b[slot]))
 
-    def _stacks(self) -> tuple[torch.Tensor, ...] | None:
-        """(A_cat (G·R, in), B_cat (out, G·R), mask (B, G·R), maskᵀ) for the adapters of this batch that this layer
-        has."""
+    def _stacks(self) -> tuple | None:
+        """For the adapters of this batch that this layer has (G of them, R the largest rank, a smaller one padded
+        with zeros, which add exact zeros): ("sgmv", A (G, R, in), s·Bᵀ in blocks of outputs (C, G, R, 64), rows (n,) grouped
+        by adapter, offsets (G+1,)) for the kernel, or ("masked", A_cat (G·R, in), s·B_cat (out, G·R), mask (B, G·R), maskᵀ)
+        for the fallback. None when no row's adapter is here."""
         key = (self.routing.version, self._version)
         if key != self._stack_key:
-            present = [s for s in self.routing.present if s in self.lora_a]
+            groups = [(s, rows) for s, rows in self.routing.groups if s in self.lora_a]
             self._stack = None
-            if present:
-                rows = self.routing.rows
-                a_cat = torch.cat([self.lora_a[s] for s in present])  # (G·R, in)
-                b_cat = torch.cat([self.lora_b[s] * self.lora_s[s] for s in present], dim=1)  # (out, G·R), scaled
-                mask = torch.zeros(len(rows), a_cat.shape[0], dtype=a_cat.dtype, device=a_cat.device)  # (B, G·R)
-                start = 0
-                for s in present:
-                    r = self.lora_a[s].shape[0]
-                    mask[rows == s, start:start + r] = 1
-                    start += r
-                self._stack = (a_cat, b_cat, mask, mask.T.contiguous())
+            if groups:
+                like = self.lora_a[groups[0][0]]
+                use_kernel = like.dtype == torch.float32 and like.device.type == "cpu" and sgmv.kernel() is not None
+                self._stack = (self._sgmv_stacks if use_kernel else self._masked_stacks)(groups)
             self._stack_key = key
         return self._stack
+
+    def _sgmv_stacks(self, groups: list[tuple[int, torch.Tensor]]) -> tuple:
+        rank, G = max(self.lora_a[s].shape[0] for s, _ in groups), len(groups)
+        blocks = -(-self.out_features // sgmv.BLOCK)
+        a = self.lora_a[groups[0][0]].new_zeros(G, rank, self.in_features)
+        bt = a.new_zeros(G, rank, blocks * sgmv.BLOCK)
+        for g, (s, _) in enumerate(groups):
+            r = self.lora_a[s].shape[0]
+            a[g, :r] = self.lora_a[s]
+            torch.mul(self.lora_b[s].T, self.lora_s[s], out=bt[g, :r, :self.out_features])
+        bt = bt.view(G, rank, blocks, sgmv.BLOCK).permute(2, 0, 1, 3).contiguous()  # (C, G, R, BLOCK): see sgmv.cpp
+        rows = torch.cat([rows for _, rows in groups])
+        offsets = torch.tensor([0, *[len(rows) for _, rows in groups]], device=rows.device).cumsum(0)
+        return "sgmv", a, bt, rows, offsets
+
+    def _masked_stacks(self, groups: list[tuple[int, torch.Tensor]]) -> tuple:
+        rows = self.routing.rows
+        a_cat = torch.cat([self.lora_a[s] for s, _ in groups])  # (G·R, in)
+        b_cat = torch.cat([self.lora_b[s] * self.lora_s[s] for s, _ in groups], dim=1)  # (out, G·R), scaled
+        mask = torch.zeros(len(rows), a_cat.shape[0], dtype=a_cat.dtype, device=a_cat.device)  # (B, G·R)
+        start = 0
+        for s, _ in groups:
+            r = self.lora_a[s].shape[0]
+            mask[rows == s, start:start + r] = 1
+            start += r
+        return "masked", a_cat, b_cat, mask, mask.T.contiguous()
+
+    def _add_mixed_t(self, yt: torch.Tensor, xt: torch.Tensor) -> None:
+        """yt (out, N) += each row's own adapter update on xt (in, N), in place: one token per row, mixed adapters.
+        Strided views work: a row-major batch passes its (out, B) and (in, B) transposes."""
+        stacks = self._stacks()
+        if stacks is None:
+            return
+        if stacks[0] == "sgmv":
+            sgmv.kernel().sgmv_(yt, xt, *stacks[1:])
+        else:
+            _, a_cat, b_cat, _, mask_t = stacks
+            yt.addmm_(b_cat, torch.mm(a_cat, xt).mul_(mask_t))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = self.routing
@@ -170,13 +208,9 @@ class MultiLoraLinear(nn.Module):
             return result + self._delta(routing.uniform, x).to(result.dtype)
         if routing.rows is None or not self.lora_a:
             return result
-        if x.shape[1] == 1:  # decode: the stacked kernel
-            stacks = self._stacks()
-            if stacks is None:
-                return result
-            a_cat, b_cat, mask, _ = stacks
-            h = (x[:, 0].to(a_cat.dtype) @ a_cat.T) * mask  # (B, G·R): each row keeps its own adapter's block
-            return result + (h @ b_cat.T).unsqueeze(1).to(result.dtype)  # (B, 1, out)
+        if x.shape[1] == 1:  # decode: each row's own adapter, on the (out, B) and (in, B) transposed views
+            self._add_mixed_t(result[:, 0].T, x[:, 0].to(self.dtype).T)
+            return result
         return self._add_groups(result, x)  # prefill: each adapter on its own rows
 
     def _forward_few_rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -199,8 +233,8 @@ class MultiLoraLinear(nn.Module):
         return result
 
     def forward_t(self, xt: torch.Tensor, with_lora: bool = True) -> torch.Tensor:
-        """yᵀ = W xᵀ + b (+ s·B A xᵀ for the batch's one adapter, or B_cat (mask ⊙ A_cat xᵀ) for a mixed batch
-        of one token per row): xt (in, N) -> (out, N), N the rows. The decode step keeps activations this way."""
+        """yᵀ = W xᵀ + b (+ s·B A xᵀ for the batch's one adapter, or each row's own adapter by the segmented kernel
+        for a mixed batch of one token per row): xt (in, N) -> (out, N), N the rows. The decode step keeps activations this way."""
         routing = self.routing
         yt = torch.mm(base_weight(self.base_layer, xt.dtype), xt)  # (out, N), a new tensor: the sums below go into it in place
         if with_lora and routing.uniform is not None and routing.uniform in self.lora_a:
@@ -208,10 +242,7 @@ class MultiLoraLinear(nn.Module):
             a, b = self.lora_a[slot], self.lora_b[slot]
             yt.addmm_(b, torch.mm(a, xt.to(a.dtype)), alpha=self.lora_s[slot])
         elif with_lora and routing.rows is not None and self.lora_a:
-            stacks = self._stacks()
-            if stacks is not None:
-                a_cat, b_cat, _, mask_t = stacks
-                yt.addmm_(b_cat, torch.mm(a_cat, xt).mul_(mask_t))  # (out, N)
+            self._add_mixed_t(yt, xt)
         if self.base_layer.bias is not None:
             yt.add_(self.base_layer.bias[:, None])
         return yt

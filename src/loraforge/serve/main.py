@@ -60,6 +60,10 @@ def serve(options) -> int:
     name = o.model or DEFAULT_MODEL
     session = InferenceSession.open(name, dtype=o.dtype, device=o.device, quantize=o.quantize or "none")
     store = AdapterStore(o.adapters, session, max_resident_mb=o.max_resident_mb) if o.adapters else None
+    if store is not None and session.device.type == "cpu":
+        from loraforge.lora import sgmv
+
+        sgmv.kernel()  # build (once per machine, ~30 s) or load the mixed-batch kernel now, not on a first request
     app = create_app(session, store, dataclasses.replace(o, api_key=api_key))
     bound_host, bound_port = sock.getsockname()[:2]
     log.info("serving %s%s on http://%s:%d/v1 (key %s)", name,

@@ -1,0 +1,74 @@
+"""The mixed-batch LoRA kernel (csrc/sgmv.cpp), compiled on first use for this machine's CPU.
+
+`kernel()` returns the compiled module, or None where it cannot be built (no C++ compiler, or
+`LORAFORGE_KERNELS=0`): `lora.multi` then falls back to its stacked-and-masked matmuls, which give the same sums up
+to float rounding at G times the FLOPs (bench/RESULTS.md, "Many adapters on one base"). The build is cached under
+`~/.cache/loraforge/kernels/` (`$LORAFORGE_HOME/kernels`, as the model cache), keyed by the source, torch's version and the CPU's
+instruction set (it is compiled with -march=native), so it costs ~30 s once per machine.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "sgmv.cpp"
+FLAGS = ["-O3", "-march=native", "-fopenmp"]
+BLOCK = 64
+"""Outputs per block of the kernel's s·Bᵀ layout (C, G, R, BLOCK), as sgmv.cpp's W."""
+
+_lock = threading.Lock()
+_built: dict[str, object] = {}
+
+
+def kernel():
+    """The compiled `sgmv_` module, or None (compiled once per process, and once per machine on disk)."""
+    if os.environ.get("LORAFORGE_KERNELS", "1") == "0":
+        return None
+    with _lock:
+        if "sgmv" not in _built:
+            _built["sgmv"] = _build()
+        return _built["sgmv"]
+
+
+def _build():
+    import torch
+    from torch.utils import cpp_extension
+
+    source = SOURCE.read_text()
+    key = hashlib.sha256("\n".join([source, torch.__version__, platform.machine(), _cpu_flags(), *FLAGS])
+                         .encode()).hexdigest()[:16]
+    root = Path(os.environ.get("LORAFORGE_HOME") or "~/.cache/loraforge").expanduser() / "kernels"
+    folder = root / f"sgmv_{key}"
+    path = os.environ.get("PATH", "")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if shutil.which("ninja") is None:  # the `ninja` wheel, in a virtual environment that is not activated
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
+        return cpp_extension.load(name=f"loraforge_sgmv_{key}", sources=[str(SOURCE)], build_directory=str(folder),
+                                  extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # no compiler, no Python headers, no ninja: the stacked kernel serves instead
+        log.warning("mixed-adapter batches use the slower stacked kernel: the C++ kernel could not be built "
+                    "(%s: %s)", type(e).__name__, str(e).strip().splitlines()[-1] if str(e).strip() else "")
+        return None
+    finally:
+        os.environ["PATH"] = path
+
+
+def _cpu_flags() -> str:
+    """The CPU's instruction-set flags (Linux), so a cached -march=native build never runs on another CPU."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
