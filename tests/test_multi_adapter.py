@@ -85,37 +85,47 @@ def test_each_row_equals_its_adapter_alone(adapters, length, few_rows, kernel, m
             assert max_abs_diff(mixed[i], base_same_batch[i]) > 100 * FP32  # the adapter did something
 
 
+def _kernel_layer(n_in: int, n_out: int, ranks: list[int], scalings: list[float], groups: list[list[int]]):
+    """One layer's kernel arguments (a, bt, rows, offsets) and its closed form, for adapters of `ranks`."""
+    A = [torch.randn(r, n_in) for r in ranks]
+    B = [torch.randn(n_out, r) for r in ranks]
+    R, G, C = max(ranks), len(ranks), -(-n_out // sgmv.BLOCK)
+    a, bt = torch.zeros(G, R, n_in), torch.zeros(G, R, C * sgmv.BLOCK)
+    for g, r in enumerate(ranks):
+        a[g, :r], bt[g, :r, :n_out] = A[g], (B[g] * scalings[g]).T
+    bt = bt.view(G, R, C, sgmv.BLOCK).permute(2, 0, 1, 3).contiguous()  # (C, G, R, BLOCK)
+    rows = torch.tensor([i for group in groups for i in group])
+    offsets = torch.tensor([0, *[len(group) for group in groups]]).cumsum(0)
+
+    def closed_form(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # x (N, in), y (N, out) row-major
+        y = y.clone()
+        for g, group in enumerate(groups):
+            for i in group:
+                y[i] += scalings[g] * (B[g] @ (A[g] @ x[i]))
+        return y
+
+    return (a, bt, rows, offsets), closed_form
+
+
 def test_sgmv_kernel_against_the_closed_form():
-    """y[:, row] += s·B_k A_k x[:, row] for each row's own adapter k, on strided views (the row-major batch's
-    transposes), groups of 1-3 rows, ranks 2-5 padded with zeros; rows in no group are not touched (bit for bit)."""
+    """y_l[:, row] += s·B_k A_k x[:, row] for each row's own adapter k and each layer l sharing x, on strided views
+    (the row-major batch's transposes) and the decode step's layout; groups of 1-3 rows, ranks 2-5 padded with
+    zeros, 133 outputs (a partial block); rows in no group are not touched (bit for bit)."""
     kernel = sgmv.kernel()
     assert kernel is not None, "the C++ kernel did not build here (see the warning above): a compiler is required"
     torch.manual_seed(0)
-    n_in, n_out, N = 37, 133, 9  # 133 outputs: two blocks of 64 and a partial third
-    ranks, scalings = [2, 5, 3], [2.0, 0.7, 1.5]
-    A = [torch.randn(r, n_in) for r in ranks]
-    B = [torch.randn(n_out, r) for r in ranks]
-    groups = [[4], [0, 7, 2], [5, 8]]  # rows 1, 3, 6: the base
-    R = max(ranks)
-    a, bt = torch.zeros(3, R, n_in), torch.zeros(3, R, 3 * sgmv.BLOCK)
-    for g, r in enumerate(ranks):
-        a[g, :r], bt[g, :r, :n_out] = A[g], (B[g] * scalings[g]).T
-    bt = bt.view(3, R, 3, sgmv.BLOCK).permute(2, 0, 1, 3).contiguous()  # (C, G, R, BLOCK)
-    rows = torch.tensor([i for group in groups for i in group])
-    offsets = torch.tensor([0, 1, 4, 6])
-    x = torch.randn(N, n_in)  # row-major: the kernel gets the (in, N) view
-    y = torch.randn(N, n_out)
-    expected = y.clone()
-    for g, group in enumerate(groups):
-        for i in group:
-            expected[i] += scalings[g] * (B[g] @ (A[g] @ x[i]))
-    before = y.clone()
-    kernel.sgmv_(y.T, x.T, a, bt, rows, offsets)
-    assert max_abs_diff(y, expected) <= FP32
-    assert torch.equal(y[[1, 3, 6]], before[[1, 3, 6]])
-    yt, xt = before.T.contiguous(), x.T.contiguous()  # the decode step's transposed, contiguous layout
-    kernel.sgmv_(yt, xt, a, bt, rows, offsets)
-    assert max_abs_diff(yt.T, expected) <= FP32
+    n_in, N = 37, 9
+    first, first_form = _kernel_layer(n_in, 133, [2, 5, 3], [2.0, 0.7, 1.5], [[4], [0, 7, 2], [5, 8]])
+    second, second_form = _kernel_layer(n_in, 20, [4], [0.5], [[1, 3, 8]])  # another layer: other adapters, rows
+    x, y1, y2 = 0.2 * torch.randn(N, n_in), torch.randn(N, 133), torch.randn(N, 20)  # updates of order 1
+    want1, want2 = first_form(x, y1), second_form(x, y2)
+    before1 = y1.clone()
+    kernel.sgmv_([y1.T, y2.T], x.T, *[list(pair) for pair in zip(first, second)])
+    assert max_abs_diff(y1, want1) <= FP32 and max_abs_diff(y2, want2) <= FP32
+    assert torch.equal(y1[[1, 3, 6]], before1[[1, 3, 6]])  # the first layer's base rows
+    yt = before1.T.contiguous()  # the decode step's transposed, contiguous layout, one layer
+    kernel.sgmv_([yt], x.T.contiguous(), *[[t] for t in first])
+    assert max_abs_diff(yt.T, want1) <= FP32
 
 
 def test_one_adapter_for_the_whole_batch_and_no_adapter(adapters):

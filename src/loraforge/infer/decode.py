@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraforge.lora.multi import MultiLoraLinear, project_t
+
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 
 
@@ -29,8 +31,10 @@ def supports(model: nn.Module) -> bool:
         and getattr(config, "sliding_window", None) is None
         and config._attn_implementation in ("sdpa", "eager")
         and inner is not None and hasattr(inner, "rotary_emb") and hasattr(model, "lm_head")
-        and all(hasattr(m, "forward_t") for m in (model.lm_head, inner.layers[0].self_attn.q_proj,
-                                                  inner.layers[0].mlp.down_proj))  # served layers (lora.multi)
+        and all(isinstance(getattr(m, name, None), MultiLoraLinear)  # served layers (lora.multi)
+                for m, names in ((model, ["lm_head"]), (inner.layers[0].self_attn, ["q_proj", "k_proj", "v_proj",
+                                 "o_proj"]), (inner.layers[0].mlp, ["gate_proj", "up_proj", "down_proj"]))
+                for name in names)
         and hasattr(inner.norm, "variance_epsilon")
         and getattr(config, "final_logit_softcapping", None) is None
     )
@@ -59,15 +63,15 @@ def decode_step(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, ma
     for i, layer in enumerate(inner.layers[:config.num_hidden_layers]):
         attn, mlp = layer.self_attn, layer.mlp
         ht = _rms_t(layer.input_layernorm, xt)
-        q = _heads(attn.q_proj.forward_t(ht), n_heads, B)  # (B, nh, 1, hd)
-        k = _heads(attn.k_proj.forward_t(ht), n_kv, B)  # (B, nkv, 1, hd)
-        v = _heads(attn.v_proj.forward_t(ht), n_kv, B)
+        q, k, v = project_t((attn.q_proj, attn.k_proj, attn.v_proj), ht)
+        q, k, v = _heads(q, n_heads, B), _heads(k, n_kv, B), _heads(v, n_kv, B)  # (B, nh|nkv, 1, hd)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         k, v = cache.layers[i].update(k, v)  # (B, nkv, T, hd)
         y = _attend(q, k, v, bias, attn.scaling)  # (B, nkv, g, hd)
         xt = xt + attn.o_proj.forward_t(y.permute(1, 2, 3, 0).reshape(-1, B))  # (H, B)
         ht = _rms_t(layer.post_attention_layernorm, xt)
-        xt = xt + mlp.down_proj.forward_t(F.silu(mlp.gate_proj.forward_t(ht)) * mlp.up_proj.forward_t(ht))
+        gate, up = project_t((mlp.gate_proj, mlp.up_proj), ht)
+        xt = xt + mlp.down_proj.forward_t(F.silu(gate) * up)
     return model.lm_head.forward_t(_rms_t(inner.norm, xt)).T.float()  # (B, V)
 
 

@@ -100,6 +100,7 @@ class MultiLoraLinear(nn.Module):
         self.lora_b: dict[int, torch.Tensor] = {}  # slot -> B (out, r)
         self.lora_s: dict[int, float] = {}  # slot -> the scaling still to apply (1.0 when folded into B)
         self._stack_key: tuple[int, int] | None = None
+        self._packed: tuple[tuple, torch.Tensor] | None = None  # (the weight's identity, oneDNN's blocked copy): `pack`
         self._stack: tuple | None = None  # `_stacks`, for the batch's mix
         self._version = 0
 
@@ -185,18 +186,6 @@ class MultiLoraLinear(nn.Module):
             start += r
         return "masked", a_cat, b_cat, mask, mask.T.contiguous()
 
-    def _add_mixed_t(self, yt: torch.Tensor, xt: torch.Tensor) -> None:
-        """yt (out, N) += each row's own adapter update on xt (in, N), in place: one token per row, mixed adapters.
-        Strided views work: a row-major batch passes its (out, B) and (in, B) transposes."""
-        stacks = self._stacks()
-        if stacks is None:
-            return
-        if stacks[0] == "sgmv":
-            sgmv.kernel().sgmv_(yt, xt, *stacks[1:])
-        else:
-            _, a_cat, b_cat, _, mask_t = stacks
-            yt.addmm_(b_cat, torch.mm(a_cat, xt).mul_(mask_t))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = self.routing
         if routing.small_batch_kernel and not self.fan_in_fan_out and x.shape[:-1].numel() <= SMALL_BATCH_ROWS:
@@ -209,7 +198,7 @@ class MultiLoraLinear(nn.Module):
         if routing.rows is None or not self.lora_a:
             return result
         if x.shape[1] == 1:  # decode: each row's own adapter, on the (out, B) and (in, B) transposed views
-            self._add_mixed_t(result[:, 0].T, x[:, 0].to(self.dtype).T)
+            add_mixed_t([(self, result[:, 0].T)], x[:, 0].to(self.dtype).T)
             return result
         return self._add_groups(result, x)  # prefill: each adapter on its own rows
 
@@ -232,23 +221,77 @@ class MultiLoraLinear(nn.Module):
                 result = result.index_add(0, rows, self._delta(slot, x[rows]).to(result.dtype))  # (n, T, out)
         return result
 
-    def forward_t(self, xt: torch.Tensor, with_lora: bool = True) -> torch.Tensor:
-        """yᵀ = W xᵀ + b (+ s·B A xᵀ for the batch's one adapter, or each row's own adapter by the segmented kernel
-        for a mixed batch of one token per row): xt (in, N) -> (out, N), N the rows. The decode step keeps activations this way."""
+    def pack(self) -> None:
+        """Keep a copy of the fp32 base weight in oneDNN's blocked layout, which `forward_t` multiplies instead: for
+        the vocabulary head of the decode step, 9.1 against 13.8 ms a step (16 rows, SmolLM2's 49,152 x 576 head;
+        the layers gain nothing, bench/RESULTS.md). It costs the weight's bytes once more, so only the engine asks
+        for it, for the head. Nothing is kept where oneDNN is missing or the weight is not a dense fp32 CPU one."""
+        weight = getattr(self.base_layer, "weight", None)
+        if (self.fan_in_fan_out or not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32
+                or weight.device.type != "cpu" or not torch.backends.mkldnn.is_available()):
+            return
+        identity = (weight.data_ptr(), weight._version)
+        if self._packed is None or self._packed[0] != identity:
+            try:
+                self._packed = identity, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), SMALL_BATCH_ROWS)
+            except (RuntimeError, AttributeError):  # a torch built without these oneDNN ops: the plain matmul
+                self._packed = None
+
+    def _base_t(self, xt: torch.Tensor) -> torch.Tensor:
+        """W xᵀ (out, N): a new tensor, through the packed weight where `pack` made one (for the current weight)."""
+        packed = self._packed
+        if packed is not None and xt.dtype == torch.float32 and packed[0] == (self.base_layer.weight.data_ptr(),
+                                                                              self.base_layer.weight._version):
+            return torch.ops.mkldnn._linear_pointwise(xt.T.contiguous(), packed[1], None, "none", [], "").T
+        return torch.mm(base_weight(self.base_layer, xt.dtype), xt)
+
+    def forward_t(self, xt: torch.Tensor, with_lora: bool = True, mixed: bool = True) -> torch.Tensor:
+        """yᵀ = W xᵀ + b (+ s·B A xᵀ for the batch's one adapter, or each row's own adapter for a mixed batch of one
+        token per row): xt (in, N) -> (out, N), N the rows. The decode step keeps activations this way.
+        `mixed=False` leaves a mixed batch's adapters to the caller (`project_t`: one kernel call for the layers that
+        share xt)."""
         routing = self.routing
-        yt = torch.mm(base_weight(self.base_layer, xt.dtype), xt)  # (out, N), a new tensor: the sums below go into it in place
+        yt = self._base_t(xt)  # (out, N), a new tensor: the sums below go into it in place
         if with_lora and routing.uniform is not None and routing.uniform in self.lora_a:
             slot = routing.uniform
             a, b = self.lora_a[slot], self.lora_b[slot]
             yt.addmm_(b, torch.mm(a, xt.to(a.dtype)), alpha=self.lora_s[slot])
-        elif with_lora and routing.rows is not None and self.lora_a:
-            self._add_mixed_t(yt, xt)
         if self.base_layer.bias is not None:
             yt.add_(self.base_layer.bias[:, None])
+        if with_lora and mixed and routing.rows is not None:
+            add_mixed_t([(self, yt)], xt)
         return yt
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, slots={sorted(self.lora_a)}"
+
+
+def project_t(layers: list[MultiLoraLinear] | tuple[MultiLoraLinear, ...], xt: torch.Tensor) -> list[torch.Tensor]:
+    """[layer.forward_t(xt) for layer in layers], the layers sharing their input xt (in, N) (q, k and v; gate and up):
+    a mixed batch's adapters of all of them in one kernel call."""
+    outs = [layer.forward_t(xt, mixed=False) for layer in layers]
+    if layers[0].routing.rows is not None:
+        add_mixed_t(list(zip(layers, outs)), xt)
+    return outs
+
+
+def add_mixed_t(pairs: list[tuple[MultiLoraLinear, torch.Tensor]], xt: torch.Tensor) -> None:
+    """yt (out, N) += each row's own adapter update on xt (in, N), in place, for each (layer, yt) of a mixed batch of
+    one token per row. Strided views work: a row-major batch passes its (out, B) and (in, B) transposes."""
+    kernel_args: list[list[torch.Tensor]] = [[], [], [], [], []]  # ys, a's, bt's, rows, offsets
+    for layer, yt in pairs:
+        stacks = layer._stacks()
+        if stacks is None:
+            continue
+        if stacks[0] == "sgmv":
+            for column, t in zip(kernel_args, (yt, *stacks[1:])):
+                column.append(t)
+        else:
+            _, a_cat, b_cat, _, mask_t = stacks
+            yt.addmm_(b_cat, torch.mm(a_cat, xt).mul_(mask_t))
+    if kernel_args[0]:
+        ys, a, bt, rows, offsets = kernel_args
+        sgmv.kernel().sgmv_(ys, xt, a, bt, rows, offsets)
 
 
 class MultiSaved(nn.Module):
