@@ -105,10 +105,11 @@ def decode_flops(session, rows: int, adapters: bool) -> float:
 
 
 # ---- alternative decode kernels, measured against the default (lora/multi.py) --------------------------------------
-# The engine's decode step calls MultiLoraLinear.forward_t (activations transposed, xt (in, B)); each alternative
-# replaces it for a mixed batch and leaves every other case (one adapter, no adapter) to the default.
+# The engine's decode step calls MultiLoraLinear.forward_t (activations transposed, xt (in, B)), through
+# `multi.project_t` for layers that share their input; each alternative replaces forward_t for a mixed batch (and
+# `multi.add_mixed_t`, the default's kernel call, by nothing) and leaves every other case to the default.
 def _mixed_only(lora_part):
-    def forward_t(self, xt, with_lora=True):
+    def forward_t(self, xt, with_lora=True, mixed=True):  # `mixed` ignored: the layer's own part, layer by layer
         if not with_lora or self.routing.rows is None or not self.lora_a:
             return DEFAULT_FORWARD_T(self, xt, with_lora)
         return DEFAULT_FORWARD_T(self, xt, False) + lora_part(self, xt)
@@ -207,6 +208,7 @@ def main() -> None:
     from loraforge.infer import InferenceSession
     from loraforge.infer.store import AdapterStore
     from loraforge.lora.adapter import read_adapter
+    from loraforge.lora import multi
     from loraforge.lora.multi import MultiLoraLinear
     from loraforge.models import load_model
     from loraforge.train.observe import measure_matmul_peak
@@ -239,13 +241,14 @@ def main() -> None:
         session.lora.routing.set(None)
     global DEFAULT_FORWARD_T
     DEFAULT_FORWARD_T = default = MultiLoraLinear.forward_t
+    add_mixed_t = multi.add_mixed_t
     for label, forward_t in (("grouped per adapter", grouped_decode), ("gather + bmm", gather_decode)):
-        MultiLoraLinear.forward_t = forward_t
+        MultiLoraLinear.forward_t, multi.add_mixed_t = forward_t, lambda pairs, xt: None
         try:
             t, out = best_of(args.repeats, lambda: ours(session, ids, names, new))
             kernels[label] = (t, out == mixed_out)
         finally:
-            MultiLoraLinear.forward_t = default
+            MultiLoraLinear.forward_t, multi.add_mixed_t = default, add_mixed_t
 
     hf_base, _ = load_model("smollm2-135m-instruct")
     hf_generate(hf_base, tokenizer, ids, 4)

@@ -86,14 +86,11 @@ def test_each_row_equals_its_adapter_alone(adapters, length, few_rows, kernel, m
 
 
 def _kernel_layer(n_in: int, n_out: int, ranks: list[int], scalings: list[float], groups: list[list[int]]):
-    """One layer's kernel arguments (a, bt, rows, offsets) and its closed form, for adapters of `ranks`."""
+    """One layer's kernel arguments (table, rows, offsets), the tensors the table points into, and the closed form."""
     A = [torch.randn(r, n_in) for r in ranks]
     B = [torch.randn(n_out, r) for r in ranks]
-    R, G, C = max(ranks), len(ranks), -(-n_out // sgmv.BLOCK)
-    a, bt = torch.zeros(G, R, n_in), torch.zeros(G, R, C * sgmv.BLOCK)
-    for g, r in enumerate(ranks):
-        a[g, :r], bt[g, :r, :n_out] = A[g], (B[g] * scalings[g]).T
-    bt = bt.view(G, R, C, sgmv.BLOCK).permute(2, 0, 1, 3).contiguous()  # (C, G, R, BLOCK)
+    bts = [sgmv.blocked(b, s) for b, s in zip(B, scalings)]
+    table = torch.tensor([[a.data_ptr() for a in A], [bt.data_ptr() for bt in bts], ranks])
     rows = torch.tensor([i for group in groups for i in group])
     offsets = torch.tensor([0, *[len(group) for group in groups]]).cumsum(0)
 
@@ -104,19 +101,19 @@ def _kernel_layer(n_in: int, n_out: int, ranks: list[int], scalings: list[float]
                 y[i] += scalings[g] * (B[g] @ (A[g] @ x[i]))
         return y
 
-    return (a, bt, rows, offsets), closed_form
+    return (table, rows, offsets), (A, bts), closed_form
 
 
 def test_sgmv_kernel_against_the_closed_form():
     """y_l[:, row] += s·B_k A_k x[:, row] for each row's own adapter k and each layer l sharing x, on strided views
-    (the row-major batch's transposes) and the decode step's layout; groups of 1-3 rows, ranks 2-5 padded with
-    zeros, 133 outputs (a partial block); rows in no group are not touched (bit for bit)."""
+    (the row-major batch's transposes) and the decode step's layout; groups of 1-3 rows, each adapter at its own
+    rank (2-5), 133 outputs (a partial block); rows in no group are not touched (bit for bit)."""
     kernel = sgmv.kernel()
     assert kernel is not None, "the C++ kernel did not build here (see the warning above): a compiler is required"
     torch.manual_seed(0)
     n_in, N = 37, 9
-    first, first_form = _kernel_layer(n_in, 133, [2, 5, 3], [2.0, 0.7, 1.5], [[4], [0, 7, 2], [5, 8]])
-    second, second_form = _kernel_layer(n_in, 20, [4], [0.5], [[1, 3, 8]])  # another layer: other adapters, rows
+    first, _held1, first_form = _kernel_layer(n_in, 133, [2, 5, 3], [2.0, 0.7, 1.5], [[4], [0, 7, 2], [5, 8]])
+    second, _held2, second_form = _kernel_layer(n_in, 20, [4], [0.5], [[1, 3, 8]])  # another layer's adapters, rows
     x, y1, y2 = 0.2 * torch.randn(N, n_in), torch.randn(N, 133), torch.randn(N, 20)  # updates of order 1
     want1, want2 = first_form(x, y1), second_form(x, y2)
     before1 = y1.clone()

@@ -6,16 +6,17 @@ This is the serving layer (STYLE.md: the training layer holds one adapter). Adap
 (`lora.adapter.read_adapter`) and put into numbered *slots*; one `Routing` object, shared by every layer, holds
 each row's slot for the next forward. Kernels, chosen by measurement (bench/RESULTS.md, "multi-adapter kernels"):
 
-- decode (one token per row): each row times its own adapter only, in one call a layer (`lora/csrc/sgmv.cpp`,
-  Punica's SGMV for CPUs, compiled on first use by `lora.sgmv`): every present adapter's A and s·B are read once,
-  whatever number of rows use it. The A's and s·Bᵀ's of the adapters present are stacked into a (G, R, in) and a
-  blocked (C, G, R, 64) tensor, the rows listed adapter by adapter. Where the kernel cannot be built (no C++ compiler), or the
-  weights are not fp32 on a CPU, the fallback stacks them into one (G·R, in) and one (out, G·R) matrix: one matmul
-  gives every row's projection on every present adapter, a 0/1 mask keeps each row's own block, one more matmul adds
-  it (three ops a layer, but G times the FLOPs). Stacks are rebuilt only when the set of adapters in the batch
-  changes. No Python loop over rows or adapters either way.
-- prefill (many tokens per row): one (x A_kᵀ) B_kᵀ per adapter present, on that adapter's rows only, so the
-  FLOPs are the adapter's own.
+- decode (one token per row): each row times its own adapter only, in one call for the layers that share an input
+  (`lora/csrc/sgmv.cpp`, Punica's SGMV for CPUs, compiled on first use by `lora.sgmv`): every present adapter's A
+  and s·B are read once, whatever number of rows use it, where they live (a table of addresses; s·Bᵀ is kept per
+  adapter in the kernel's blocked layout once it serves a mixed batch), so a request joining or leaving copies
+  nothing. Where the kernel cannot be built (no C++ compiler), or the weights are not fp32 on a CPU, the fallback
+  stacks the A's into one (G·R, in) and the B's into one (out, G·R) matrix: one matmul gives every row's
+  projection on every present adapter, a 0/1 mask keeps each row's own block, one more matmul adds it (three ops a
+  layer, G times the FLOPs, and the stacks are copied again when the mix changes). No Python loop over rows or
+  adapters either way.
+- prefill (many tokens per row): a few tokens per adapter go through the kernel too, every token a row; longer
+  prompts take one (x A_kᵀ) B_kᵀ per adapter present, on that adapter's rows only (`_add_prefill`).
 - a few rows (the engine's decode step, `Routing.small_batch_kernel`): the same sums computed transposed,
   yᵀ = W xᵀ + ..., the faster form on this machine's CPU when the rows are few (`forward_t`).
 
@@ -45,6 +46,11 @@ SERVED = (nn.Linear, Conv1D, QuantLinear)
 
 SMALL_BATCH_ROWS = 64
 """Up to this many rows (tokens) a layer computes W xᵀ, the faster form for few rows (see `_forward_few_rows`)."""
+
+KERNEL_TOKENS_PER_ADAPTER = 32
+"""A mixed prefill of up to this many tokens per adapter present runs the SGMV kernel (see `_add_prefill`): its
+Python cost is one call a layer where the matmul pairs cost ~25 us per adapter per layer, and its FLOPs run slower
+than MKL's by ~0.15 ms per token over SmolLM2-135M's layers (r=16): they break even near 34 tokens per adapter."""
 
 
 class Routing:
@@ -99,6 +105,7 @@ class MultiLoraLinear(nn.Module):
         self.lora_a: dict[int, torch.Tensor] = {}  # slot -> A (r, in), in the base weight's dtype
         self.lora_b: dict[int, torch.Tensor] = {}  # slot -> B (out, r)
         self.lora_s: dict[int, float] = {}  # slot -> the scaling still to apply (1.0 when folded into B)
+        self.lora_bt: dict[int, torch.Tensor] = {}  # slot -> s·Bᵀ blocked for the SGMV kernel (`sgmv.blocked`), on use
         self._stack_key: tuple[int, int] | None = None
         self._packed: tuple[tuple, torch.Tensor] | None = None  # (the weight's identity, oneDNN's blocked copy): `pack`
         self._stack: tuple | None = None  # `_stacks`, for the batch's mix
@@ -124,13 +131,15 @@ class MultiLoraLinear(nn.Module):
         if a.dtype != dtype or b.dtype != dtype or a.device != device or b.device != device:
             a = a.to(device=device, dtype=dtype)
             b, scaling = (b.to(device=device, dtype=torch.float32) * scaling).to(dtype), 1.0
-        self.lora_a[slot], self.lora_b[slot], self.lora_s[slot] = a, b, float(scaling)
+        self.lora_a[slot], self.lora_b[slot], self.lora_s[slot] = a.contiguous(), b, float(scaling)
+        self.lora_bt.pop(slot, None)
         self._version += 1
 
     def remove_adapter(self, slot: int) -> None:
         if self.lora_a.pop(slot, None) is not None:
             self.lora_b.pop(slot)
             self.lora_s.pop(slot)
+            self.lora_bt.pop(slot, None)
             self._version += 1
 
     def _delta(self, slot: int, x: torch.Tensor) -> torch.Tensor:
@@ -142,13 +151,13 @@ class MultiLoraLinear(nn.Module):
     def adapter_bytes(self, slot: int) -> int:
         if slot not in self.lora_a:
             return 0
-        return sum(t.numel() * t.element_size() for t in (self.lora_a[slot], self.lora_b[slot]))
+        held = (self.lora_a[slot], self.lora_b[slot], *([self.lora_bt[slot]] if slot in self.lora_bt else []))
+        return sum(t.numel() * t.element_size() for t in held)
 
     def _stacks(self) -> tuple | None:
-        """For the adapters of this batch that this layer has (G of them, R the largest rank, a smaller one padded
-        with zeros, which add exact zeros): ("sgmv", A (G, R, in), s·Bᵀ in blocks of outputs (C, G, R, 64), rows (n,) grouped
-        by adapter, offsets (G+1,)) for the kernel, or ("masked", A_cat (G·R, in), s·B_cat (out, G·R), mask (B, G·R), maskᵀ)
-        for the fallback. None when no row's adapter is here."""
+        """For the adapters of this batch that this layer has (G of them): ("sgmv", table (3, G), rows (n,) grouped by
+        adapter, offsets (G+1,)) for the kernel (`_sgmv_stacks`), or ("masked", A_cat (G·R, in), s·B_cat (out, G·R),
+        mask (B, G·R), maskᵀ) for the fallback. None when no row's adapter is here."""
         key = (self.routing.version, self._version)
         if key != self._stack_key:
             groups = [(s, rows) for s, rows in self.routing.groups if s in self.lora_a]
@@ -161,18 +170,16 @@ class MultiLoraLinear(nn.Module):
         return self._stack
 
     def _sgmv_stacks(self, groups: list[tuple[int, torch.Tensor]]) -> tuple:
-        rank, G = max(self.lora_a[s].shape[0] for s, _ in groups), len(groups)
-        blocks = -(-self.out_features // sgmv.BLOCK)
-        a = self.lora_a[groups[0][0]].new_zeros(G, rank, self.in_features)
-        bt = a.new_zeros(G, rank, blocks * sgmv.BLOCK)
-        for g, (s, _) in enumerate(groups):
-            r = self.lora_a[s].shape[0]
-            a[g, :r] = self.lora_a[s]
-            torch.mul(self.lora_b[s].T, self.lora_s[s], out=bt[g, :r, :self.out_features])
-        bt = bt.view(G, rank, blocks, sgmv.BLOCK).permute(2, 0, 1, 3).contiguous()  # (C, G, R, BLOCK): see sgmv.cpp
+        """The kernel's table (3, G): where each adapter's A and blocked s·Bᵀ live, and its rank; nothing copied."""
+        for s, _ in groups:
+            if s not in self.lora_bt:  # once per adapter and layer, when it first serves a mixed batch
+                self.lora_bt[s] = sgmv.blocked(self.lora_b[s], self.lora_s[s])
+        table = torch.tensor([[self.lora_a[s].data_ptr() for s, _ in groups],
+                              [self.lora_bt[s].data_ptr() for s, _ in groups],
+                              [self.lora_a[s].shape[0] for s, _ in groups]], dtype=torch.long)
         rows = torch.cat([rows for _, rows in groups])
         offsets = torch.tensor([0, *[len(rows) for _, rows in groups]], device=rows.device).cumsum(0)
-        return "sgmv", a, bt, rows, offsets
+        return "sgmv", table, rows, offsets
 
     def _masked_stacks(self, groups: list[tuple[int, torch.Tensor]]) -> tuple:
         rows = self.routing.rows
@@ -200,7 +207,7 @@ class MultiLoraLinear(nn.Module):
         if x.shape[1] == 1:  # decode: each row's own adapter, on the (out, B) and (in, B) transposed views
             add_mixed_t([(self, result[:, 0].T)], x[:, 0].to(self.dtype).T)
             return result
-        return self._add_groups(result, x)  # prefill: each adapter on its own rows
+        return self._add_prefill(result, x)  # prefill: each adapter on its own rows
 
     def _forward_few_rows(self, x: torch.Tensor) -> torch.Tensor:
         """The same sum for a few rows (tokens), computed transposed by `forward_t`. With the rows as the small
@@ -211,8 +218,26 @@ class MultiLoraLinear(nn.Module):
         yt = self.forward_t(x.reshape(-1, shape[-1]).T, with_lora=one_token or self.routing.rows is None)
         y = yt.T.contiguous().view(*shape[:-1], yt.shape[0])  # (B, T, out), row-major again
         if self.routing.rows is not None and not one_token:  # a mixed prefill of a few tokens: adapters on their rows
-            y = self._add_groups(y, x)
+            y = self._add_prefill(y, x)
         return y
+
+    def _add_prefill(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`result` (B, T, out) plus each row's adapter on its T tokens (a mixed prefill). Up to
+        `KERNEL_TOKENS_PER_ADAPTER` tokens per adapter present: the SGMV kernel with every token a row, one call a
+        layer; more: a matmul pair per adapter on its rows, where MKL's speed on long prompts outweighs the Python
+        calls (16 prompts of 10 tokens on 8 adapters: 490 -> 330 ms, against 300 for the base alone)."""
+        stacks = self._stacks()
+        if stacks is None:
+            return result
+        B, T = x.shape[:2]
+        if stacks[0] != "sgmv" or B * T > KERNEL_TOKENS_PER_ADAPTER * stacks[1].shape[1]:
+            return self._add_groups(result, x)
+        _, table, rows, offsets = stacks
+        tokens = (rows[:, None] * T + torch.arange(T, device=rows.device)).flatten()  # each row's T tokens, in order
+        result = result.contiguous()  # (a no-op for the base layers here)
+        flat = result.view(B * T, -1)  # a view: the kernel adds into `result`
+        sgmv.kernel().sgmv_([flat.T], x.reshape(B * T, -1).to(self.dtype).T, [table], [tokens], [offsets * T])
+        return result
 
     def _add_groups(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """`result` plus each present adapter's delta on its own rows (a mixed batch of many tokens per row)."""
@@ -278,7 +303,7 @@ def project_t(layers: list[MultiLoraLinear] | tuple[MultiLoraLinear, ...], xt: t
 def add_mixed_t(pairs: list[tuple[MultiLoraLinear, torch.Tensor]], xt: torch.Tensor) -> None:
     """yt (out, N) += each row's own adapter update on xt (in, N), in place, for each (layer, yt) of a mixed batch of
     one token per row. Strided views work: a row-major batch passes its (out, B) and (in, B) transposes."""
-    kernel_args: list[list[torch.Tensor]] = [[], [], [], [], []]  # ys, a's, bt's, rows, offsets
+    kernel_args: list[list[torch.Tensor]] = [[], [], [], []]  # ys, tables, rows, offsets
     for layer, yt in pairs:
         stacks = layer._stacks()
         if stacks is None:
@@ -290,8 +315,8 @@ def add_mixed_t(pairs: list[tuple[MultiLoraLinear, torch.Tensor]], xt: torch.Ten
             _, a_cat, b_cat, _, mask_t = stacks
             yt.addmm_(b_cat, torch.mm(a_cat, xt).mul_(mask_t))
     if kernel_args[0]:
-        ys, a, bt, rows, offsets = kernel_args
-        sgmv.kernel().sgmv_(ys, xt, a, bt, rows, offsets)
+        ys, tables, rows, offsets = kernel_args
+        sgmv.kernel().sgmv_(ys, xt, tables, rows, offsets)
 
 
 class MultiSaved(nn.Module):

@@ -16,15 +16,27 @@ import shutil
 import threading
 from pathlib import Path
 
+import torch
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "sgmv.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 BLOCK = 64
-"""Outputs per block of the kernel's s·Bᵀ layout (C, G, R, BLOCK), as sgmv.cpp's W."""
+"""Outputs per block of the kernel's s·Bᵀ layout (C, r, BLOCK) per adapter, as sgmv.cpp's W."""
 
 _lock = threading.Lock()
 _built: dict[str, object] = {}
+
+
+def blocked(b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """s·Bᵀ of B (out, r) in the kernel's layout (C, r, BLOCK): block c holds outputs c·BLOCK ... (zeros past out),
+    contiguous, in B's dtype (the scaling applied in fp32)."""
+    out, r = b.shape
+    blocks = -(-out // BLOCK)
+    bt = b.new_zeros(r, blocks * BLOCK)
+    bt[:, :out] = (b.float().T * scaling).to(b.dtype)
+    return bt.view(r, blocks, BLOCK).transpose(0, 1).contiguous()
 
 
 def kernel():
@@ -38,7 +50,6 @@ def kernel():
 
 
 def _build():
-    import torch
     from torch.utils import cpp_extension
 
     source = SOURCE.read_text()
