@@ -6,7 +6,8 @@
 Setup, as the issue fixes it: the default model (SmolLM2-135M-Instruct, fp32), 8 adapters (r=16, alpha=32, every
 linear layer, B drawn non-zero), 16 rows where row i uses adapter i mod 8, the prompts "Write a short note about topic
 number i:", greedy, 64 new tokens for every row (EOS ignored on our side, `min_new_tokens` on theirs, so both
-produce the same number of tokens). Each side is warmed up once, then timed over `--repeats` runs (best kept).
+produce the same number of tokens). Each side is warmed up once, then timed over `--repeats` rounds in which every
+system runs once (the best of each kept), so that a VM's drift falls on all of them alike.
 
 Rows printed:
 1. decoding throughput (generated tokens/s): loraforge mixed batch, loraforge base only, loraforge with every row
@@ -71,6 +72,17 @@ def best_of(repeats: int, fn) -> tuple[float, object]:
         if elapsed < best:
             best, out = elapsed, result
     return best, out
+
+
+def rounds(repeats: int, systems: dict, new: int) -> tuple[dict[str, float], dict[str, object]]:
+    """({name: the fastest of its `repeats` runs, seconds}, {name: its output}), each round running every system once."""
+    best, outputs = {name: float("inf") for name in systems}, {}
+    for _ in range(repeats):
+        for name, run in systems.items():
+            start = time.perf_counter()
+            outputs[name] = run(new)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best, outputs
 
 
 def ours(session, ids: list[list[int]], adapters: list[str | None], new: int) -> list[list[int]]:
@@ -193,7 +205,7 @@ def build_store(root: Path, folders: list[Path], n: int) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--loads", type=int, default=40)
     parser.add_argument("--registered", type=int, default=1000)
     parser.add_argument("--cap", type=int, default=64)
@@ -226,10 +238,26 @@ def main() -> None:
     session = InferenceSession(base, tokenizer, base="smollm2-135m-instruct")
     for folder in folders:
         session.add_adapter(folder.name, folder)
-    ours(session, ids, names, 4)  # warm-up
-    t_mixed, mixed_out = best_of(args.repeats, lambda: ours(session, ids, names, new))
-    t_base, _ = best_of(args.repeats, lambda: ours(session, ids, [None] * ROWS, new))
-    t_one, _ = best_of(args.repeats, lambda: ours(session, ids, ["user0"] * ROWS, new))
+    hf_base, _ = load_model("smollm2-135m-instruct")
+    peft_model = peft.PeftModel.from_pretrained(load_model("smollm2-135m-instruct")[0], str(folders[0]),
+                                                adapter_name="user0")
+    for folder in folders[1:]:
+        peft_model.load_adapter(str(folder), adapter_name=folder.name)
+    peft_model.eval()
+    systems = {  # every system once per round, rounds repeated: a VM's drift falls on all of them alike
+        "mixed": lambda n: ours(session, ids, names, n),
+        "base": lambda n: ours(session, ids, [None] * ROWS, n),
+        "one": lambda n: ours(session, ids, ["user0"] * ROWS, n),
+        "hf": lambda n: hf_generate(hf_base, tokenizer, ids, n),
+        "peft": lambda n: hf_generate(peft_model, tokenizer, ids, n, adapter_names=names),
+    }
+    for run in systems.values():
+        run(4)  # warm-up
+    best, outputs = rounds(args.repeats, systems, new)
+    t_mixed, t_base, t_one, t_hf, t_peft = (best[k] for k in ("mixed", "base", "one", "hf", "peft"))
+    mixed_out, peft_out = outputs["mixed"], outputs["peft"]
+    same_rows = sum(a == b for a, b in zip(mixed_out, peft_out))
+    del peft_model, hf_base
     kernels = {"sgmv: each row on its own adapter, C++ (default)": (t_mixed, True)}
     os.environ["LORAFORGE_KERNELS"] = "0"  # the fallback where the kernel cannot be built
     session.lora.routing.set(None)  # the layers rebuild their stacks for the next mix
@@ -250,18 +278,6 @@ def main() -> None:
         finally:
             MultiLoraLinear.forward_t, multi.add_mixed_t = default, add_mixed_t
 
-    hf_base, _ = load_model("smollm2-135m-instruct")
-    hf_generate(hf_base, tokenizer, ids, 4)
-    t_hf, _ = best_of(args.repeats, lambda: hf_generate(hf_base, tokenizer, ids, new))
-    peft_model = peft.PeftModel.from_pretrained(hf_base, str(folders[0]), adapter_name="user0")
-    for folder in folders[1:]:
-        peft_model.load_adapter(str(folder), adapter_name=folder.name)
-    peft_model.eval()
-    hf_generate(peft_model, tokenizer, ids, 4, adapter_names=names)
-    t_peft, peft_out = best_of(args.repeats, lambda: hf_generate(peft_model, tokenizer, ids, new,
-                                                                 adapter_names=names))
-    same_rows = sum(a == b for a, b in zip(mixed_out, peft_out))
-    del peft_model, hf_base
 
     fp32_peak, bf16_peak = measure_matmul_peak(torch.float32), measure_matmul_peak(torch.bfloat16)
     flops = decode_flops(session, ROWS, True) * new / t_mixed
