@@ -179,8 +179,10 @@ def test_head_adapters_in_one_mixed_batch_equal_each_alone(tmp_path):
 
 
 # ---- the written-out decode step (infer/decode.py) ----------------------------------------------------------------
-def test_decode_step_equals_transformers_forward(tmp_path):
+@pytest.mark.parametrize("kernels", ["1", "0"])  # the C++ RMSNorm/rotary/SGMV (csrc/), or torch ops without a compiler
+def test_decode_step_equals_transformers_forward(tmp_path, kernels, monkeypatch):
     """Same cache, same left-padded rows, a mix of adapters: decode_step's logits are transformers' forward's."""
+    monkeypatch.setenv("LORAFORGE_KERNELS", kernels)
     from fixtures.tiny_models import tiny_llama as gqa_llama  # 4 heads, 2 KV heads: grouped-query attention
     from loraforge.infer.decode import decode_step, supports
     from loraforge.infer.engine import GrowingLayer, cache_keyword

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraforge.lora import sgmv
 from loraforge.lora.multi import MultiLoraLinear, project_t
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
@@ -56,23 +57,23 @@ def decode_step(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, ma
     B = ids.shape[0]
     xt = inner.embed_tokens(ids)[:, 0].T.contiguous()  # (H, B)
     cos, sin = inner.rotary_emb(xt, position_ids=positions)  # (B, 1, hd) each
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, 1, hd)
+    fused = sgmv.kernel() if xt.dtype == torch.float32 and xt.device.type == "cpu" else None  # csrc/decode.cpp
+    rope = (cos[:, 0].T.contiguous(), sin[:, 0].T.contiguous()) if fused else (cos.unsqueeze(1), sin.unsqueeze(1))
     bias = torch.zeros(mask.shape, dtype=xt.dtype, device=xt.device).masked_fill_(mask == 0, float("-inf"))
     bias = bias[:, None, None, :]  # (B, 1, 1, T): a row attends to its own real tokens only
     n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
     for i, layer in enumerate(inner.layers[:config.num_hidden_layers]):
         attn, mlp = layer.self_attn, layer.mlp
-        ht = _rms_t(layer.input_layernorm, xt)
+        ht = _rms_t(layer.input_layernorm, xt, fused)
         q, k, v = project_t((attn.q_proj, attn.k_proj, attn.v_proj), ht)
-        q, k, v = _heads(q, n_heads, B), _heads(k, n_kv, B), _heads(v, n_kv, B)  # (B, nh|nkv, 1, hd)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        k, v = cache.layers[i].update(k, v)  # (B, nkv, T, hd)
+        q, k = _rotate_t(q, n_heads, B, rope, fused), _rotate_t(k, n_kv, B, rope, fused)  # (B, nh|nkv, 1, hd)
+        k, v = cache.layers[i].update(k, _heads(v, n_kv, B))  # (B, nkv, T, hd)
         y = _attend(q, k, v, bias, attn.scaling)  # (B, nkv, g, hd)
         xt = xt + attn.o_proj.forward_t(y.permute(1, 2, 3, 0).reshape(-1, B))  # (H, B)
-        ht = _rms_t(layer.post_attention_layernorm, xt)
+        ht = _rms_t(layer.post_attention_layernorm, xt, fused)
         gate, up = project_t((mlp.gate_proj, mlp.up_proj), ht)
         xt = xt + mlp.down_proj.forward_t(F.silu(gate) * up)
-    return model.lm_head.forward_t(_rms_t(inner.norm, xt)).T.float()  # (B, V)
+    return model.lm_head.forward_t(_rms_t(inner.norm, xt, fused)).T.float()  # (B, V)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
@@ -86,8 +87,11 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tenso
     return torch.matmul(weights.to(v.dtype), v)
 
 
-def _rms_t(norm: nn.Module, xt: torch.Tensor) -> torch.Tensor:
-    """The model's RMSNorm (Llama's: in fp32, weight after the cast back) over the features of xt (H, B)."""
+def _rms_t(norm: nn.Module, xt: torch.Tensor, fused) -> torch.Tensor:
+    """The model's RMSNorm (Llama's: in fp32, weight after the cast back) over the features of xt (H, B); one C++
+    pass where `fused` (the kernels module) is given, an fp32 xt."""
+    if fused is not None and norm.weight.dtype == torch.float32:
+        return fused.rms_t(xt, norm.weight, norm.variance_epsilon)
     x32 = xt.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(0, keepdim=True) + norm.variance_epsilon)
     return norm.weight[:, None] * x32.to(xt.dtype)
@@ -98,8 +102,14 @@ def _heads(yt: torch.Tensor, heads: int, B: int) -> torch.Tensor:
     return yt.view(heads, -1, B).permute(2, 0, 1).unsqueeze(2)
 
 
-def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding as transformers' `apply_rotary_pos_emb` (rotate-half form); t (B, heads, 1, hd)."""
+def _rotate_t(yt: torch.Tensor, heads: int, B: int, rope: tuple[torch.Tensor, torch.Tensor], fused) -> torch.Tensor:
+    """Rotary embedding of a projection yt (heads·hd, B) as transformers' `apply_rotary_pos_emb` (rotate-half form),
+    as (B, heads, 1, hd) views: with `fused`, one C++ pass on yt and rope = cos, sin (hd, B); else torch ops on the
+    views and rope = cos, sin (B, 1, 1, hd)."""
+    cos, sin = rope
+    if fused is not None:
+        return _heads(fused.rotary_t(yt, cos, sin), heads, B)
+    t = _heads(yt, heads, B)
     half = t.shape[-1] // 2
     rotated = torch.cat((-t[..., half:], t[..., :half]), dim=-1)
     return t * cos + rotated * sin

@@ -1,8 +1,11 @@
-"""The mixed-batch LoRA kernel (csrc/sgmv.cpp), compiled on first use for this machine's CPU.
+"""The engine's C++ kernels, compiled on first use for this machine's CPU: the mixed-batch LoRA kernel
+(csrc/sgmv.cpp, `sgmv_`) and the decode step's RMSNorm and rotary embedding in one pass each (csrc/decode.cpp,
+`rms_t`, `rotary_t`).
 
 `kernel()` returns the compiled module, or None where it cannot be built (no C++ compiler, or
 `LORAFORGE_KERNELS=0`): `lora.multi` then falls back to its stacked-and-masked matmuls, which give the same sums up
-to float rounding at G times the FLOPs (bench/RESULTS.md, "Many adapters on one base"). The build is cached under
+to float rounding at G times the FLOPs (bench/RESULTS.md, "Many adapters on one base"), and `infer.decode` to torch
+ops. The build is cached under
 `~/.cache/loraforge/kernels/` (`$LORAFORGE_HOME/kernels`, as the model cache), keyed by the source, torch's version and the CPU's
 instruction set (it is compiled with -march=native), so it costs ~30 s once per machine.
 """
@@ -20,7 +23,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "sgmv.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("sgmv.cpp", "decode.cpp")]
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 BLOCK = 64
 """Outputs per block of the kernel's s·Bᵀ layout (C, r, BLOCK) per adapter, as sgmv.cpp's W."""
@@ -52,7 +55,7 @@ def kernel():
 def _build():
     from torch.utils import cpp_extension
 
-    source = SOURCE.read_text()
+    source = "\n".join(path.read_text() for path in SOURCES)
     key = hashlib.sha256("\n".join([source, torch.__version__, platform.machine(), _cpu_flags(), *FLAGS])
                          .encode()).hexdigest()[:16]
     root = Path(os.environ.get("LORAFORGE_HOME") or "~/.cache/loraforge").expanduser() / "kernels"
@@ -64,8 +67,9 @@ def _build():
             import ninja
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
-        return cpp_extension.load(name=f"loraforge_sgmv_{key}", sources=[str(SOURCE)], build_directory=str(folder),
-                                  extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+        return cpp_extension.load(name=f"loraforge_sgmv_{key}", sources=[str(path) for path in SOURCES],
+                                  build_directory=str(folder), extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                                  verbose=False)
     except Exception as e:  # no compiler, no Python headers, no ninja: the stacked kernel serves instead
         log.warning("mixed-adapter batches use the slower stacked kernel: the C++ kernel could not be built "
                     "(%s: %s)", type(e).__name__, str(e).strip().splitlines()[-1] if str(e).strip() else "")

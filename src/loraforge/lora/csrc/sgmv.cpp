@@ -140,6 +140,11 @@ void sgmv_(std::vector<torch::Tensor> ys, torch::Tensor x, std::vector<torch::Te
   }
 }
 
+torch::Tensor rms_t(torch::Tensor x, torch::Tensor weight, double eps);  // decode.cpp
+torch::Tensor rotary_t(torch::Tensor t, torch::Tensor cos, torch::Tensor sin);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sgmv_", &sgmv_, "y_l[:, rows] += each row's own B_g A_g x, for layers l sharing x (in place)");
+  m.def("rms_t", &rms_t, "the decode step's RMSNorm over the features of x (H, B)");
+  m.def("rotary_t", &rotary_t, "the decode step's rotary embedding of t (heads·hd, B)");
 }
