@@ -177,11 +177,28 @@ def test_replacing_an_adapter_serves_the_new_weights(adapters):
 
 
 def test_adapter_bytes_count_what_is_resident(adapters):
+    """A and B in fp32, plus the kernel's blocked s·Bᵀ (outputs rounded up to blocks of 64), counted from the load
+    on, before a mixed batch makes it: a store's cap then holds after serving too."""
     builder, folders = adapters
     multi = _served(builder, folders)
+    expected = {}
     for name, folder in folders.items():
-        lora_bytes = sum(t.numel() * 4 for k, t in read_adapter(folder).tensors.items())
-        assert multi.adapter_bytes(name) == lora_bytes  # fp32 base: A and s·B in fp32
+        tensors = read_adapter(folder).tensors
+        blocked = sum(-(-t.shape[0] // sgmv.BLOCK) * sgmv.BLOCK * t.shape[1] * 4
+                      for k, t in tensors.items() if k.endswith("lora_B.weight"))
+        expected[name] = sum(t.numel() * 4 for t in tensors.values()) + blocked
+        assert multi.adapter_bytes(name) == expected[name]
+    multi.route(list(folders))  # one row per adapter: the kernel makes every blocked s·Bᵀ
+    with torch.no_grad():
+        multi.model(input_ids=token_ids(len(folders), 1, seed=3))
+    assert all(layer.lora_bt for layer in multi.layers.values())
+    assert {name: multi.adapter_bytes(name) for name in folders} == expected
+    fresh = MultiLoraModel(builder())  # what a store reserves before adding: the same bytes, layers wrapped or not
+    for name, folder in folders.items():
+        weights = read_adapter(folder)
+        needed = fresh.bytes_needed(weights)
+        fresh.add(name, weights)
+        assert needed == fresh.adapter_bytes(name) == expected[name]
 
 
 # ---- refused, with the reason, and nothing changes ----------------------------------------------------------------

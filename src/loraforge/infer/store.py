@@ -122,7 +122,7 @@ class AdapterStore:
     def _load(self, name: str, resident: str, keep: set[str]) -> str:
         start = time.perf_counter()
         weights = read_adapter(self.path(name))
-        incoming = weights.nbytes
+        incoming = self.session.lora.bytes_needed(weights)
         if self.cap_bytes and incoming > self.cap_bytes:
             raise LoraforgeError(f"adapter {name} needs {incoming / 2**20:.1f} MiB, more than the whole resident cap "
                                  f"of {self.cap_bytes / 2**20:.1f} MiB; raise --max-resident-mb")

@@ -100,8 +100,7 @@ class MultiLoraLinear(nn.Module):
         self.routing = routing
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         self.in_features, self.out_features = linear_features(base_layer)
-        self.dtype, self.device = (base_layer.dtype, base_layer.device) if isinstance(base_layer, QuantLinear) else \
-            (base_layer.weight.dtype, base_layer.weight.device)
+        self.dtype, self.device = _dtype_device(base_layer)
         self.lora_a: dict[int, torch.Tensor] = {}  # slot -> A (r, in), in the base weight's dtype
         self.lora_b: dict[int, torch.Tensor] = {}  # slot -> B (out, r)
         self.lora_s: dict[int, float] = {}  # slot -> the scaling still to apply (1.0 when folded into B)
@@ -149,10 +148,15 @@ class MultiLoraLinear(nn.Module):
         return delta if s == 1.0 else delta * s
 
     def adapter_bytes(self, slot: int) -> int:
+        """The bytes `slot` holds here, counting the kernel's blocked s·Bᵀ before it exists (it is made when the
+        adapter first serves a mixed batch on a CPU in fp32), so that a store's memory cap holds afterwards too."""
         if slot not in self.lora_a:
             return 0
-        held = (self.lora_a[slot], self.lora_b[slot], *([self.lora_bt[slot]] if slot in self.lora_bt else []))
-        return sum(t.numel() * t.element_size() for t in held)
+        a, b = self.lora_a[slot], self.lora_b[slot]
+        blocked = self.lora_bt.get(slot)
+        if blocked is None and self.dtype == torch.float32 and self.device.type == "cpu":
+            blocked = torch.empty((-(-self.out_features // sgmv.BLOCK), b.shape[1], sgmv.BLOCK), device="meta")
+        return sum(t.numel() * b.element_size() for t in (a, b, *([blocked] if blocked is not None else [])))
 
     def _stacks(self) -> tuple | None:
         """For the adapters of this batch that this layer has (G of them): ("sgmv", table (3, G), rows (n,) grouped by
@@ -319,6 +323,13 @@ def add_mixed_t(pairs: list[tuple[MultiLoraLinear, torch.Tensor]], xt: torch.Ten
         sgmv.kernel().sgmv_(ys, xt, tables, rows, offsets)
 
 
+def _dtype_device(base_layer: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device a served layer computes in (a packed base: its compute dtype)."""
+    if isinstance(base_layer, QuantLinear):
+        return base_layer.dtype, base_layer.device
+    return base_layer.weight.dtype, base_layer.weight.device
+
+
 class MultiSaved(nn.Module):
     """A module each adapter trains in full (a classifier head, PEFT's modules_to_save): one copy per slot; a row
     runs its adapter's copy, a base row the original."""
@@ -418,6 +429,31 @@ class MultiLoraModel:
         for path in self._owned.pop(name):
             (self.layers.get(path) or self.saved[path]).remove_adapter(slot)
         self.routing.set(None)
+
+    def bytes_needed(self, weights) -> int:
+        """The bytes adapter `weights` (an `AdapterWeights`) will hold once added, as `adapter_bytes` counts them
+        (in each layer's dtype, with the kernel's blocked s·Bᵀ): what a store's memory cap must make room for."""
+        total = 0
+        for key, t in weights.tensors.items():
+            path = key.rsplit(".", 2)[0]
+            module = None
+            if key.endswith((".lora_A.weight", ".lora_B.weight")):
+                module = self.layers[path].base_layer if path in self.layers else self._find(path)
+            if not isinstance(module, SERVED):
+                total += t.numel() * t.element_size()  # a saved module (or a key `add` will refuse)
+                continue
+            dtype, device = _dtype_device(module)
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            total += t.numel() * itemsize
+            if key.endswith(".lora_B.weight") and dtype == torch.float32 and device.type == "cpu":
+                total += -(-t.shape[0] // sgmv.BLOCK) * sgmv.BLOCK * t.shape[1] * itemsize
+        return total
+
+    def _find(self, path: str) -> nn.Module | None:
+        try:
+            return self.model.get_submodule(path)
+        except AttributeError:
+            return None
 
     def adapter_bytes(self, name: str) -> int:
         slot = self.slots[name]
