@@ -2,11 +2,13 @@
 
     python bench/qlora.py                  # the recorded run (bench/RESULTS.md, "QLoRA")
     python bench/qlora.py --steps 3 --eval-mrs 8 --big-steps 1      # a quick look
+    python bench/qlora.py --only "lora fp32 + PiSSA,qlora nf4 + LoftQ T=3"   # some rows against the reference
 
 Part 1, the default model (SmolLM2-135M-Instruct), LoRA r=16 alpha 32 on all linear layers, the E2E recipe, the same
 seed, data order and steps for every row: the dense fp32 base (this CPU has no native bf16: its bf16 matmul runs at
 ~1 GFLOP/s against ~175 in fp32, so fp32 is the dense reference here), and the base packed as nf4, nf4-dq, the GGUF
-file's own Q4_1 blocks (gguf), and nf4 with LoftQ's start. Each row is its own process. Peak RSS is read from
+file's own Q4_1 blocks (gguf), nf4 with LoftQ's start (one alternation, and three: the packed base then moves, and
+is saved beside the adapter), and the dense base under PiSSA's start. Each row is its own process. Peak RSS is read from
 /proc/self/status (VmHWM) after it was reset once the base was loaded and packed (loading goes through the dense
 weights, the training after it does not: that is the number QLoRA changes). Step time is the median over steps
 after the first. The eval loss is on the first 200 rows of the E2E dev split. Then the dense adapter and the best
@@ -37,8 +39,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 E2E = HERE.parent.parent / "shared" / "data" / "e2e"
-ROWS = [("lora fp32", "none", "default"), ("qlora nf4", "nf4", "default"), ("qlora nf4-dq", "nf4-dq", "default"),
-        ("qlora gguf (Q4_1 blocks)", "gguf", "default"), ("qlora nf4 + LoftQ", "nf4", "loftq")]
+ROWS = [("lora fp32", "none", "default", 1), ("qlora nf4", "nf4", "default", 1),
+        ("qlora nf4-dq", "nf4-dq", "default", 1), ("qlora gguf (Q4_1 blocks)", "gguf", "default", 1),
+        ("qlora nf4 + LoftQ", "nf4", "loftq", 1), ("qlora nf4 + LoftQ T=3", "nf4", "loftq", 3),
+        ("lora fp32 + PiSSA", "none", "pissa", 1)]  # (name, --quantize, --lora-init, --loftq-iter)
 
 
 def vm_hwm_mb() -> float:
@@ -84,7 +88,8 @@ def worker_train(a: argparse.Namespace) -> dict:
     cfg = TrainConfig(model=DEFAULT_MODEL, data=str(E2E / "trainset.csv"), val_data=a.dev, recipe="e2e",
                       output=a.out, r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", lr=2e-4,
                       warmup_steps=2, max_steps=a.steps, batch_size=a.batch_size, max_length=a.max_length, seed=0,
-                      dtype="float32", quantize=a.quantize, lora_init=a.init, max_examples=4000, overwrite=True)
+                      dtype="float32", quantize=a.quantize, lora_init=a.init, loftq_iter=a.loftq_iter,
+                      max_examples=4000, overwrite=True)
     s = train(cfg, progress=False).summary
     peak = vm_hwm_mb()
     rows = [json.loads(line) for line in (Path(a.out) / METRICS_FILE).read_text().splitlines() if '"loss"' in line]
@@ -180,6 +185,9 @@ def main() -> None:
     p.add_argument("--worker", choices=("train", "bleu", "big"))
     p.add_argument("--quantize", default="none")
     p.add_argument("--init", default="default")
+    p.add_argument("--loftq-iter", type=int, default=1)
+    p.add_argument("--only", help="comma-separated row names to train besides 'lora fp32' (the reference); no BLEU, "
+                                  "no 1B part")
     p.add_argument("--out")
     p.add_argument("--dev")
     a = p.parse_args()
@@ -194,17 +202,22 @@ def main() -> None:
     dev = write_dev(root / "dev200.csv")
     common = dict(steps=a.steps, batch_size=a.batch_size, max_length=a.max_length, dev=dev)
     results = {}
-    for name, quantize, init in ROWS:
-        results[name] = spawn("train", quantize=quantize, init=init, out=root / name.replace(" ", "_"), **common)
+    only = None if a.only is None else {"lora fp32", *(n.strip() for n in a.only.split(","))}
+    for name, quantize, init, iters in ROWS:
+        if only is not None and name not in only:
+            continue
+        results[name] = spawn("train", quantize=quantize, init=init, loftq_iter=iters,
+                              out=root / name.replace(" ", "_").replace("=", ""), **common)
         print(name, json.dumps(results[name]), flush=True)
     dense = results["lora fp32"]
-    packed = {n: r for n, r in results.items() if n != "lora fp32"}
-    best = min(packed, key=lambda n: packed[n]["val_loss"])
-    quantize_of = {name: q for name, q, _ in ROWS}
-    bleu = {n: spawn("bleu", quantize=quantize_of[n], out=root / n.replace(" ", "_"), eval_mrs=a.eval_mrs)
-            for n in ("lora fp32", best)}
-    big = {}
-    if not a.skip_big:
+    quantize_of = {name: q for name, q, _, _ in ROWS}
+    packed = {n: r for n, r in results.items() if quantize_of[n] != "none"}
+    bleu, big = {}, {}
+    if only is None:
+        best = min(packed, key=lambda n: packed[n]["val_loss"])
+        bleu = {n: spawn("bleu", quantize=quantize_of[n], out=root / n.replace(" ", "_").replace("=", ""),
+                         eval_mrs=a.eval_mrs) for n in ("lora fp32", best)}
+    if not a.skip_big and only is None:
         for q in ("none", "nf4", "nf4-dq", "bf16"):
             big[q] = spawn("big", quantize=q, big_steps=a.big_steps, bf16_tokens=a.bf16_tokens)
             print("1B", q, json.dumps(big[q]), flush=True)
@@ -224,8 +237,9 @@ def main() -> None:
               f"{r['step_seconds'] / dense['step_seconds']:.2f}x | {r['first_loss']:.4f} | "
               f"{100 * (r['first_loss'] / dense['first_loss'] - 1):+.2f}% | {r['val_loss']:.4f} | "
               f"{100 * (r['val_loss'] / dense['val_loss'] - 1):+.2f}% |")
-    print(f"\nE2E BLEU, first {a.eval_mrs} dev MRs, greedy: " + ", ".join(
-        f"{n} {b['BLEU']:.2f} ({b['decode_seconds']:.0f} s)" for n, b in bleu.items()))
+    if bleu:
+        print(f"\nE2E BLEU, first {a.eval_mrs} dev MRs, greedy: " + ", ".join(
+            f"{n} {b['BLEU']:.2f} ({b['decode_seconds']:.0f} s)" for n, b in bleu.items()))
     if big:
         ref = big["bf16"]["peak_rss_training_mb"]
         print("\n| 1B-class (TinyLlama shape), all-linear r=16 | tokens | linear bytes | peak RSS (MB) | "
