@@ -153,10 +153,10 @@ class MultiLoraLinear(nn.Module):
         if slot not in self.lora_a:
             return 0
         a, b = self.lora_a[slot], self.lora_b[slot]
-        blocked = self.lora_bt.get(slot)
-        if blocked is None and self.dtype == torch.float32 and self.device.type == "cpu":
-            blocked = torch.empty((-(-self.out_features // sgmv.BLOCK), b.shape[1], sgmv.BLOCK), device="meta")
-        return sum(t.numel() * b.element_size() for t in (a, b, *([blocked] if blocked is not None else [])))
+        numel = a.numel() + b.numel()
+        if slot in self.lora_bt or (self.dtype == torch.float32 and self.device.type == "cpu"):
+            numel += sgmv.blocked_numel(*b.shape)
+        return numel * b.element_size()
 
     def _stacks(self) -> tuple | None:
         """For the adapters of this batch that this layer has (G of them): ("sgmv", table (3, G), rows (n,) grouped by
@@ -186,14 +186,13 @@ class MultiLoraLinear(nn.Module):
         return "sgmv", table, rows, offsets
 
     def _masked_stacks(self, groups: list[tuple[int, torch.Tensor]]) -> tuple:
-        rows = self.routing.rows
         a_cat = torch.cat([self.lora_a[s] for s, _ in groups])  # (G·R, in)
         b_cat = torch.cat([self.lora_b[s] * self.lora_s[s] for s, _ in groups], dim=1)  # (out, G·R), scaled
-        mask = torch.zeros(len(rows), a_cat.shape[0], dtype=a_cat.dtype, device=a_cat.device)  # (B, G·R)
+        mask = a_cat.new_zeros(len(self.routing.rows), a_cat.shape[0])  # (B, G·R)
         start = 0
-        for s, _ in groups:
+        for s, rows in groups:  # each group's rows, as Routing found them
             r = self.lora_a[s].shape[0]
-            mask[rows == s, start:start + r] = 1
+            mask[rows, start:start + r] = 1
             start += r
         return "masked", a_cat, b_cat, mask, mask.T.contiguous()
 
@@ -446,7 +445,7 @@ class MultiLoraModel:
             itemsize = torch.empty((), dtype=dtype).element_size()
             total += t.numel() * itemsize
             if key.endswith(".lora_B.weight") and dtype == torch.float32 and device.type == "cpu":
-                total += -(-t.shape[0] // sgmv.BLOCK) * sgmv.BLOCK * t.shape[1] * itemsize
+                total += sgmv.blocked_numel(*t.shape) * itemsize
         return total
 
     def _find(self, path: str) -> nn.Module | None:

@@ -32,6 +32,11 @@ _lock = threading.Lock()
 _built: dict[str, object] = {}
 
 
+def blocked_numel(out: int, r: int) -> int:
+    """Elements of `blocked` for a B of (out, r): the outputs rounded up to whole blocks."""
+    return -(-out // BLOCK) * BLOCK * r
+
+
 def blocked(b: torch.Tensor, scaling: float) -> torch.Tensor:
     """s·Bᵀ of B (out, r) in the kernel's layout (C, r, BLOCK): block c holds outputs c·BLOCK ... (zeros past out),
     contiguous, in B's dtype (the scaling applied in fp32)."""
