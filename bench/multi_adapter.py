@@ -14,8 +14,9 @@ Rows printed:
    on one adapter (what reading one adapter instead of eight costs), PEFT `adapter_names`
    (its mixed-batch path), transformers `generate` on the plain base; the ratios the issue asks for; the share of
    the measured fp32 and bf16 matmul peaks that the mixed batch's FLOPs reach;
-2. the decode kernels measured for the multi-adapter layer (the C++ SGMV kernel: the default; the stacked masked
-   matmuls it falls back to without a compiler; per-adapter grouped matmuls; gather + bmm), each on the same mixed batch;
+2. the decode kernels measured for the multi-adapter layer (the C++ kernel, base and adapters in one pass: the
+   default; without a compiler, MKL's base and the stacked masked matmuls; per-adapter grouped matmuls and gather +
+   bmm on the C++ base), each on the same mixed batch;
 3. cold load: an r=16 all-linear adapter read from disk into the live model (`AdapterStore.ensure` after eviction),
    median and p90 over `--loads` loads;
 4. 1,000 adapters registered in a store with a 64-resident cap, each used once in turn, in a child process: its
@@ -37,7 +38,7 @@ from pathlib import Path
 import torch
 
 N_ADAPTERS, ROWS, RANK = 8, 16, 16
-DEFAULT_FORWARD_T = None  # MultiLoraLinear.forward_t, set while alternative kernels are measured
+DEFAULT_PROJECT_T = None  # multi.project_t, set while alternative kernels are measured
 
 
 def make_adapters(root: Path, n: int, base, seed: int = 0) -> list[Path]:
@@ -117,15 +118,18 @@ def decode_flops(session, rows: int, adapters: bool) -> float:
 
 
 # ---- alternative decode kernels, measured against the default (lora/multi.py) --------------------------------------
-# The engine's decode step calls MultiLoraLinear.forward_t (activations transposed, xt (in, B)), through
-# `multi.project_t` for layers that share their input; each alternative replaces forward_t for a mixed batch (and
-# `multi.add_mixed_t`, the default's kernel call, by nothing) and leaves every other case to the default.
+# The engine's decode step computes its layers through `multi.project_t` (activations transposed, xt (in, B)); each
+# alternative replaces it by the base alone from the same kernel plus its own adapters' part for a mixed batch
+# (the decode step's; prefills stay the default's).
 def _mixed_only(lora_part):
-    def forward_t(self, xt, with_lora=True, mixed=True):  # `mixed` ignored: the layer's own part, layer by layer
-        if not with_lora or self.routing.rows is None or not self.lora_a:
-            return DEFAULT_FORWARD_T(self, xt, with_lora)
-        return DEFAULT_FORWARD_T(self, xt, False) + lora_part(self, xt)
-    return forward_t
+    def project_t(layers, xt, with_lora=True, **kw):
+        if kw.get("tokens_per_row", 1) != 1:  # a prefill: the default's
+            return DEFAULT_PROJECT_T(layers, xt, with_lora, **kw)
+        outs = DEFAULT_PROJECT_T(layers, xt, with_lora=with_lora and layers[0].routing.rows is None, **kw)
+        if with_lora and layers[0].routing.rows is not None:
+            outs = [y + lora_part(layer, xt) if layer.lora_a else y for layer, y in zip(layers, outs)]
+        return outs
+    return project_t
 
 
 @_mixed_only
@@ -221,7 +225,6 @@ def main() -> None:
     from loraforge.infer.store import AdapterStore
     from loraforge.lora.adapter import read_adapter
     from loraforge.lora import multi
-    from loraforge.lora.multi import MultiLoraLinear
     from loraforge.models import load_model
     from loraforge.train.observe import measure_matmul_peak
 
@@ -258,26 +261,26 @@ def main() -> None:
     mixed_out, peft_out = outputs["mixed"], outputs["peft"]
     same_rows = sum(a == b for a, b in zip(mixed_out, peft_out))
     del peft_model, hf_base
-    kernels = {"sgmv: each row on its own adapter, C++ (default)": (t_mixed, True)}
+    kernels = {"C++: base and each row's own adapter in one pass (default)": (t_mixed, True)}
     os.environ["LORAFORGE_KERNELS"] = "0"  # the fallback where the kernel cannot be built
     session.lora.routing.set(None)  # the layers rebuild their stacks for the next mix
     try:
         t, out = best_of(args.repeats, lambda: ours(session, ids, names, new))
-        kernels["stacked + row mask (the fallback without a compiler)"] = (t, out == mixed_out)
+        kernels["no C++ kernel: MKL's base, adapters stacked + row mask (the fallback)"] = (t, out == mixed_out)
     finally:
         os.environ.pop("LORAFORGE_KERNELS")
         session.lora.routing.set(None)
-    global DEFAULT_FORWARD_T
-    DEFAULT_FORWARD_T = default = MultiLoraLinear.forward_t
-    add_mixed_t = multi.add_mixed_t
-    for label, forward_t in (("grouped per adapter", grouped_decode), ("gather + bmm", gather_decode)):
-        MultiLoraLinear.forward_t, multi.add_mixed_t = forward_t, lambda pairs, xt: None
+    global DEFAULT_PROJECT_T
+    from loraforge.infer import decode
+
+    DEFAULT_PROJECT_T = default = multi.project_t
+    for label, project_t in (("grouped per adapter", grouped_decode), ("gather + bmm", gather_decode)):
+        multi.project_t = decode.project_t = project_t
         try:
             t, out = best_of(args.repeats, lambda: ours(session, ids, names, new))
             kernels[label] = (t, out == mixed_out)
         finally:
-            MultiLoraLinear.forward_t, multi.add_mixed_t = default, add_mixed_t
-
+            multi.project_t = decode.project_t = default
 
     fp32_peak, bf16_peak = measure_matmul_peak(torch.float32), measure_matmul_peak(torch.bfloat16)
     flops = decode_flops(session, ROWS, True) * new / t_mixed

@@ -89,9 +89,9 @@ def _kernel_layer(n_in: int, n_out: int, ranks: list[int], scalings: list[float]
     """One layer's kernel arguments (table, rows, offsets), the tensors the table points into, and the closed form."""
     A = [torch.randn(r, n_in) for r in ranks]
     B = [torch.randn(n_out, r) for r in ranks]
-    bts = [sgmv.blocked(b, s) for b, s in zip(B, scalings)]
-    table = torch.tensor([[a.data_ptr() for a in A], [bt.data_ptr() for bt in bts], ranks])
-    rows = torch.tensor([i for group in groups for i in group])
+    table = torch.tensor([[a.data_ptr() for a in A], [b.data_ptr() for b in B], ranks])
+    table = torch.cat([table, torch.tensor([scalings], dtype=torch.float64).view(torch.long)])
+    rows = torch.tensor([i for group in groups for i in group], dtype=torch.long)
     offsets = torch.tensor([0, *[len(group) for group in groups]]).cumsum(0)
 
     def closed_form(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # x (N, in), y (N, out) row-major
@@ -101,33 +101,50 @@ def _kernel_layer(n_in: int, n_out: int, ranks: list[int], scalings: list[float]
                 y[i] += scalings[g] * (B[g] @ (A[g] @ x[i]))
         return y
 
-    return (table, rows, offsets), (A, bts), closed_form
+    return (table, rows, offsets), (A, B), closed_form
 
 
-def test_sgmv_kernel_against_the_closed_form():
-    """y_l[:, row] += s·B_k A_k x[:, row] for each row's own adapter k and each layer l sharing x, on strided views
-    (the row-major batch's transposes) and the decode step's layout; groups of 1-3 rows, each adapter at its own
-    rank (2-5), 133 outputs (a partial block); rows in no group are not touched (bit for bit)."""
+@pytest.mark.parametrize("N", [9, 37])  # one panel of rows (16); three, the last partial, one adapter's 12 rows in two
+def test_kernel_against_the_closed_form(N):
+    """y_l = W_l x + b_l + s·B_k A_k x for each row's own adapter k and each layer l sharing x, written whole; or
+    only the adapters' part added into y_l (no W); on strided views (a row-major batch's transposes) and the decode
+    step's layout; groups of 1-3 rows, each adapter at its own rank (2-5), 133 outputs (a partial tile of 6); rows in
+    no group are the base alone (bit for bit in the adding form: untouched)."""
     kernel = sgmv.kernel()
     assert kernel is not None, "the C++ kernel did not build here (see the warning above): a compiler is required"
     torch.manual_seed(0)
-    n_in, N = 37, 9
-    first, _held1, first_form = _kernel_layer(n_in, 133, [2, 5, 3], [2.0, 0.7, 1.5], [[4], [0, 7, 2], [5, 8]])
-    second, _held2, second_form = _kernel_layer(n_in, 20, [4], [0.5], [[1, 3, 8]])  # another layer's adapters, rows
+    n_in = 37
+    groups1 = [[4], [0, 7, 2], [5, N - 1]] + ([[20, 11, 36, 17], list(range(21, 33))] if N > 20 else [])
+    first, _held1, first_form = _kernel_layer(n_in, 133, [2, 5, 3, 4, 3][:len(groups1)],
+                                              [2.0, 0.7, 1.5, 0.3, 1.1][:len(groups1)], groups1)
+    second, _held2, second_form = _kernel_layer(n_in, 20, [4], [0.5], [[1, 3, N - 1]])  # another layer's adapters
     x, y1, y2 = 0.2 * torch.randn(N, n_in), torch.randn(N, 133), torch.randn(N, 20)  # updates of order 1
     want1, want2 = first_form(x, y1), second_form(x, y2)
     before1 = y1.clone()
-    kernel.sgmv_([y1.T, y2.T], x.T, *[list(pair) for pair in zip(first, second)])
+    kernel.linear_t_([y1.T, y2.T], x.T, [None, None], [None, None], *[list(pair) for pair in zip(first, second)])
     assert max_abs_diff(y1, want1) <= FP32 and max_abs_diff(y2, want2) <= FP32
     assert torch.equal(y1[[1, 3, 6]], before1[[1, 3, 6]])  # the first layer's base rows
     yt = before1.T.contiguous()  # the decode step's transposed, contiguous layout, one layer
-    kernel.sgmv_([yt], x.T.contiguous(), *[[t] for t in first])
+    kernel.linear_t_([yt], x.T.contiguous(), [None], [None], *[[t] for t in first])
     assert max_abs_diff(yt.T, want1) <= FP32
+    W1, b1, W2 = torch.randn(133, n_in), torch.randn(133), torch.randn(20, n_in)  # the base matmul in the same pass
+    outs = [torch.full((133, N), float("nan")), torch.full((20, N), float("nan"))]  # every element is written
+    kernel.linear_t_(outs, x.T, [W1, W2], [b1, None], *[list(pair) for pair in zip(first, second)])
+    base1, base2 = x @ W1.T + b1, x @ W2.T
+    assert max_abs_diff(outs[0].T, first_form(x, base1)) <= FP32
+    assert max_abs_diff(outs[1].T, second_form(x, base2)) <= FP32
+    empty = (torch.zeros((4, 0), dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    alone = torch.empty(133, N)
+    kernel.linear_t_([alone], x.T.contiguous(), [W1], [b1], *[[t] for t in empty])  # no adapter: the base alone
+    assert max_abs_diff(alone.T, base1) <= FP32
+    assert torch.equal(alone[:, [1, 3, 6]], outs[0][:, [1, 3, 6]])  # base rows of the mixed call, bit for bit
 
 
-def test_one_adapter_for_the_whole_batch_and_no_adapter(adapters):
+@pytest.mark.parametrize("few_rows", [False, True])  # x Wᵀ, or the engine's W xᵀ kernel (every token a row)
+def test_one_adapter_for_the_whole_batch_and_no_adapter(adapters, few_rows):
     builder, folders = adapters
-    multi = _served(builder, folders)
+    multi = _served(builder, folders, wrap_all=few_rows)
+    multi.routing.small_batch_kernel = few_rows
     ids = token_ids(3, 5, seed=2)
     multi.route(["a1"])  # one name: every row, whatever the batch size (beam search widens it)
     with torch.no_grad():
@@ -135,7 +152,11 @@ def test_one_adapter_for_the_whole_batch_and_no_adapter(adapters):
     assert max_abs_diff(uniform, _alone(builder, folders["a1"], ids)) <= FP32
     multi.route(None)
     with torch.no_grad():
-        assert torch.equal(multi.model(input_ids=ids).logits, _alone(builder, None, ids))
+        base = multi.model(input_ids=ids).logits
+    if few_rows:  # the kernel's own sums: equal up to float rounding
+        assert max_abs_diff(base, _alone(builder, None, ids)) <= FP32
+    else:  # no adapter in the batch: the base layers' own forward, bit for bit
+        assert torch.equal(base, _alone(builder, None, ids))
 
 
 def test_adding_and_removing_leaves_the_others_unchanged(adapters):
@@ -177,21 +198,16 @@ def test_replacing_an_adapter_serves_the_new_weights(adapters):
 
 
 def test_adapter_bytes_count_what_is_resident(adapters):
-    """A and B in fp32, plus the kernel's blocked s·Bᵀ (outputs rounded up to blocks of 64), counted from the load
-    on, before a mixed batch makes it: a store's cap then holds after serving too."""
+    """A and B in fp32, as read: the kernel reads them where they are, serving a mixed batch adds nothing."""
     builder, folders = adapters
     multi = _served(builder, folders)
     expected = {}
     for name, folder in folders.items():
-        tensors = read_adapter(folder).tensors
-        blocked = sum(-(-t.shape[0] // sgmv.BLOCK) * sgmv.BLOCK * t.shape[1] * 4
-                      for k, t in tensors.items() if k.endswith("lora_B.weight"))
-        expected[name] = sum(t.numel() * 4 for t in tensors.values()) + blocked
+        expected[name] = sum(t.numel() * 4 for t in read_adapter(folder).tensors.values())
         assert multi.adapter_bytes(name) == expected[name]
-    multi.route(list(folders))  # one row per adapter: the kernel makes every blocked s·Bᵀ
+    multi.route(list(folders))  # one row per adapter
     with torch.no_grad():
         multi.model(input_ids=token_ids(len(folders), 1, seed=3))
-    assert all(layer.lora_bt for layer in multi.layers.values())
     assert {name: multi.adapter_bytes(name) for name in folders} == expected
     fresh = MultiLoraModel(builder())  # what a store reserves before adding: the same bytes, layers wrapped or not
     for name, folder in folders.items():

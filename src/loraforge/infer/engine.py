@@ -112,8 +112,6 @@ class Engine:
         pad = session.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.stop_ids, default=0)
         self.lean = supports(self.model)  # the written-out decode step (infer/decode.py) where it applies
-        if self.lean:
-            self.model.lm_head.pack()  # the head in oneDNN's layout: ~5 ms of a 16-row step on a CPU (lora.multi)
         self.cache_kw = cache_keyword(self.model)
         self.max_positions = getattr(self.model.config, "max_position_embeddings", None) or \
             getattr(self.model.config, "n_positions", None)

@@ -6,22 +6,21 @@ This is the serving layer (STYLE.md: the training layer holds one adapter). Adap
 (`lora.adapter.read_adapter`) and put into numbered *slots*; one `Routing` object, shared by every layer, holds
 each row's slot for the next forward. Kernels, chosen by measurement (bench/RESULTS.md, "multi-adapter kernels"):
 
-- decode (one token per row): each row times its own adapter only, in one call for the layers that share an input
-  (`lora/csrc/sgmv.cpp`, Punica's SGMV for CPUs, compiled on first use by `lora.sgmv`): every present adapter's A
-  and s·B are read once, whatever number of rows use it, where they live (a table of addresses; s·Bᵀ is kept per
-  adapter in the kernel's blocked layout once it serves a mixed batch), so a request joining or leaving copies
-  nothing. Where the kernel cannot be built (no C++ compiler), or the weights are not fp32 on a CPU, the fallback
+- a few rows (the engine's decode step, `Routing.small_batch_kernel`): one C++ pass per group of layers that share
+  an input (`lora/csrc/sgmv.cpp`, Punica's SGMV fused into the base matmul, compiled on first use by `lora.sgmv`):
+  yᵀ = W xᵀ + b + each row's own s·B A xᵀ, with the rows as the short dimension (1.2-2.9x MKL's sgemm on this
+  machine's AVX2 cores for 16 rows). Every present adapter's A and B are read once, whatever number of rows use it,
+  where they live (a table of addresses), so a request joining or leaving copies nothing. Where the kernel cannot be
+  built (no C++ compiler), or the weights are not fp32 on a CPU, torch's matmul computes W xᵀ, and the fallback
   stacks the A's into one (G·R, in) and the B's into one (out, G·R) matrix: one matmul gives every row's
   projection on every present adapter, a 0/1 mask keeps each row's own block, one more matmul adds it (three ops a
   layer, G times the FLOPs, and the stacks are copied again when the mix changes). No Python loop over rows or
   adapters either way.
 - prefill (many tokens per row): a few tokens per adapter go through the kernel too, every token a row; longer
   prompts take one (x A_kᵀ) B_kᵀ per adapter present, on that adapter's rows only (`_add_prefill`).
-- a few rows (the engine's decode step, `Routing.small_batch_kernel`): the same sums computed transposed,
-  yᵀ = W xᵀ + ..., the faster form on this machine's CPU when the rows are few (`forward_t`).
 
-A base row gets nothing from the kernel, and exactly +0 from the fallback's zero mask: its output is what the base
-computes on the same batch, bit for bit, and a batch with no adapter row skips the LoRA branch entirely. The scaling (alpha/r, or
+A base row gets exactly +0 from the kernel's and the fallback's zeros: its output is what the base computes on the
+same batch, bit for bit, and a batch with no adapter row skips the LoRA branch entirely. The scaling (alpha/r, or
 alpha/sqrt(r) with rsLoRA, per module with rank/alpha patterns) is applied in the matmul (`alpha=`), or folded into B
 when the adapter's dtype or device differs from the base's. DoRA, embedding targets and bias-training adapters are
 refused with a message; a merged model has no LoRA left to serve.
@@ -29,6 +28,7 @@ refused with a message; a merged model has no LoRA left to serve.
 from __future__ import annotations
 
 import copy
+import struct
 
 import torch
 from torch import nn
@@ -46,6 +46,10 @@ SERVED = (nn.Linear, Conv1D, QuantLinear)
 
 SMALL_BATCH_ROWS = 64
 """Up to this many rows (tokens) a layer computes W xᵀ, the faster form for few rows (see `_forward_few_rows`)."""
+
+KERNEL_ROWS = 1024
+"""Up to this many rows (tokens) a layer the C++ kernel serves computes W xᵀ there, the adapters in the same pass (a
+mixed prefill too): as fast as MKL's sgemm at 176 rows, faster below (bench/RESULTS.md)."""
 
 KERNEL_TOKENS_PER_ADAPTER = 32
 """A mixed prefill of up to this many tokens per adapter present runs the SGMV kernel (see `_add_prefill`): its
@@ -67,6 +71,7 @@ class Routing:
         self.present: list[int] = []  # distinct slots >= 0 of a mixed batch, ascending
         self.groups: list[tuple[int, torch.Tensor]] = []  # (slot, row indices) per present slot
         self._key: tuple | None = None
+        self._rows_of: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # `rows_of`, for the current mix
         self.small_batch_kernel = False  # set by the decode engine: W @ xᵀ for a few rows (see MultiLoraLinear)
 
     def set(self, slots: list[int | None] | None) -> None:
@@ -78,6 +83,7 @@ class Routing:
             return  # the same mix as the last forward: the layers' stacks stay valid
         self._key, self.version = key, self.version + 1
         self.uniform, self.rows, self.present, self.groups = None, None, [], []
+        self._rows_of = {}
         if key is None:
             return
         if key[0] == "uniform":
@@ -86,6 +92,24 @@ class Routing:
         self.rows = torch.tensor(key, dtype=torch.long, device=self.device)
         self.present = sorted({s for s in key if s >= 0})
         self.groups = [(s, (self.rows == s).nonzero().flatten()) for s in self.present]
+
+    def rows_of(self, slots: tuple[int, ...], n: int, tokens_per_row: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows grouped by slot, offsets (G+1,)) of `slots` (present ones, in `groups` order; `uniform`: all `n` rows
+        (tokens) of the call), with every row's `tokens_per_row` tokens as rows i·T ... (a mixed prefill): the
+        kernel's arguments, the same for every layer that has these adapters, so made once per mix."""
+        key = (slots, n if self.uniform is not None else 0, tokens_per_row)
+        if key not in self._rows_of:
+            T = tokens_per_row
+            if self.uniform is not None:
+                groups = [torch.arange(n, device=self.device)]
+            else:
+                wanted = set(slots)
+                groups = [rows for s, rows in self.groups if s in wanted]
+                if T > 1:
+                    groups = [(rows[:, None] * T + torch.arange(T, device=self.device)).flatten() for rows in groups]
+            offsets = torch.tensor([0, *[len(rows) for rows in groups]], device=self.device).cumsum(0)
+            self._rows_of[key] = torch.cat(groups), offsets
+        return self._rows_of[key]
 
 
 class MultiLoraLinear(nn.Module):
@@ -104,9 +128,7 @@ class MultiLoraLinear(nn.Module):
         self.lora_a: dict[int, torch.Tensor] = {}  # slot -> A (r, in), in the base weight's dtype
         self.lora_b: dict[int, torch.Tensor] = {}  # slot -> B (out, r)
         self.lora_s: dict[int, float] = {}  # slot -> the scaling still to apply (1.0 when folded into B)
-        self.lora_bt: dict[int, torch.Tensor] = {}  # slot -> s·Bᵀ blocked for the SGMV kernel (`sgmv.blocked`), on use
-        self._stack_key: tuple[int, int] | None = None
-        self._packed: tuple[tuple, torch.Tensor] | None = None  # (the weight's identity, oneDNN's blocked copy): `pack`
+        self._stack_key: tuple[int, int, int] | None = None
         self._stack: tuple | None = None  # `_stacks`, for the batch's mix
         self._version = 0
 
@@ -130,15 +152,13 @@ class MultiLoraLinear(nn.Module):
         if a.dtype != dtype or b.dtype != dtype or a.device != device or b.device != device:
             a = a.to(device=device, dtype=dtype)
             b, scaling = (b.to(device=device, dtype=torch.float32) * scaling).to(dtype), 1.0
-        self.lora_a[slot], self.lora_b[slot], self.lora_s[slot] = a.contiguous(), b, float(scaling)
-        self.lora_bt.pop(slot, None)
+        self.lora_a[slot], self.lora_b[slot], self.lora_s[slot] = a.contiguous(), b.contiguous(), float(scaling)
         self._version += 1
 
     def remove_adapter(self, slot: int) -> None:
         if self.lora_a.pop(slot, None) is not None:
             self.lora_b.pop(slot)
             self.lora_s.pop(slot)
-            self.lora_bt.pop(slot, None)
             self._version += 1
 
     def _delta(self, slot: int, x: torch.Tensor) -> torch.Tensor:
@@ -148,42 +168,46 @@ class MultiLoraLinear(nn.Module):
         return delta if s == 1.0 else delta * s
 
     def adapter_bytes(self, slot: int) -> int:
-        """The bytes `slot` holds here, counting the kernel's blocked s·Bᵀ before it exists (it is made when the
-        adapter first serves a mixed batch on a CPU in fp32), so that a store's memory cap holds afterwards too."""
+        """The bytes `slot` holds here: its A and B (the kernel reads them where they are)."""
         if slot not in self.lora_a:
             return 0
-        a, b = self.lora_a[slot], self.lora_b[slot]
-        numel = a.numel() + b.numel()
-        if slot in self.lora_bt or (self.dtype == torch.float32 and self.device.type == "cpu"):
-            numel += sgmv.blocked_numel(*b.shape)
-        return numel * b.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.lora_a[slot], self.lora_b[slot]))
 
-    def _stacks(self) -> tuple | None:
-        """For the adapters of this batch that this layer has (G of them): ("sgmv", table (3, G), rows (n,) grouped by
-        adapter, offsets (G+1,)) for the kernel (`_sgmv_stacks`), or ("masked", A_cat (G·R, in), s·B_cat (out, G·R),
-        mask (B, G·R), maskᵀ) for the fallback. None when no row's adapter is here."""
-        key = (self.routing.version, self._version)
+    def _dense_weight(self, xt: torch.Tensor) -> torch.Tensor | None:
+        """The base weight when the C++ kernel can multiply it (a dense fp32 `nn.Linear` on a CPU, fp32 input)."""
+        weight = getattr(self.base_layer, "weight", None)
+        if (self.fan_in_fan_out or not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32
+                or weight.device.type != "cpu" or xt.dtype != torch.float32 or not weight.is_contiguous()):
+            return None
+        return weight
+
+    def _stacks(self, n: int = 0, tokens_per_row: int = 1) -> tuple | None:
+        """For the adapters of this batch that this layer has (G of them): ("sgmv", table (4, G), rows grouped by
+        adapter, offsets (G+1,)) for the kernel (`_table`), or ("masked", A_cat (G·R, in), s·B_cat (out, G·R),
+        mask (B, G·R), maskᵀ) for the fallback. None when no row's adapter is here. With every row on one adapter
+        (`Routing.uniform`) the kernel's stacks for a batch of `n` rows (the fallback has its own matmul for it);
+        with `tokens_per_row` T > 1 (a mixed prefill, the kernel's only), every token a row: row i's are i·T ... ."""
+        routing = self.routing
+        key = (routing.version, self._version, n if routing.uniform is not None else 0, tokens_per_row)
         if key != self._stack_key:
-            groups = [(s, rows) for s, rows in self.routing.groups if s in self.lora_a]
+            if routing.uniform is not None:
+                slots = (routing.uniform,) if routing.uniform in self.lora_a and n else ()
+            else:
+                slots = tuple(s for s in routing.present if s in self.lora_a)
             self._stack = None
-            if groups:
-                like = self.lora_a[groups[0][0]]
-                use_kernel = like.dtype == torch.float32 and like.device.type == "cpu" and sgmv.kernel() is not None
-                self._stack = (self._sgmv_stacks if use_kernel else self._masked_stacks)(groups)
+            if slots:
+                if self.dtype == torch.float32 and self.device.type == "cpu" and sgmv.kernel() is not None:
+                    self._stack = ("sgmv", self._table(slots), *routing.rows_of(slots, n, tokens_per_row))
+                else:
+                    self._stack = self._masked_stacks([(s, rows) for s, rows in routing.groups if s in slots])
             self._stack_key = key
         return self._stack
 
-    def _sgmv_stacks(self, groups: list[tuple[int, torch.Tensor]]) -> tuple:
-        """The kernel's table (3, G): where each adapter's A and blocked s·Bᵀ live, and its rank; nothing copied."""
-        for s, _ in groups:
-            if s not in self.lora_bt:  # once per adapter and layer, when it first serves a mixed batch
-                self.lora_bt[s] = sgmv.blocked(self.lora_b[s], self.lora_s[s])
-        table = torch.tensor([[self.lora_a[s].data_ptr() for s, _ in groups],
-                              [self.lora_bt[s].data_ptr() for s, _ in groups],
-                              [self.lora_a[s].shape[0] for s, _ in groups]], dtype=torch.long)
-        rows = torch.cat([rows for _, rows in groups])
-        offsets = torch.tensor([0, *[len(rows) for _, rows in groups]], device=rows.device).cumsum(0)
-        return "sgmv", table, rows, offsets
+    def _table(self, slots: tuple[int, ...]) -> torch.Tensor:
+        """The kernel's table (4, G): where each adapter's A and B live, its rank and scaling (float64 bits)."""
+        return torch.tensor([[self.lora_a[s].data_ptr() for s in slots], [self.lora_b[s].data_ptr() for s in slots],
+                             [self.lora_a[s].shape[0] for s in slots],
+                             [_float64_bits(self.lora_s[s]) for s in slots]], dtype=torch.long)
 
     def _masked_stacks(self, groups: list[tuple[int, torch.Tensor]]) -> tuple:
         a_cat = torch.cat([self.lora_a[s] for s, _ in groups])  # (G·R, in)
@@ -198,8 +222,11 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = self.routing
-        if routing.small_batch_kernel and not self.fan_in_fan_out and x.shape[:-1].numel() <= SMALL_BATCH_ROWS:
-            return self._forward_few_rows(x)
+        if routing.small_batch_kernel and not self.fan_in_fan_out:
+            rows = x.shape[:-1].numel()
+            if rows <= SMALL_BATCH_ROWS or (rows <= KERNEL_ROWS and sgmv.kernel() is not None
+                                            and self._dense_weight(x) is not None):
+                return self._forward_few_rows(x)
         result = self.base_layer(x)  # (B, T, out)
         if routing.uniform is not None:  # one adapter for the whole batch: the plain LoRA forward
             if routing.uniform not in self.lora_a:
@@ -213,20 +240,22 @@ class MultiLoraLinear(nn.Module):
         return self._add_prefill(result, x)  # prefill: each adapter on its own rows
 
     def _forward_few_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """The same sum for a few rows (tokens), computed transposed by `forward_t`. With the rows as the small
-        dimension MKL runs 1.3-1.8x faster on this machine's AVX2 cores than x Wᵀ (bench/RESULTS.md, "decode
-        kernels"); equal up to float rounding."""
-        shape = x.shape
-        one_token = shape[1] == 1
-        yt = self.forward_t(x.reshape(-1, shape[-1]).T, with_lora=one_token or self.routing.rows is None)
-        y = yt.T.contiguous().view(*shape[:-1], yt.shape[0])  # (B, T, out), row-major again
-        if self.routing.rows is not None and not one_token:  # a mixed prefill of a few tokens: adapters on their rows
+        """The same sum for a few rows (tokens), computed transposed (`project_t`). With the tokens as the short
+        dimension the kernel (or MKL) runs faster on this machine's AVX2 cores than x Wᵀ (bench/RESULTS.md, "decode
+        kernels"); equal up to float rounding. A mixed prefill's tokens each take their row's adapter."""
+        B, T = x.shape[:2]
+        xt = x.reshape(B * T, x.shape[-1]).T
+        mixed_prefill = self.routing.rows is not None and T > 1
+        fused = mixed_prefill and sgmv.kernel() is not None and self._dense_weight(xt) is not None
+        yt = project_t([self], xt, with_lora=fused or not mixed_prefill, tokens_per_row=T, row_major=True)[0]
+        y = yt.T.contiguous().view(B, T, yt.shape[0])  # (B, T, out), row-major (the kernel wrote it so: no copy)
+        if mixed_prefill and not fused:  # adapters on their rows' tokens, after the base
             y = self._add_prefill(y, x)
         return y
 
     def _add_prefill(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """`result` (B, T, out) plus each row's adapter on its T tokens (a mixed prefill). Up to
-        `KERNEL_TOKENS_PER_ADAPTER` tokens per adapter present: the SGMV kernel with every token a row, one call a
+        `KERNEL_TOKENS_PER_ADAPTER` tokens per adapter present: the kernel with every token a row, one call a
         layer; more: a matmul pair per adapter on its rows, where MKL's speed on long prompts outweighs the Python
         calls (16 prompts of 10 tokens on 8 adapters: 490 -> 330 ms, against 300 for the base alone)."""
         stacks = self._stacks()
@@ -239,7 +268,8 @@ class MultiLoraLinear(nn.Module):
         tokens = (rows[:, None] * T + torch.arange(T, device=rows.device)).flatten()  # each row's T tokens, in order
         result = result.contiguous()  # (a no-op for the base layers here)
         flat = result.view(B * T, -1)  # a view: the kernel adds into `result`
-        sgmv.kernel().sgmv_([flat.T], x.reshape(B * T, -1).to(self.dtype).T, [table], [tokens], [offsets * T])
+        sgmv.kernel().linear_t_([flat.T], x.reshape(B * T, -1).to(self.dtype).T, [None], [None], [table], [tokens],
+                                [offsets * T])
         return result
 
     def _add_groups(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -249,58 +279,53 @@ class MultiLoraLinear(nn.Module):
                 result = result.index_add(0, rows, self._delta(slot, x[rows]).to(result.dtype))  # (n, T, out)
         return result
 
-    def pack(self) -> None:
-        """Keep a copy of the fp32 base weight in oneDNN's blocked layout, which `forward_t` multiplies instead: for
-        the vocabulary head of the decode step, 9.1 against 13.8 ms a step (16 rows, SmolLM2's 49,152 x 576 head;
-        the layers gain nothing, bench/RESULTS.md). It costs the weight's bytes once more, so only the engine asks
-        for it, for the head. Nothing is kept where oneDNN is missing or the weight is not a dense fp32 CPU one."""
-        weight = getattr(self.base_layer, "weight", None)
-        if (self.fan_in_fan_out or not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32
-                or weight.device.type != "cpu" or not torch.backends.mkldnn.is_available()):
-            return
-        identity = (weight.data_ptr(), weight._version)
-        if self._packed is None or self._packed[0] != identity:
-            try:
-                self._packed = identity, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), SMALL_BATCH_ROWS)
-            except (RuntimeError, AttributeError):  # a torch built without these oneDNN ops: the plain matmul
-                self._packed = None
-
-    def _base_t(self, xt: torch.Tensor) -> torch.Tensor:
-        """W xᵀ (out, N): a new tensor, through the packed weight where `pack` made one (for the current weight)."""
-        packed = self._packed
-        if packed is not None and xt.dtype == torch.float32 and packed[0] == (self.base_layer.weight.data_ptr(),
-                                                                              self.base_layer.weight._version):
-            return torch.ops.mkldnn._linear_pointwise(xt.T.contiguous(), packed[1], None, "none", [], "").T
-        return torch.mm(base_weight(self.base_layer, xt.dtype), xt)
-
-    def forward_t(self, xt: torch.Tensor, with_lora: bool = True, mixed: bool = True) -> torch.Tensor:
+    def forward_t(self, xt: torch.Tensor, with_lora: bool = True) -> torch.Tensor:
         """yᵀ = W xᵀ + b (+ s·B A xᵀ for the batch's one adapter, or each row's own adapter for a mixed batch of one
-        token per row): xt (in, N) -> (out, N), N the rows. The decode step keeps activations this way.
-        `mixed=False` leaves a mixed batch's adapters to the caller (`project_t`: one kernel call for the layers that
-        share xt)."""
-        routing = self.routing
-        yt = self._base_t(xt)  # (out, N), a new tensor: the sums below go into it in place
-        if with_lora and routing.uniform is not None and routing.uniform in self.lora_a:
-            slot = routing.uniform
-            a, b = self.lora_a[slot], self.lora_b[slot]
-            yt.addmm_(b, torch.mm(a, xt.to(a.dtype)), alpha=self.lora_s[slot])
-        if self.base_layer.bias is not None:
-            yt.add_(self.base_layer.bias[:, None])
-        if with_lora and mixed and routing.rows is not None:
-            add_mixed_t([(self, yt)], xt)
-        return yt
+        token per row): xt (in, N) -> (out, N), N the rows. The decode step keeps activations this way."""
+        return project_t([self], xt, with_lora)[0]
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, slots={sorted(self.lora_a)}"
 
 
-def project_t(layers: list[MultiLoraLinear] | tuple[MultiLoraLinear, ...], xt: torch.Tensor) -> list[torch.Tensor]:
-    """[layer.forward_t(xt) for layer in layers], the layers sharing their input xt (in, N) (q, k and v; gate and up):
-    a mixed batch's adapters of all of them in one kernel call."""
-    outs = [layer.forward_t(xt, mixed=False) for layer in layers]
-    if layers[0].routing.rows is not None:
-        add_mixed_t(list(zip(layers, outs)), xt)
-    return outs
+NO_ADAPTERS = ("sgmv", torch.zeros((4, 0), dtype=torch.long), torch.zeros(0, dtype=torch.long),
+               torch.zeros(1, dtype=torch.long))
+"""The kernel's stacks for a layer none of whose adapters is in the batch: its base alone."""
+
+
+def project_t(layers: list[MultiLoraLinear] | tuple[MultiLoraLinear, ...], xt: torch.Tensor,
+              with_lora: bool = True, tokens_per_row: int = 1, row_major: bool = False) -> list[torch.Tensor]:
+    """[yᵀ = W xᵀ + b + each row's adapter for each layer], the layers sharing their input xt (in, N) (q, k and v;
+    gate and up). Where the C++ kernel serves (dense fp32 weights on a CPU) all of them are one call: the base and
+    every row's own adapter in one pass over each weight (`csrc/sgmv.cpp`); a mixed batch's rows may hold
+    `tokens_per_row` tokens each (a prefill), each a column of xt. Otherwise torch's matmul for the base, and the
+    adapters of a mixed batch of one token per row in one kernel call for all the layers (or the stacked fallback).
+    `row_major`: the kernel writes each yᵀ as the transpose of a contiguous (N, out), for a caller that wants y."""
+    kernel = sgmv.kernel()
+    routing = layers[0].routing
+    weights = [layer._dense_weight(xt) for layer in layers] if kernel is not None else [None]
+    n = xt.shape[1]
+    if all(w is not None for w in weights):
+        lora = with_lora and (routing.rows is not None or routing.uniform is not None)
+        stacks = [(layer._stacks(n, tokens_per_row) if lora else None) or NO_ADAPTERS for layer in layers]
+        ys = [xt.new_empty(n, layer.out_features).T if row_major else xt.new_empty(layer.out_features, n)
+              for layer in layers]
+        kernel.linear_t_(ys, xt, weights, [layer.base_layer.bias for layer in layers], *[
+            [s[i] for s in stacks] for i in (1, 2, 3)])
+        return ys
+    ys = []
+    for layer in layers:
+        yt = torch.mm(base_weight(layer.base_layer, xt.dtype), xt)  # (out, N), a new tensor: the sums go into it
+        slot = routing.uniform
+        if with_lora and slot is not None and slot in layer.lora_a:
+            yt.addmm_(layer.lora_b[slot], torch.mm(layer.lora_a[slot], xt.to(layer.dtype)), alpha=layer.lora_s[slot])
+        if layer.base_layer.bias is not None:
+            yt.add_(layer.base_layer.bias[:, None])
+        ys.append(yt)
+    if with_lora and routing.rows is not None:
+        assert tokens_per_row == 1, "a mixed prefill without the kernel goes through MultiLoraLinear._add_prefill"
+        add_mixed_t(list(zip(layers, ys)), xt)
+    return ys
 
 
 def add_mixed_t(pairs: list[tuple[MultiLoraLinear, torch.Tensor]], xt: torch.Tensor) -> None:
@@ -319,7 +344,12 @@ def add_mixed_t(pairs: list[tuple[MultiLoraLinear, torch.Tensor]], xt: torch.Ten
             yt.addmm_(b_cat, torch.mm(a_cat, xt).mul_(mask_t))
     if kernel_args[0]:
         ys, tables, rows, offsets = kernel_args
-        sgmv.kernel().sgmv_(ys, xt, tables, rows, offsets)
+        none = [None] * len(ys)
+        sgmv.kernel().linear_t_(ys, xt, none, none, tables, rows, offsets)
+
+
+def _float64_bits(value: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", value))[0]
 
 
 def _dtype_device(base_layer: nn.Module) -> tuple[torch.dtype, torch.device]:
@@ -431,7 +461,7 @@ class MultiLoraModel:
 
     def bytes_needed(self, weights) -> int:
         """The bytes adapter `weights` (an `AdapterWeights`) will hold once added, as `adapter_bytes` counts them
-        (in each layer's dtype, with the kernel's blocked s·Bᵀ): what a store's memory cap must make room for."""
+        (in each layer's dtype): what a store's memory cap must make room for."""
         total = 0
         for key, t in weights.tensors.items():
             path = key.rsplit(".", 2)[0]
@@ -441,11 +471,7 @@ class MultiLoraModel:
             if not isinstance(module, SERVED):
                 total += t.numel() * t.element_size()  # a saved module (or a key `add` will refuse)
                 continue
-            dtype, device = _dtype_device(module)
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            total += t.numel() * itemsize
-            if key.endswith(".lora_B.weight") and dtype == torch.float32 and device.type == "cpu":
-                total += sgmv.blocked_numel(*t.shape) * itemsize
+            total += t.numel() * torch.empty((), dtype=_dtype_device(module)[0]).element_size()
         return total
 
     def _find(self, path: str) -> nn.Module | None:

@@ -1,10 +1,10 @@
-"""The engine's C++ kernels, compiled on first use for this machine's CPU: the mixed-batch LoRA kernel
-(csrc/sgmv.cpp, `sgmv_`) and the decode step's RMSNorm and rotary embedding in one pass each (csrc/decode.cpp,
+"""The engine's C++ kernels, compiled on first use for this machine's CPU: the served layers' matmul for a few rows,
+each on its own adapter (csrc/sgmv.cpp, `linear_t_`) and the decode step's RMSNorm and rotary embedding in one pass each (csrc/decode.cpp,
 `rms_t`, `rotary_t`).
 
 `kernel()` returns the compiled module, or None where it cannot be built (no C++ compiler, or
-`LORAFORGE_KERNELS=0`): `lora.multi` then falls back to its stacked-and-masked matmuls, which give the same sums up
-to float rounding at G times the FLOPs (bench/RESULTS.md, "Many adapters on one base"), and `infer.decode` to torch
+`LORAFORGE_KERNELS=0`): `lora.multi` then falls back to torch's matmul and its stacked-and-masked adapters, which give
+the same sums up to float rounding at G times the FLOPs (bench/RESULTS.md, "Many adapters on one base"), and `infer.decode` to torch
 ops. The build is cached under
 `~/.cache/loraforge/kernels/` (`$LORAFORGE_HOME/kernels`, as the model cache), keyed by the source, torch's version and the CPU's
 instruction set (it is compiled with -march=native), so it costs ~30 s once per machine.
@@ -25,32 +25,16 @@ log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("sgmv.cpp", "decode.cpp")]
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
-BLOCK = 64
-"""Outputs per block of the kernel's s·Bᵀ layout (C, r, BLOCK) per adapter, as sgmv.cpp's W."""
-
 _lock = threading.Lock()
 _built: dict[str, object] = {}
 
 
-def blocked_numel(out: int, r: int) -> int:
-    """Elements of `blocked` for a B of (out, r): the outputs rounded up to whole blocks."""
-    return -(-out // BLOCK) * BLOCK * r
-
-
-def blocked(b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """s·Bᵀ of B (out, r) in the kernel's layout (C, r, BLOCK): block c holds outputs c·BLOCK ... (zeros past out),
-    contiguous, in B's dtype (the scaling applied in fp32)."""
-    out, r = b.shape
-    blocks = -(-out // BLOCK)
-    bt = b.new_zeros(r, blocks * BLOCK)
-    bt[:, :out] = (b.float().T * scaling).to(b.dtype)
-    return bt.view(r, blocks, BLOCK).transpose(0, 1).contiguous()
-
-
 def kernel():
-    """The compiled `sgmv_` module, or None (compiled once per process, and once per machine on disk)."""
+    """The compiled kernels module, or None (compiled once per process, and once per machine on disk)."""
     if os.environ.get("LORAFORGE_KERNELS", "1") == "0":
         return None
+    if "sgmv" in _built:  # the hot path: ~120 calls a decode step
+        return _built["sgmv"]
     with _lock:
         if "sgmv" not in _built:
             _built["sgmv"] = _build()

@@ -1,40 +1,93 @@
-// Segmented LoRA for a mixed batch (Punica's SGMV, for x86/ARM CPUs), used by lora/multi.py.
+// The served layers' matmul for a few rows (the decode step's tokens), each row on its own LoRA adapter or none
+// (Punica's SGMV, fused into the base matmul, for x86 and ARM CPUs), used by lora/multi.py:
 //
-//   y_l[:, rows_l[j]] += Bᵀ_lg · (A_lg · x[:, rows_l[j]])   for each layer l, group g, offsets_l[g] <= j < offsets_l[g+1]
+//   y_l[:, j] = W_l x_j + b_l + s_g · B_lg (A_lg x_j)    for each layer l, row j, g the adapter of row j (if any)
 //
-// Each row (a token) is multiplied by its own adapter only, and each adapter's A and B are read once per call however
-// many rows use it: the bytes of the adapters present, not G times the FLOPs of a stacked-and-masked matmul. The
-// layers of one call share their input x (q, k and v; gate and up), so one parallel region serves them all. The
-// adapters are read where they live (a table of pointers, built when the batch's mix changes): nothing is copied
-// into stacks when a request joins or leaves.
+// x (in, N) is shared by the layers of one call (q, k and v; gate and up), and every row is multiplied by its own
+// adapter only: each adapter's A and B are read once per call however many rows use it, where they live (a table of
+// addresses, built when the batch's mix changes), so a request joining or leaving copies nothing.
 //
-// x (in, N) and each y_l (out_l, N): float32, any strides (the decode step's transposed activations, or a row-major
-// batch seen transposed). table_l (3, G) int64: per group, the address of A (r, in), the address of s·Bᵀ in blocks of
-// W = 64 outputs (C, r, W) (block c holds outputs c·W ... c·W + W - 1, zero past out_l, so each task of the second
-// phase reads contiguous runs: a third faster than (r, out) rows, from memory), and the rank r; all float32,
-// contiguous, alive for the call. rows_l (n_l,) int64 grouped by adapter; offsets_l (G + 1,) int64.
+// Two phases, one parallel region:
+// 1. h_j = s · A x_j for each row j and its adapter's A (r, in): one row of A read once for all the rows that use it.
+// 2. tiles of RB outputs by P = 16 rows: y = W x (with the rows as the short dimension: 1.2-2.9x MKL's sgemm on this
+//    machine's AVX2 cores, bench/RESULTS.md), then for each row j of the tile on an adapter, B's RB rows (out, r)
+//    dotted with h_j: the adapters' B are read beside W, and only the rows that use them are multiplied.
+//
+// Without W (weights[l] None) a call adds the adapters' part into y_l (a base computed elsewhere: a packed 4-bit
+// base, a long prefill); with it, y_l is written whole. x and y_l: float32, any strides (the decode step's transposed
+// activations, or a row-major batch seen transposed); W_l (out, in) contiguous; b_l (out,) or None. table_l (4, G)
+// int64: per adapter the address of A (r, in) and of B (out, r), float32 contiguous and alive for the call, its rank
+// r, and its scaling s as float64 bits. rows_l (n_l,) int64 grouped by adapter, offsets_l (G + 1,) int64.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 namespace {
-constexpr int64_t W = 64, M = 4;  // outputs per block; rows of one adapter computed together
+constexpr int64_t P = 16, RB = 6, M = 4, PREFETCH = 2, DENSE = 6;  // rows of y per panel; outputs per tile (12 accumulators); rows per dot
 
-struct Layer {
-  float *y;
-  int64_t ys0, ys1, out, G, R, chunks;
-  const int64_t *a, *bt, *rank, *rows, *offsets;  // a and bt: addresses of float32 arrays
-  std::vector<int64_t> first;  // first[g]: the first phase-one task of group g (its ranks summed before it)
-  float *h;  // (n, R): h[j, :r_g] = A_g x_{rows[j]}
-};
+typedef float v8 __attribute__((vector_size(32)));  // GCC/Clang vectors: AVX2 here, two NEON registers on ARM
 
-// h[k · stride] = a · x_k for the first `m` of K rows, with V lanes of partial sums per row: 2K (AVX2) independent
-// vector chains instead of the one a reduction loop gets, and `a` read once for the K rows.
+inline v8 load8(const float *p) {
+  v8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// out[i] = the sum of p[i]'s 8 lanes, i < 8.
+inline void reduce8(const v8 (&p)[8], float *out) {
+#ifdef __AVX__
+  const __m256 t0 = _mm256_hadd_ps((__m256)p[0], (__m256)p[1]), t1 = _mm256_hadd_ps((__m256)p[2], (__m256)p[3]);
+  const __m256 t2 = _mm256_hadd_ps((__m256)p[4], (__m256)p[5]), t3 = _mm256_hadd_ps((__m256)p[6], (__m256)p[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // lanes 0-3 of p[0..3] | 4-7, and p[4..7]
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+#else
+  for (int i = 0; i < 8; ++i) {
+    float acc = 0.f;
+    for (int v = 0; v < 8; ++v) acc += p[i][v];
+    out[i] = acc;
+  }
+#endif
+}
+
+// sums[i] = b_i · h for the R rows b_i = b + i·r of an adapter's B (out, r), R <= RB.
+template <int R>
+inline void row_dots(const float *b, int64_t r, const float *h, float *sums) {
+  v8 part[8];
+  for (int i = 0; i < 8; ++i) part[i] = v8{};
+  int64_t q = 0;
+  for (; q + 8 <= r; q += 8) {
+    const v8 hv = load8(h + q);
+    for (int i = 0; i < R; ++i) part[i] += load8(b + i * r + q) * hv;
+  }
+  reduce8(part, sums);
+  for (; q < r; ++q)
+    for (int i = 0; i < R; ++i) sums[i] += b[i * r + q] * h[q];
+}
+
+// acc[r] += sum_k w[r · ws + k] · xp[k] for R rows of w and K steps, xp (K, P) contiguous.
+template <int R>
+inline void tile(const float *w, int64_t ws, int64_t K, const float *xp, v8 (&acc)[RB][2]) {
+  for (int64_t k = 0; k < K; ++k) {
+    const v8 x0 = load8(xp + k * P), x1 = load8(xp + k * P + 8);
+    for (int r = 0; r < R; ++r) {
+      const float wv = w[r * ws + k];
+      acc[r][0] += wv * x0;
+      acc[r][1] += wv * x1;
+    }
+  }
+}
+
+// res[k] = a · x[k] for the first m of K rows, with V lanes of partial sums per row: 2K (AVX2) independent vector
+// chains instead of the one a reduction loop gets, and `a` read once for the K rows.
 template <int64_t K, int64_t V>
-inline void dots(const float *a, const float *const *x, int64_t n, float *h, int64_t stride, int64_t m = K) {
+inline void dots(const float *a, const float *const *x, int64_t n, float *res, int64_t m = K) {
   float part[K][V] = {};
   int64_t i = 0;
   for (; i + V <= n; i += V)
@@ -45,96 +98,185 @@ inline void dots(const float *a, const float *const *x, int64_t n, float *h, int
     float acc = 0.f;
     for (int64_t v = 0; v < V; ++v) acc += part[k][v];
     for (int64_t r = i; r < n; ++r) acc += a[r] * x[k][r];
-    h[k * stride] = acc;
+    res[k] = acc;
   }
 }
 
 template <typename T>
 const T *address(int64_t p) { return reinterpret_cast<const T *>(p); }
+
+struct Layer {
+  float *y;
+  int64_t ys0, ys1, out, G, K2, blocks;
+  const float *w, *bias;  // null: add the adapters' part into y
+  const int64_t *a, *b, *rank, *rows, *offsets;
+  const double *scale;
+  std::vector<int64_t> first;  // first[g]: where g's part of an h row starts (the ranks before it summed); first[G] = K2
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> panels;  // panels[p]: (adapter g, row j) for the rows in p
+  float *h;   // (N, K2): h[j, first[g] + q] = s_g A_g[q] · x_j for row j on adapter g
+  float *hp;  // (NP, K2, P): the same in panels of P rows, zero where a row is on another adapter (or none)
+};
+
+// One tile: RB (or the last R) outputs from o, panel p, written to (or added into) y.
+template <int R>
+void run_tile(const Layer &ly, int64_t o, int64_t p, int64_t in, int64_t N, const float *xpk) {
+  v8 acc[RB][2];
+  for (int r = 0; r < RB; ++r) acc[r][0] = acc[r][1] = v8{};
+  if (ly.w != nullptr) tile<R>(ly.w + o * in, in, in, xpk + p * in * P, acc);
+  float few[RB][P] = {};
+  const auto &entries = ly.panels[p];  // (adapter g, row j) of the rows of this panel on an adapter, by adapter
+  for (size_t e = 0; e < entries.size();) {
+    const int64_t g = entries[e].first, r = ly.rank[g];
+    size_t end = e;
+    while (end < entries.size() && entries[end].first == g) ++end;
+    const float *b = address<float>(ly.b[g]) + o * r;
+    const int64_t ahead = std::min(o + PREFETCH * RB, ly.out);  // a later tile's B rows, fetched while this computes
+    for (const char *at = reinterpret_cast<const char *>(b + (ahead - o) * r),
+                    *to = reinterpret_cast<const char *>(b + (std::min(ahead + RB, ly.out) - o) * r); at < to; at += 64)
+      __builtin_prefetch(at);
+    if (end - e >= DENSE) {  // many rows (a prefill): B's rows times the panel of h, as W's, into acc
+      tile<R>(b, r, r, ly.hp + (p * ly.K2 + ly.first[g]) * P, acc);
+    } else {  // a few (decode): only those rows, B's R rows dotted with each h_j
+      for (; e < end; ++e) {
+        const int64_t j = entries[e].second;
+        float sums[8];
+        row_dots<R>(b, r, ly.h + j * ly.K2 + ly.first[g], sums);
+        for (int i = 0; i < R; ++i) few[i][j - p * P] += sums[i];
+      }
+    }
+    e = end;
+  }
+  float vals[RB][P];
+  for (int i = 0; i < R; ++i) {
+    std::memcpy(vals[i], &acc[i][0], sizeof(v8));
+    std::memcpy(vals[i] + 8, &acc[i][1], sizeof(v8));
+    for (int64_t c = 0; c < P; ++c) vals[i][c] += few[i][c];
+  }
+  const int64_t cols = std::min(P, N - p * P);
+  for (int r = 0; r < R; ++r) {
+    float *yr = ly.y + (o + r) * ly.ys0 + p * P * ly.ys1;
+    if (ly.w != nullptr) {
+      const float bias = ly.bias != nullptr ? ly.bias[o + r] : 0.f;
+      for (int64_t c = 0; c < cols; ++c) yr[c * ly.ys1] = vals[r][c] + bias;
+    } else {
+      for (int64_t c = 0; c < cols; ++c) yr[c * ly.ys1] += vals[r][c];
+    }
+  }
+}
 }  // namespace
 
-void sgmv_(std::vector<torch::Tensor> ys, torch::Tensor x, std::vector<torch::Tensor> tables,
-           std::vector<torch::Tensor> rows, std::vector<torch::Tensor> offsets) {
+void linear_t_(std::vector<torch::Tensor> ys, torch::Tensor x, std::vector<c10::optional<torch::Tensor>> weights,
+               std::vector<c10::optional<torch::Tensor>> biases, std::vector<torch::Tensor> tables,
+               std::vector<torch::Tensor> rows, std::vector<torch::Tensor> offsets) {
   const size_t L = ys.size();
-  TORCH_CHECK(tables.size() == L && rows.size() == L && offsets.size() == L, "sgmv_: list lengths differ");
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "sgmv_: float32 tensors only");
-  const int64_t in = x.size(0), N = x.size(1), xs0 = x.stride(0), xs1 = x.stride(1);
+  TORCH_CHECK(weights.size() == L && biases.size() == L && tables.size() == L && rows.size() == L &&
+              offsets.size() == L, "linear_t_: list lengths differ");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "linear_t_: x must be float32 (in, N)");
+  const int64_t in = x.size(0), N = x.size(1), NP = (N + P - 1) / P, xs0 = x.stride(0), xs1 = x.stride(1);
   const float *xp = x.data_ptr<float>();
   std::vector<Layer> layers(L);
   std::vector<int64_t> tasks1(L + 1, 0), tasks2(L + 1, 0), h_at(L + 1, 0);
+  bool any_lora = false;
   for (size_t l = 0; l < L; ++l) {
     const auto &y = ys[l], &t = tables[l], &r = rows[l], &o = offsets[l];
-    TORCH_CHECK(y.scalar_type() == at::kFloat && y.size(1) == N, "sgmv_: y must be float32 (out, N)");
+    TORCH_CHECK(y.scalar_type() == at::kFloat && y.dim() == 2 && y.size(1) == N, "linear_t_: y must be float32 (out, N)");
     TORCH_CHECK(t.scalar_type() == at::kLong && r.scalar_type() == at::kLong && o.scalar_type() == at::kLong &&
-                t.is_contiguous() && r.is_contiguous() && o.is_contiguous(), "sgmv_: int64 contiguous tables");
+                t.is_contiguous() && r.is_contiguous() && o.is_contiguous(), "linear_t_: int64 contiguous tables");
     const int64_t G = t.size(1), out = y.size(0);
-    TORCH_CHECK(t.size(0) == 3 && o.size(0) == G + 1, "sgmv_: table (3, G) and offsets (G + 1,) expected");
-    Layer &ly = layers[l];
-    ly = Layer{y.data_ptr<float>(), y.stride(0), y.stride(1), out, G, 0, (out + W - 1) / W,
-               t.data_ptr<int64_t>(), t.data_ptr<int64_t>() + G, t.data_ptr<int64_t>() + 2 * G,
-               r.data_ptr<int64_t>(), o.data_ptr<int64_t>(), std::vector<int64_t>(G + 1, 0), nullptr};
-    for (int64_t g = 0; g < G; ++g) {
-      ly.first[g + 1] = ly.first[g] + ly.rank[g];
-      ly.R = std::max(ly.R, ly.rank[g]);
-    }
-    TORCH_CHECK(G == 0 || ly.offsets[G] <= r.size(0), "sgmv_: offsets past the rows");
-    tasks1[l + 1] = tasks1[l] + ly.first[G];
-    tasks2[l + 1] = tasks2[l] + ly.chunks;
-    h_at[l + 1] = h_at[l] + r.size(0) * ly.R;
-  }
-  static thread_local std::vector<float> buffer;  // x gathered row-major (N, in), then every layer's h
-  if (static_cast<int64_t>(buffer.size()) < N * in + h_at[L]) buffer.resize(N * in + h_at[L]);
-  float *xr = buffer.data();
-  for (size_t l = 0; l < L; ++l) layers[l].h = xr + N * in + h_at[l];
-#pragma omp parallel num_threads(at::get_num_threads())
-  {
-#pragma omp for schedule(static)
-    for (int64_t j = 0; j < N; ++j)  // every row's input, contiguous
-      for (int64_t i = 0; i < in; ++i) xr[j * in + i] = xp[i * xs0 + j * xs1];
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < tasks1[L]; ++t) {  // h[j, q] = A_g[q] · x_j: one row of A, read once for all its rows
-      const size_t l = std::upper_bound(tasks1.begin(), tasks1.end(), t) - tasks1.begin() - 1;
-      const Layer &ly = layers[l];
-      const int64_t u = t - tasks1[l];
-      const int64_t g = std::upper_bound(ly.first.begin(), ly.first.end(), u) - ly.first.begin() - 1;
-      const int64_t q = u - ly.first[g];
-      const float *arow = address<float>(ly.a[g]) + q * in;
-      for (int64_t j0 = ly.offsets[g]; j0 < ly.offsets[g + 1]; j0 += M) {
-        const int64_t m = std::min(ly.offsets[g + 1] - j0, M);
-        const float *xj[M];
-        for (int64_t k = 0; k < M; ++k) xj[k] = xr + ly.rows[j0 + std::min(k, m - 1)] * in;
-        float *hj = ly.h + j0 * ly.R + q;
-        if (m == 1) dots<1, 32>(arow, xj, in, hj, ly.R);
-        else if (m == 2) dots<2, 16>(arow, xj, in, hj, ly.R);
-        else dots<M, 16>(arow, xj, in, hj, ly.R, m);
+    TORCH_CHECK(t.size(0) == 4 && o.size(0) == G + 1, "linear_t_: table (4, G) and offsets (G + 1,) expected");
+    const float *w = nullptr, *bias = nullptr;
+    if (weights[l].has_value()) {
+      const auto &wt = *weights[l];
+      TORCH_CHECK(wt.scalar_type() == at::kFloat && wt.is_contiguous() && wt.size(0) == out && wt.size(1) == in,
+                  "linear_t_: W must be float32 (out, in), contiguous");
+      w = wt.data_ptr<float>();
+      if (biases[l].has_value()) {
+        const auto &bt = *biases[l];
+        TORCH_CHECK(bt.scalar_type() == at::kFloat && bt.is_contiguous() && bt.numel() == out,
+                    "linear_t_: bias must be float32 (out,)");
+        bias = bt.data_ptr<float>();
       }
     }
+    Layer &ly = layers[l];
+    ly = Layer{y.data_ptr<float>(), y.stride(0), y.stride(1), out, G, 0, (out + RB - 1) / RB, w, bias,
+               t.data_ptr<int64_t>(), t.data_ptr<int64_t>() + G, t.data_ptr<int64_t>() + 2 * G,
+               r.data_ptr<int64_t>(), o.data_ptr<int64_t>(), reinterpret_cast<const double *>(t.data_ptr<int64_t>() + 3 * G),
+               std::vector<int64_t>(G + 1, 0), std::vector<std::vector<std::pair<int64_t, int64_t>>>(NP), nullptr};
+    TORCH_CHECK(G == 0 || ly.offsets[G] <= r.size(0), "linear_t_: offsets past the rows");
+    for (int64_t g = 0; g < G; ++g) {
+      ly.first[g + 1] = ly.first[g] + ly.rank[g];
+      for (int64_t j = ly.offsets[g]; j < ly.offsets[g + 1]; ++j) {
+        TORCH_CHECK(ly.rows[j] >= 0 && ly.rows[j] < N, "linear_t_: a row index is out of range");
+        ly.panels[ly.rows[j] / P].emplace_back(g, ly.rows[j]);
+      }
+    }
+    ly.K2 = ly.first[G];
+    any_lora = any_lora || G > 0;
+    tasks1[l + 1] = tasks1[l] + ly.K2;
+    tasks2[l + 1] = tasks2[l] + (w != nullptr || G > 0 ? ly.blocks * NP : 0);
+    h_at[l + 1] = h_at[l] + N * ly.K2 + NP * ly.K2 * P;
+  }
+  // scratch: x in panels (NP, in, P), zero past N; x row-major (N, in) for phase one; every layer's h
+  static thread_local std::vector<float> buffer;
+  const int64_t xr_at = NP * in * P, hs_at = xr_at + (any_lora ? N * in : 0), need = hs_at + h_at[L] + 16;
+  if (static_cast<int64_t>(buffer.size()) < need) buffer.resize(need);
+  float *xpk = buffer.data(), *xr = xpk + xr_at;
+  for (size_t l = 0; l < L; ++l) {
+    layers[l].h = buffer.data() + hs_at + h_at[l];
+    layers[l].hp = layers[l].h + N * layers[l].K2;
+    std::fill(layers[l].hp, layers[l].hp + NP * layers[l].K2 * P, 0.f);
+  }
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+#pragma omp for schedule(static) nowait
+    for (int64_t k = 0; k < in; ++k)
+      for (int64_t p = 0; p < NP; ++p)
+        for (int64_t c = 0; c < P; ++c) {
+          const int64_t j = p * P + c;
+          xpk[(p * in + k) * P + c] = j < N ? xp[k * xs0 + j * xs1] : 0.f;
+        }
+    if (any_lora) {
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < tasks2[L]; ++t) {  // y[o, row_j] += sum_q h[j, q] Bᵀ_g[q, o], for a block of W outputs
-      const size_t l = std::upper_bound(tasks2.begin(), tasks2.end(), t) - tasks2.begin() - 1;
-      const Layer &ly = layers[l];
-      const int64_t c = t - tasks2[l], c0 = c * W, w = std::min(ly.out - c0, W);
-      float acc[M][W];
-      for (int64_t g = 0; g < ly.G; ++g) {
-        const int64_t r = ly.rank[g];
-        const float *block = address<float>(ly.bt[g]) + c * r * W;  // (r, W): block c of this adapter's s·Bᵀ
+      for (int64_t j = 0; j < N; ++j)
+        for (int64_t i = 0; i < in; ++i) xr[j * in + i] = xp[i * xs0 + j * xs1];
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < tasks1[L]; ++t) {  // h[j, q] = s A_g[q] · x_j: one row of A, read once for its rows
+        const size_t l = std::upper_bound(tasks1.begin(), tasks1.end(), t) - tasks1.begin() - 1;
+        const Layer &ly = layers[l];
+        const int64_t u = t - tasks1[l];
+        const int64_t g = std::upper_bound(ly.first.begin(), ly.first.end(), u) - ly.first.begin() - 1;
+        const int64_t q = u - ly.first[g];
+        const float *arow = address<float>(ly.a[g]) + q * in;
+        const float s = static_cast<float>(ly.scale[g]);
         for (int64_t j0 = ly.offsets[g]; j0 < ly.offsets[g + 1]; j0 += M) {
           const int64_t m = std::min(ly.offsets[g + 1] - j0, M);
-          for (int64_t k = 0; k < m; ++k)
-            for (int64_t o = 0; o < W; ++o) acc[k][o] = 0.f;
-          for (int64_t q = 0; q < r; ++q) {
-            const float *b = block + q * W;
-            for (int64_t k = 0; k < m; ++k) {
-              const float hq = ly.h[(j0 + k) * ly.R + q];
-#pragma omp simd
-              for (int64_t o = 0; o < W; ++o) acc[k][o] += hq * b[o];
-            }
-          }
+          const float *xj[M];
+          for (int64_t k = 0; k < M; ++k) xj[k] = xr + ly.rows[j0 + std::min(k, m - 1)] * in;
+          float res[M];
+          if (m == 1) dots<1, 32>(arow, xj, in, res);
+          else if (m == 2) dots<2, 16>(arow, xj, in, res);
+          else dots<M, 16>(arow, xj, in, res, m);
           for (int64_t k = 0; k < m; ++k) {
-            float *yj = ly.y + ly.rows[j0 + k] * ly.ys1 + c0 * ly.ys0;
-            for (int64_t o = 0; o < w; ++o) yj[o * ly.ys0] += acc[k][o];
+            const int64_t j = ly.rows[j0 + k];
+            ly.h[j * ly.K2 + ly.first[g] + q] = ly.hp[((j / P) * ly.K2 + ly.first[g] + q) * P + j % P] = s * res[k];
           }
         }
+      }
+    } else {
+#pragma omp barrier
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks2[L]; ++t) {  // one tile: RB outputs of one layer, one panel of rows
+      const size_t l = std::upper_bound(tasks2.begin(), tasks2.end(), t) - tasks2.begin() - 1;
+      const Layer &ly = layers[l];
+      const int64_t u = t - tasks2[l], o = (u / NP) * RB, p = u % NP;
+      switch (std::min(RB, ly.out - o)) {
+        case 6: run_tile<6>(ly, o, p, in, N, xpk); break;
+        case 5: run_tile<5>(ly, o, p, in, N, xpk); break;
+        case 4: run_tile<4>(ly, o, p, in, N, xpk); break;
+        case 3: run_tile<3>(ly, o, p, in, N, xpk); break;
+        case 2: run_tile<2>(ly, o, p, in, N, xpk); break;
+        default: run_tile<1>(ly, o, p, in, N, xpk);
       }
     }
   }
@@ -144,7 +286,7 @@ torch::Tensor rms_t(torch::Tensor x, torch::Tensor weight, double eps);  // deco
 torch::Tensor rotary_t(torch::Tensor t, torch::Tensor cos, torch::Tensor sin);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("sgmv_", &sgmv_, "y_l[:, rows] += each row's own B_g A_g x, for layers l sharing x (in place)");
+  m.def("linear_t_", &linear_t_, "y_l = W_l x + b_l + each row's own s B A x (or += the adapters' part), in place");
   m.def("rms_t", &rms_t, "the decode step's RMSNorm over the features of x (H, B)");
   m.def("rotary_t", &rotary_t, "the decode step's rotary embedding of t (heads·hd, B)");
 }
