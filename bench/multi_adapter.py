@@ -147,7 +147,7 @@ def grouped_decode(self, xt):
 def gather_decode(self, xt):
     """Each row's A and s·B gathered from a (slots, R, in) / (slots, out, R) stack, then two bmm's."""
     routing = self.routing
-    key = (routing.version, self._version)
+    key = (routing.version, self._state["version"])
     if getattr(self, "_gather_key", None) != key:
         r = max(a.shape[0] for a in self.lora_a.values())
         slots = max(self.lora_a) + 1

@@ -72,7 +72,8 @@ def test_each_row_equals_its_adapter_alone(adapters, length, few_rows, kernel, m
     with torch.no_grad():
         mixed = multi.model(input_ids=ids).logits  # (6, T, V)
         if length == 1:
-            assert all(layer._stack[0] == kernel for layer in multi.layers.values() if layer._stack is not None)
+            stacks = [layer._state["stack"] for layer in multi.layers.values()]
+            assert all(stack[0] == kernel for stack in stacks if stack is not None)
         multi.route(None)
         base_same_batch = multi.model(input_ids=ids).logits  # the same layers, no adapter anywhere
     assert max_abs_diff(base_same_batch, _alone(builder, None, ids)) <= FP32

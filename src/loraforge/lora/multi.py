@@ -128,9 +128,9 @@ class MultiLoraLinear(nn.Module):
         self.lora_a: dict[int, torch.Tensor] = {}  # slot -> A (r, in), in the base weight's dtype
         self.lora_b: dict[int, torch.Tensor] = {}  # slot -> B (out, r)
         self.lora_s: dict[int, float] = {}  # slot -> the scaling still to apply (1.0 when folded into B)
-        self._stack_key: tuple[int, int, int] | None = None
-        self._stack: tuple | None = None  # `_stacks`, for the batch's mix
-        self._version = 0
+        # "version": bumped when an adapter changes; `_stacks` for the batch's mix under "key"; the kernel's table
+        # under "table" ((version, slots), table). A plain dict: nn.Module's __setattr__ costs ~15 us a call.
+        self._state: dict[str, object] = {"version": 0, "key": None, "stack": None, "table": ((), None)}
 
     @property
     def weight(self) -> torch.Tensor:  # code that reads a projection's weight (dtype checks) sees the base's
@@ -153,13 +153,13 @@ class MultiLoraLinear(nn.Module):
             a = a.to(device=device, dtype=dtype)
             b, scaling = (b.to(device=device, dtype=torch.float32) * scaling).to(dtype), 1.0
         self.lora_a[slot], self.lora_b[slot], self.lora_s[slot] = a.contiguous(), b.contiguous(), float(scaling)
-        self._version += 1
+        self._state["version"] += 1
 
     def remove_adapter(self, slot: int) -> None:
         if self.lora_a.pop(slot, None) is not None:
             self.lora_b.pop(slot)
             self.lora_s.pop(slot)
-            self._version += 1
+            self._state["version"] += 1
 
     def _delta(self, slot: int, x: torch.Tensor) -> torch.Tensor:
         """s · (x Aᵀ) Bᵀ for one adapter, in its dtype: x (..., in) -> (..., out)."""
@@ -183,27 +183,31 @@ class MultiLoraLinear(nn.Module):
 
     def _stacks(self, n: int = 0, tokens_per_row: int = 1) -> tuple | None:
         """For the adapters of this batch that this layer has (G of them): ("sgmv", table (4, G), rows grouped by
-        adapter, offsets (G+1,)) for the kernel (`_table`), or ("masked", A_cat (G·R, in), s·B_cat (out, G·R),
+        adapter, offsets (G+1,)) for the kernel (`_make_table`), or ("masked", A_cat (G·R, in), s·B_cat (out, G·R),
         mask (B, G·R), maskᵀ) for the fallback. None when no row's adapter is here. With every row on one adapter
         (`Routing.uniform`) the kernel's stacks for a batch of `n` rows (the fallback has its own matmul for it);
         with `tokens_per_row` T > 1 (a mixed prefill, the kernel's only), every token a row: row i's are i·T ... ."""
         routing = self.routing
-        key = (routing.version, self._version, n if routing.uniform is not None else 0, tokens_per_row)
-        if key != self._stack_key:
+        state = self._state
+        version = state["version"]
+        key = (routing.version, version, n if routing.uniform is not None else 0, tokens_per_row)
+        if key != state["key"]:
             if routing.uniform is not None:
                 slots = (routing.uniform,) if routing.uniform in self.lora_a and n else ()
             else:
                 slots = tuple(s for s in routing.present if s in self.lora_a)
-            self._stack = None
+            stack = None
             if slots:
                 if self.dtype == torch.float32 and self.device.type == "cpu" and sgmv.kernel() is not None:
-                    self._stack = ("sgmv", self._table(slots), *routing.rows_of(slots, n, tokens_per_row))
+                    if state["table"][0] != (version, slots):  # made again only when the adapters change
+                        state["table"] = (version, slots), self._make_table(slots)
+                    stack = ("sgmv", state["table"][1], *routing.rows_of(slots, n, tokens_per_row))
                 else:
-                    self._stack = self._masked_stacks([(s, rows) for s, rows in routing.groups if s in slots])
-            self._stack_key = key
-        return self._stack
+                    stack = self._masked_stacks([(s, rows) for s, rows in routing.groups if s in slots])
+            state["key"], state["stack"] = key, stack
+        return state["stack"]
 
-    def _table(self, slots: tuple[int, ...]) -> torch.Tensor:
+    def _make_table(self, slots: tuple[int, ...]) -> torch.Tensor:
         """The kernel's table (4, G): where each adapter's A and B live, its rank and scaling (float64 bits)."""
         return torch.tensor([[self.lora_a[s].data_ptr() for s in slots], [self.lora_b[s].data_ptr() for s in slots],
                              [self.lora_a[s].shape[0] for s in slots],

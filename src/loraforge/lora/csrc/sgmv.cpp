@@ -30,7 +30,7 @@
 #include <vector>
 
 namespace {
-constexpr int64_t P = 16, RB = 6, M = 4, PREFETCH = 2, DENSE = 6;  // rows of y per panel; outputs per tile (12 accumulators); rows per dot
+constexpr int64_t P = 16, RB = 6, M = 4, PREFETCH = 2, DENSE = 3;  // rows of y per panel; outputs per tile (12 accumulators); rows per dot
 
 typedef float v8 __attribute__((vector_size(32)));  // GCC/Clang vectors: AVX2 here, two NEON registers on ARM
 
@@ -218,9 +218,11 @@ void linear_t_(std::vector<torch::Tensor> ys, torch::Tensor x, std::vector<c10::
   }
   // scratch: x in panels (NP, in, P), zero past N; x row-major (N, in) for phase one; every layer's h
   static thread_local std::vector<float> buffer;
-  const int64_t xr_at = NP * in * P, hs_at = xr_at + (any_lora ? N * in : 0), need = hs_at + h_at[L] + 16;
+  const bool gather = any_lora && !(xs0 == 1 && xs1 == in);  // x is not already a row-major (N, in) seen transposed
+  const int64_t xr_at = NP * in * P, hs_at = xr_at + (gather ? N * in : 0), need = hs_at + h_at[L] + 16;
   if (static_cast<int64_t>(buffer.size()) < need) buffer.resize(need);
-  float *xpk = buffer.data(), *xr = xpk + xr_at;
+  float *xpk = buffer.data();
+  const float *xr = gather ? xpk + xr_at : xp;  // every row's input, contiguous
   for (size_t l = 0; l < L; ++l) {
     layers[l].h = buffer.data() + hs_at + h_at[l];
     layers[l].hp = layers[l].h + N * layers[l].K2;
@@ -236,9 +238,14 @@ void linear_t_(std::vector<torch::Tensor> ys, torch::Tensor x, std::vector<c10::
           xpk[(p * in + k) * P + c] = j < N ? xp[k * xs0 + j * xs1] : 0.f;
         }
     if (any_lora) {
+      if (gather) {
+        float *to = xpk + xr_at;
 #pragma omp for schedule(static)
-      for (int64_t j = 0; j < N; ++j)
-        for (int64_t i = 0; i < in; ++i) xr[j * in + i] = xp[i * xs0 + j * xs1];
+        for (int64_t j = 0; j < N; ++j)
+          for (int64_t i = 0; i < in; ++i) to[j * in + i] = xp[i * xs0 + j * xs1];
+      } else {
+#pragma omp barrier
+      }
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < tasks1[L]; ++t) {  // h[j, q] = s A_g[q] · x_j: one row of A, read once for its rows
         const size_t l = std::upper_bound(tasks1.begin(), tasks1.end(), t) - tasks1.begin() - 1;
