@@ -314,6 +314,26 @@ def test_reader_equals_safetensors_load_file(tmp_path):
         assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
 
 
+def test_reader_reuses_a_buffer_only_when_no_tensor_views_it(tmp_path):
+    """A cold load reads into the buffer of an earlier file that nothing uses any more (no page faults), and never
+    into one whose tensors are still alive (a resident adapter's)."""
+    from loraforge.lora.adapter import load_safetensors
+
+    save_file({"w": torch.full((64, 64), 1.0)}, tmp_path / "a.safetensors")
+    save_file({"w": torch.full((64, 64), 2.0)}, tmp_path / "b.safetensors")
+    kept = load_safetensors(tmp_path / "a.safetensors")["w"]  # alive: a resident adapter's
+    second = load_safetensors(tmp_path / "b.safetensors")["w"]
+    second_at = second.untyped_storage().data_ptr()
+    assert second_at != kept.untyped_storage().data_ptr()
+    del second  # evicted: nothing views its buffer now
+    third = load_safetensors(tmp_path / "a.safetensors")["w"]
+    assert third.untyped_storage().data_ptr() == second_at  # reused
+    fourth = load_safetensors(tmp_path / "b.safetensors")["w"]  # both earlier buffers are in use: a new one
+    assert fourth.untyped_storage().data_ptr() not in (second_at, kept.untyped_storage().data_ptr())
+    assert torch.equal(kept, torch.full((64, 64), 1.0)) and torch.equal(third, torch.full((64, 64), 1.0))
+    assert torch.equal(fourth, torch.full((64, 64), 2.0))
+
+
 @pytest.mark.parametrize("damage, words", [
     (lambda b: b[:5], "shorter than a safetensors header"),
     (lambda b: (10**9).to_bytes(8, "little") + b[8:], "does not fit a file"),

@@ -10,6 +10,7 @@ import math
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,33 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 _MAX_HEADER = 100 * 2**20
 
 
+_spare: list[torch.Tensor] = []  # the last few files' buffers, reused once no tensor views them (`_buffer`)
+_spare_lock = threading.Lock()
+SPARE_BUFFERS = 2
+
+
+def _buffer(nbytes: int) -> torch.Tensor:
+    """A uint8 buffer of `nbytes` for a file's data: one of the last `SPARE_BUFFERS` files' buffers when nothing
+    views it any more (an evicted adapter's), else a new one. A reused buffer's pages are already mapped: a cold load
+    from a store reads its file without ~8 ms of page faults (bench/RESULTS.md). What nothing views is decided by the
+    storage's reference count: a buffer any tensor still shows is never handed out."""
+    with _spare_lock:
+        for i, buffer in enumerate(_spare):
+            if buffer.numel() >= nbytes and _unused(buffer):
+                _spare.append(_spare.pop(i))  # the most recently used last
+                return buffer[:nbytes]
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        _spare.append(buffer)
+        del _spare[:-SPARE_BUFFERS]
+        return buffer
+
+
+def _unused(buffer: torch.Tensor) -> bool:
+    """True when only `buffer` itself (and the storage object asked for here) holds its storage: no view of it lives."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    return use_count is not None and use_count(buffer.untyped_storage()._cdata) <= 2
+
+
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file's tensors as views of ONE buffer, filled by one read: nothing is unpickled, only the JSON
     header is parsed, and every entry is checked (known dtype, offsets inside the data, size = shape x dtype).
@@ -139,7 +167,7 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
             header = json.loads(fh.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"header is not JSON: {err}") from None
-        data = torch.empty(size - 8 - n, dtype=torch.uint8)
+        data = _buffer(size - 8 - n)
         if fh.readinto(memoryview(data.numpy())) != data.numel():
             raise ValueError("the file ended early")
     if not isinstance(header, dict):
@@ -152,7 +180,7 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
             dtype, shape, (start, end) = _DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"entry {key!r} is not {{dtype, shape, data_offsets}} with a known dtype") from None
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data.numel()
                 and all(isinstance(d, int) and d >= 0 for d in shape) and end - start == math.prod(shape) * itemsize):
             raise ValueError(f"entry {key!r}: offsets {start}..{end} do not hold a {entry['dtype']} tensor of shape "

@@ -469,13 +469,14 @@ class MultiLoraModel:
         total = 0
         for key, t in weights.tensors.items():
             path = key.rsplit(".", 2)[0]
-            module = None
-            if key.endswith((".lora_A.weight", ".lora_B.weight")):
-                module = self.layers[path].base_layer if path in self.layers else self._find(path)
+            if path in self.layers and key.endswith((".lora_A.weight", ".lora_B.weight")):
+                total += t.numel() * self.layers[path].dtype.itemsize
+                continue
+            module = self._find(path) if key.endswith((".lora_A.weight", ".lora_B.weight")) else None
             if not isinstance(module, SERVED):
                 total += t.numel() * t.element_size()  # a saved module (or a key `add` will refuse)
                 continue
-            total += t.numel() * torch.empty((), dtype=_dtype_device(module)[0]).element_size()
+            total += t.numel() * _dtype_device(module)[0].itemsize
         return total
 
     def _find(self, path: str) -> nn.Module | None:
