@@ -56,19 +56,27 @@ inline void reduce8(const v8 (&p)[8], float *out) {
 #endif
 }
 
-// sums[i] = b_i · h for the R rows b_i = b + i·r of an adapter's B (out, r), R <= RB.
-template <int R>
-inline void row_dots(const float *b, int64_t r, const float *h, float *sums) {
-  v8 part[8];
-  for (int i = 0; i < 8; ++i) part[i] = v8{};
+// sums[k][i] = b_i · h_k for the R rows b_i = b + i·r of an adapter's B (out, r), R <= RB, and K rows' h_k (K <= 2:
+// two rows of one adapter share the loads of B).
+template <int R, int K>
+inline void row_dots(const float *b, int64_t r, const float *const *h, float (*sums)[8]) {
+  v8 part[K][8];
+  for (int k = 0; k < K; ++k)
+    for (int i = 0; i < 8; ++i) part[k][i] = v8{};
   int64_t q = 0;
   for (; q + 8 <= r; q += 8) {
-    const v8 hv = load8(h + q);
-    for (int i = 0; i < R; ++i) part[i] += load8(b + i * r + q) * hv;
+    v8 hv[K];
+    for (int k = 0; k < K; ++k) hv[k] = load8(h[k] + q);
+    for (int i = 0; i < R; ++i) {
+      const v8 bv = load8(b + i * r + q);
+      for (int k = 0; k < K; ++k) part[k][i] += bv * hv[k];
+    }
   }
-  reduce8(part, sums);
-  for (; q < r; ++q)
-    for (int i = 0; i < R; ++i) sums[i] += b[i * r + q] * h[q];
+  for (int k = 0; k < K; ++k) {
+    reduce8(part[k], sums[k]);
+    for (int64_t t = q; t < r; ++t)
+      for (int i = 0; i < R; ++i) sums[k][i] += b[i * r + t] * h[k][t];
+  }
 }
 
 // acc[r] += sum_k w[r · ws + k] · xp[k] for R rows of w and K steps, xp (K, P) contiguous.
@@ -136,12 +144,18 @@ void run_tile(const Layer &ly, int64_t o, int64_t p, int64_t in, int64_t N, cons
       __builtin_prefetch(at);
     if (end - e >= DENSE) {  // many rows (a prefill): B's rows times the panel of h, as W's, into acc
       tile<R>(b, r, r, ly.hp + (p * ly.K2 + ly.first[g]) * P, acc);
-    } else {  // a few (decode): only those rows, B's R rows dotted with each h_j
-      for (; e < end; ++e) {
-        const int64_t j = entries[e].second;
-        float sums[8];
-        row_dots<R>(b, r, ly.h + j * ly.K2 + ly.first[g], sums);
-        for (int i = 0; i < R; ++i) few[i][j - p * P] += sums[i];
+    } else {  // a few (decode): only those rows, B's R rows dotted with each h_j, two rows at a time
+      for (; e < end; e += 2) {
+        const int64_t j0 = entries[e].second, j1 = e + 1 < end ? entries[e + 1].second : j0;
+        const float *h[2] = {ly.h + j0 * ly.K2 + ly.first[g], ly.h + j1 * ly.K2 + ly.first[g]};
+        float sums[2][8];
+        if (e + 1 < end) {
+          row_dots<R, 2>(b, r, h, sums);
+          for (int i = 0; i < R; ++i) few[i][j1 - p * P] += sums[1][i];
+        } else {
+          row_dots<R, 1>(b, r, h, sums);
+        }
+        for (int i = 0; i < R; ++i) few[i][j0 - p * P] += sums[0][i];
       }
     }
     e = end;
