@@ -47,9 +47,9 @@ SERVED = (nn.Linear, Conv1D, QuantLinear)
 SMALL_BATCH_ROWS = 64
 """Up to this many rows (tokens) a layer computes W xᵀ, the faster form for few rows (see `_forward_few_rows`)."""
 
-KERNEL_ROWS = 1024
+KERNEL_ROWS = 256
 """Up to this many rows (tokens) a layer the C++ kernel serves computes W xᵀ there, the adapters in the same pass (a
-mixed prefill too): as fast as MKL's sgemm at 176 rows, faster below (bench/RESULTS.md)."""
+mixed prefill too): 1.1-1.3x MKL's sgemm at 64 rows, even at 176, 5-9% slower at 512-1024 (bench/RESULTS.md)."""
 
 KERNEL_TOKENS_PER_ADAPTER = 32
 """A mixed prefill of up to this many tokens per adapter present runs the SGMV kernel (see `_add_prefill`): its
