@@ -109,17 +109,18 @@ def _kernel_layer(n_in: int, n_out: int, ranks: list[int], scalings: list[float]
 def test_kernel_against_the_closed_form(N):
     """y_l = W_l x + b_l + s·B_k A_k x for each row's own adapter k and each layer l sharing x, written whole; or
     only the adapters' part added into y_l (no W); on strided views (a row-major batch's transposes) and the decode
-    step's layout; groups of 1-3 rows, each adapter at its own rank (2-5), 133 outputs (a partial tile of 6); rows in
-    no group are the base alone (bit for bit in the adding form: untouched)."""
+    step's layout; groups of 1-12 rows, each adapter at its own rank (2-19: whole and partial 8-wide lanes), 135 and 64
+    outputs (partial tiles of 3 and 4 of 6); rows in no group are the base alone (bit for bit in the adding form:
+    untouched)."""
     kernel = sgmv.kernel()
     assert kernel is not None, "the C++ kernel did not build here (see the warning above): a compiler is required"
     torch.manual_seed(0)
     n_in = 37
     groups1 = [[4], [0, 7, 2], [5, N - 1]] + ([[20, 11, 36, 17], list(range(21, 33))] if N > 20 else [])
-    first, _held1, first_form = _kernel_layer(n_in, 133, [2, 5, 3, 4, 3][:len(groups1)],
+    first, _held1, first_form = _kernel_layer(n_in, 135, [2, 16, 19, 8, 5][:len(groups1)],  # 8-wide lanes and tails
                                               [2.0, 0.7, 1.5, 0.3, 1.1][:len(groups1)], groups1)
-    second, _held2, second_form = _kernel_layer(n_in, 20, [4], [0.5], [[1, 3, N - 1]])  # another layer's adapters
-    x, y1, y2 = 0.2 * torch.randn(N, n_in), torch.randn(N, 133), torch.randn(N, 20)  # updates of order 1
+    second, _held2, second_form = _kernel_layer(n_in, 64, [4], [0.5], [[1, 3, N - 1]])  # another layer's adapters
+    x, y1, y2 = 0.2 * torch.randn(N, n_in), torch.randn(N, 135), torch.randn(N, 64)  # updates of order 1
     want1, want2 = first_form(x, y1), second_form(x, y2)
     before1 = y1.clone()
     kernel.linear_t_([y1.T, y2.T], x.T, [None, None], [None, None], *[list(pair) for pair in zip(first, second)])
@@ -128,14 +129,14 @@ def test_kernel_against_the_closed_form(N):
     yt = before1.T.contiguous()  # the decode step's transposed, contiguous layout, one layer
     kernel.linear_t_([yt], x.T.contiguous(), [None], [None], *[[t] for t in first])
     assert max_abs_diff(yt.T, want1) <= FP32
-    W1, b1, W2 = torch.randn(133, n_in), torch.randn(133), torch.randn(20, n_in)  # the base matmul in the same pass
-    outs = [torch.full((133, N), float("nan")), torch.full((20, N), float("nan"))]  # every element is written
+    W1, b1, W2 = torch.randn(135, n_in), torch.randn(135), torch.randn(64, n_in)  # the base matmul in the same pass
+    outs = [torch.full((135, N), float("nan")), torch.full((64, N), float("nan"))]  # every element is written
     kernel.linear_t_(outs, x.T, [W1, W2], [b1, None], *[list(pair) for pair in zip(first, second)])
     base1, base2 = x @ W1.T + b1, x @ W2.T
     assert max_abs_diff(outs[0].T, first_form(x, base1)) <= FP32
     assert max_abs_diff(outs[1].T, second_form(x, base2)) <= FP32
     empty = (torch.zeros((4, 0), dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(1, dtype=torch.long))
-    alone = torch.empty(133, N)
+    alone = torch.empty(135, N)
     kernel.linear_t_([alone], x.T.contiguous(), [W1], [b1], *[[t] for t in empty])  # no adapter: the base alone
     assert max_abs_diff(alone.T, base1) <= FP32
     assert torch.equal(alone[:, [1, 3, 6]], outs[0][:, [1, 3, 6]])  # base rows of the mixed call, bit for bit
@@ -158,6 +159,21 @@ def test_one_adapter_for_the_whole_batch_and_no_adapter(adapters, few_rows):
         assert max_abs_diff(base, _alone(builder, None, ids)) <= FP32
     else:  # no adapter in the batch: the base layers' own forward, bit for bit
         assert torch.equal(base, _alone(builder, None, ids))
+
+
+def test_few_row_path_takes_flattened_tokens(tmp_path):
+    """A layer given (tokens, hidden), as a mixture-of-experts' shared expert is, in the engine's few-row mode."""
+    torch.manual_seed(7)
+    folder = save_adapter(LoraModel(tiny_llama(), LoraConfig(init_lora_weights=False, **CONFIGS["llama"][0])),
+                          tmp_path / "a0")
+    multi = _served(tiny_llama, {"a0": folder}, wrap_all=True)
+    multi.routing.small_batch_kernel = True
+    layer = multi.layers["model.layers.0.mlp.up_proj"]
+    x = torch.randn(5, layer.in_features)
+    multi.route(["a0"])
+    with torch.no_grad():
+        got, want = layer(x), layer.base_layer(x) + layer._delta(0, x)
+    assert got.shape == (5, layer.out_features) and max_abs_diff(got, want) <= FP32
 
 
 def test_adding_and_removing_leaves_the_others_unchanged(adapters):

@@ -131,20 +131,28 @@ def _buffer(nbytes: int) -> torch.Tensor:
     from a store reads its file without ~8 ms of page faults (bench/RESULTS.md). What nothing views is decided by the
     storage's reference count: a buffer any tensor still shows is never handed out."""
     with _spare_lock:
-        for i, buffer in enumerate(_spare):
-            if buffer.numel() >= nbytes and _unused(buffer):
+        for i, buffer in enumerate(_spare):  # not much larger than needed: the cap counts the file's bytes only
+            if nbytes <= buffer.numel() <= 2 * nbytes and _unused(buffer):
                 _spare.append(_spare.pop(i))  # the most recently used last
                 return buffer[:nbytes]
         buffer = torch.empty(nbytes, dtype=torch.uint8)
         _spare.append(buffer)
         del _spare[:-SPARE_BUFFERS]
-        return buffer
+        return buffer[:nbytes]  # a view: the buffer counts as in use from now on
+
+
+def _use_count(t: torch.Tensor) -> int | None:
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return None if count is None else count(t.untyped_storage()._cdata)
+
+
+_ALONE = _use_count(torch.empty(1, dtype=torch.uint8))
+"""A storage's reference count when one tensor alone holds it (as counted here: this torch's own figure)."""
 
 
 def _unused(buffer: torch.Tensor) -> bool:
-    """True when only `buffer` itself (and the storage object asked for here) holds its storage: no view of it lives."""
-    use_count = getattr(torch._C, "_storage_Use_Count", None)
-    return use_count is not None and use_count(buffer.untyped_storage()._cdata) <= 2
+    """True when only `buffer` itself holds its storage: no view of it lives."""
+    return _ALONE is not None and _use_count(buffer) == _ALONE
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -174,10 +174,12 @@ class MultiLoraLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in (self.lora_a[slot], self.lora_b[slot]))
 
     def _dense_weight(self, xt: torch.Tensor) -> torch.Tensor | None:
-        """The base weight when the C++ kernel can multiply it (a dense fp32 `nn.Linear` on a CPU, fp32 input)."""
-        weight = getattr(self.base_layer, "weight", None)
+        """The base weight when the C++ kernel can multiply it (a dense fp32 `nn.Linear` on a CPU, an fp32 bias or
+        none, fp32 input)."""
+        weight, bias = getattr(self.base_layer, "weight", None), getattr(self.base_layer, "bias", None)
         if (self.fan_in_fan_out or not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32
-                or weight.device.type != "cpu" or xt.dtype != torch.float32 or not weight.is_contiguous()):
+                or weight.device.type != "cpu" or xt.dtype != torch.float32 or not weight.is_contiguous()
+                or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()))):
             return None
         return weight
 
@@ -247,12 +249,13 @@ class MultiLoraLinear(nn.Module):
         """The same sum for a few rows (tokens), computed transposed (`project_t`). With the tokens as the short
         dimension the kernel (or MKL) runs faster on this machine's AVX2 cores than x Wᵀ (bench/RESULTS.md, "decode
         kernels"); equal up to float rounding. A mixed prefill's tokens each take their row's adapter."""
-        B, T = x.shape[:2]
-        xt = x.reshape(B * T, x.shape[-1]).T
+        lead = x.shape[:-1]  # (B, T), or (tokens,) where a model flattens them (an MoE's shared expert)
+        T = x.shape[1] if x.dim() == 3 else 1
+        xt = x.reshape(-1, x.shape[-1]).T
         mixed_prefill = self.routing.rows is not None and T > 1
         fused = mixed_prefill and sgmv.kernel() is not None and self._dense_weight(xt) is not None
         yt = project_t([self], xt, with_lora=fused or not mixed_prefill, tokens_per_row=T, row_major=True)[0]
-        y = yt.T.contiguous().view(B, T, yt.shape[0])  # (B, T, out), row-major (the kernel wrote it so: no copy)
+        y = yt.T.contiguous().view(*lead, yt.shape[0])  # row-major (the kernel wrote it so: no copy)
         if mixed_prefill and not fused:  # adapters on their rows' tokens, after the base
             y = self._add_prefill(y, x)
         return y
