@@ -57,7 +57,7 @@ def decode_step(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, ma
     B = ids.shape[0]
     xt = inner.embed_tokens(ids)[:, 0].T.contiguous()  # (H, B)
     cos, sin = inner.rotary_emb(xt, position_ids=positions)  # (B, 1, hd) each
-    fused = sgmv.kernel() if xt.dtype == torch.float32 and xt.device.type == "cpu" else None  # csrc/decode.cpp
+    fused = sgmv.kernel_for(xt)  # csrc/decode.cpp's RMSNorm and rotary, or None: torch ops
     rope = (cos[:, 0].T.contiguous(), sin[:, 0].T.contiguous()) if fused else (cos.unsqueeze(1), sin.unsqueeze(1))
     bias = torch.zeros(mask.shape, dtype=xt.dtype, device=xt.device).masked_fill_(mask == 0, float("-inf"))
     bias = bias[:, None, None, :]  # (B, 1, 1, T): a row attends to its own real tokens only

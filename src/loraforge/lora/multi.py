@@ -52,9 +52,10 @@ KERNEL_ROWS = 256
 mixed prefill too): 1.1-1.3x MKL's sgemm at 64 rows, even at 176, 5-9% slower at 512-1024 (bench/RESULTS.md)."""
 
 KERNEL_TOKENS_PER_ADAPTER = 32
-"""A mixed prefill of up to this many tokens per adapter present runs the SGMV kernel (see `_add_prefill`): its
-Python cost is one call a layer where the matmul pairs cost ~25 us per adapter per layer, and its FLOPs run slower
-than MKL's by ~0.15 ms per token over SmolLM2-135M's layers (r=16): they break even near 34 tokens per adapter."""
+"""A mixed prefill whose base the C++ pass does not compute (over `KERNEL_ROWS` tokens, or a packed base) adds its
+adapters with the kernel's adapters-only form up to this many tokens per adapter present (see `_add_prefill`): one
+call a layer where the matmul pairs cost ~25 us per adapter per layer in Python; past it MKL's matmuls win (measured
+with the earlier SGMV kernel: break-even near 34 tokens per adapter on SmolLM2-135M, r=16)."""
 
 
 class Routing:
@@ -173,12 +174,12 @@ class MultiLoraLinear(nn.Module):
             return 0
         return sum(t.numel() * t.element_size() for t in (self.lora_a[slot], self.lora_b[slot]))
 
-    def _dense_weight(self, xt: torch.Tensor) -> torch.Tensor | None:
-        """The base weight when the C++ kernel can multiply it (a dense fp32 `nn.Linear` on a CPU, an fp32 bias or
-        none, fp32 input)."""
+    def _kernel_weight(self, xt: torch.Tensor) -> torch.Tensor | None:
+        """The base weight when the C++ kernel is built and can multiply it (a dense fp32 `nn.Linear` on a CPU, an fp32
+        bias or none, fp32 input); else None."""
         weight, bias = getattr(self.base_layer, "weight", None), getattr(self.base_layer, "bias", None)
-        if (self.fan_in_fan_out or not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32
-                or weight.device.type != "cpu" or xt.dtype != torch.float32 or not weight.is_contiguous()
+        if (self.fan_in_fan_out or not isinstance(weight, torch.Tensor) or sgmv.kernel_for(weight) is None
+                or xt.dtype != torch.float32 or not weight.is_contiguous()
                 or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()))):
             return None
         return weight
@@ -200,7 +201,7 @@ class MultiLoraLinear(nn.Module):
                 slots = tuple(s for s in routing.present if s in self.lora_a)
             stack = None
             if slots:
-                if self.dtype == torch.float32 and self.device.type == "cpu" and sgmv.kernel() is not None:
+                if sgmv.kernel_for(self.lora_a[slots[0]]) is not None:  # the adapters are in the layer's dtype
                     if state["table"][0] != (version, slots):  # made again only when the adapters change
                         state["table"] = (version, slots), self._make_table(slots)
                     stack = ("sgmv", state["table"][1], *routing.rows_of(slots, n, tokens_per_row))
@@ -230,8 +231,7 @@ class MultiLoraLinear(nn.Module):
         routing = self.routing
         if routing.small_batch_kernel and not self.fan_in_fan_out:
             rows = x.shape[:-1].numel()
-            if rows <= SMALL_BATCH_ROWS or (rows <= KERNEL_ROWS and sgmv.kernel() is not None
-                                            and self._dense_weight(x) is not None):
+            if rows <= SMALL_BATCH_ROWS or (rows <= KERNEL_ROWS and self._kernel_weight(x) is not None):
                 return self._forward_few_rows(x)
         result = self.base_layer(x)  # (B, T, out)
         if routing.uniform is not None:  # one adapter for the whole batch: the plain LoRA forward
@@ -253,7 +253,7 @@ class MultiLoraLinear(nn.Module):
         T = x.shape[1] if x.dim() == 3 else 1
         xt = x.reshape(-1, x.shape[-1]).T
         mixed_prefill = self.routing.rows is not None and T > 1
-        fused = mixed_prefill and sgmv.kernel() is not None and self._dense_weight(xt) is not None
+        fused = mixed_prefill and self._kernel_weight(xt) is not None
         yt = project_t([self], xt, with_lora=fused or not mixed_prefill, tokens_per_row=T, row_major=True)[0]
         y = yt.T.contiguous().view(*lead, yt.shape[0])  # row-major (the kernel wrote it so: no copy)
         if mixed_prefill and not fused:  # adapters on their rows' tokens, after the base
@@ -261,10 +261,10 @@ class MultiLoraLinear(nn.Module):
         return y
 
     def _add_prefill(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """`result` (B, T, out) plus each row's adapter on its T tokens (a mixed prefill). Up to
-        `KERNEL_TOKENS_PER_ADAPTER` tokens per adapter present: the kernel with every token a row, one call a
-        layer; more: a matmul pair per adapter on its rows, where MKL's speed on long prompts outweighs the Python
-        calls (16 prompts of 10 tokens on 8 adapters: 490 -> 330 ms, against 300 for the base alone)."""
+        """`result` (B, T, out) plus each row's adapter on its T tokens (a mixed prefill whose base was computed
+        elsewhere). Up to `KERNEL_TOKENS_PER_ADAPTER` tokens per adapter present: the kernel's adapters-only form with
+        every token a row, one call a layer; more: a matmul pair per adapter on its rows, where MKL's speed on long
+        prompts outweighs the Python calls."""
         stacks = self._stacks()
         if stacks is None:
             return result
@@ -308,11 +308,11 @@ def project_t(layers: list[MultiLoraLinear] | tuple[MultiLoraLinear, ...], xt: t
     `tokens_per_row` tokens each (a prefill), each a column of xt. Otherwise torch's matmul for the base, and the
     adapters of a mixed batch of one token per row in one kernel call for all the layers (or the stacked fallback).
     `row_major`: the kernel writes each yᵀ as the transpose of a contiguous (N, out), for a caller that wants y."""
-    kernel = sgmv.kernel()
     routing = layers[0].routing
-    weights = [layer._dense_weight(xt) for layer in layers] if kernel is not None else [None]
+    weights = [layer._kernel_weight(xt) for layer in layers]
     n = xt.shape[1]
     if all(w is not None for w in weights):
+        kernel = sgmv.kernel()
         lora = with_lora and (routing.rows is not None or routing.uniform is not None)
         stacks = [(layer._stacks(n, tokens_per_row) if lora else None) or NO_ADAPTERS for layer in layers]
         ys = [xt.new_empty(n, layer.out_features).T if row_major else xt.new_empty(layer.out_features, n)
@@ -472,14 +472,13 @@ class MultiLoraModel:
         total = 0
         for key, t in weights.tensors.items():
             path = key.rsplit(".", 2)[0]
-            if path in self.layers and key.endswith((".lora_A.weight", ".lora_B.weight")):
-                total += t.numel() * self.layers[path].dtype.itemsize
-                continue
-            module = self._find(path) if key.endswith((".lora_A.weight", ".lora_B.weight")) else None
-            if not isinstance(module, SERVED):
-                total += t.numel() * t.element_size()  # a saved module (or a key `add` will refuse)
-                continue
-            total += t.numel() * _dtype_device(module)[0].itemsize
+            dtype = t.dtype  # a saved module (or a key `add` will refuse): as read
+            if key.endswith((".lora_A.weight", ".lora_B.weight")):
+                if path in self.layers:
+                    dtype = self.layers[path].dtype
+                elif isinstance(module := self._find(path), SERVED):
+                    dtype = _dtype_device(module)[0]
+            total += t.numel() * dtype.itemsize
         return total
 
     def _find(self, path: str) -> nn.Module | None:

@@ -41,6 +41,11 @@ def kernel():
         return _built["sgmv"]
 
 
+def kernel_for(t: torch.Tensor):
+    """The compiled module where it computes on `t`'s kind of tensor (fp32 on a CPU), else None."""
+    return kernel() if t.dtype == torch.float32 and t.device.type == "cpu" else None
+
+
 def _build():
     from torch.utils import cpp_extension
 

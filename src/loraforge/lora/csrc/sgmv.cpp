@@ -11,7 +11,9 @@
 // 1. h_j = s · A x_j for each row j and its adapter's A (r, in): one row of A read once for all the rows that use it.
 // 2. tiles of RB outputs by P = 16 rows: y = W x (with the rows as the short dimension: 1.2-2.9x MKL's sgemm on this
 //    machine's AVX2 cores, bench/RESULTS.md), then for each row j of the tile on an adapter, B's RB rows (out, r)
-//    dotted with h_j: the adapters' B are read beside W, and only the rows that use them are multiplied.
+//    dotted with h_j (two rows of one adapter at a time), B's rows for a later tile fetched ahead: the adapters' B
+//    are read beside W, and only the rows that use them are multiplied. An adapter with DENSE or more rows in a panel
+//    (a prefill) instead multiplies B's rows by that panel of h, as W's rows by x's.
 //
 // Without W (weights[l] None) a call adds the adapters' part into y_l (a base computed elsewhere: a packed 4-bit
 // base, a long prefill); with it, y_l is written whole. x and y_l: float32, any strides (the decode step's transposed
@@ -30,7 +32,9 @@
 #include <vector>
 
 namespace {
-constexpr int64_t P = 16, RB = 6, M = 4, PREFETCH = 2, DENSE = 3;  // rows of y per panel; outputs per tile (12 accumulators); rows per dot
+// rows of y per panel; outputs per tile (12 accumulators); rows per dot of phase one; tiles B is fetched ahead by;
+// rows of one adapter in a panel from which B's part is a panel product
+constexpr int64_t P = 16, RB = 6, M = 4, PREFETCH = 2, DENSE = 3;
 
 typedef float v8 __attribute__((vector_size(32)));  // GCC/Clang vectors: AVX2 here, two NEON registers on ARM
 
