@@ -15,6 +15,7 @@ from loraforge.data import RECIPES, Record, collate, load_examples, pad_id_for
 from loraforge.errors import LoraforgeError
 from loraforge.eval.fewshot import encode_few_shot, few_shot_text, pick_shots
 from loraforge.eval.config import EvalConfig
+from loraforge.eval import run as run_module
 from loraforge.eval.run import load_eval_examples, run_eval, token_nll
 from helpers import hf_generate
 from loraforge.lora import LoraConfig, LoraModel, load_adapter, save_adapter
@@ -193,7 +194,9 @@ QA = [{"question": "is the pub cheap", "context": "the pub is cheap", "label": "
       {"question": "is the river near", "context": "the river is near the city", "label": "maybe"}]
 
 
-def test_label_words_answer_the_likeliest_label(setup, tmp_path) -> None:
+@pytest.mark.parametrize("shared_min", [1, 10**9], ids=["prompts' shared prefix run once", "every row whole"])
+def test_label_words_answer_the_likeliest_label(setup, tmp_path, monkeypatch, shared_min) -> None:
+    monkeypatch.setattr(run_module, "SHARED_PREFIX_MIN", shared_min)
     data = write_jsonl(tmp_path / "qa.jsonl", QA)
     cfg = EvalConfig(data=str(data), recipe="pubmedqa", answer="label-words", adapters=(str(setup["adapter_a"]),),
                      model=str(setup["llama"]), batch_size=4, output=str(tmp_path / "report"))
