@@ -5,14 +5,14 @@
 #
 #   make install && . .venv/bin/activate && bash bench/quality.sh [ROW ...]   # from the repo root
 #
-# Rows: conll_minilm, cuad (all by default). Run it on an otherwise idle machine: the wall times are part of the table.
+# Rows: conll_minilm, cuad, scitldr, sst2_minilm, sst2_fewshot (all by default). Run it on an otherwise idle machine: the wall times are part of the table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=../shared/data
 OUT=runs/quality
 mkdir -p "$OUT"
 ROWS=("$@")
-[ ${#ROWS[@]} -gt 0 ] || ROWS=(conll_minilm cuad)
+[ ${#ROWS[@]} -gt 0 ] || ROWS=(conll_minilm cuad scitldr sst2_minilm sst2_fewshot)
 
 timed() {  # timed ROW COMMAND...: run it, keep its wall seconds and the command for the table
     local row=$1; shift
@@ -32,7 +32,15 @@ for row in "${ROWS[@]}"; do
         timed $row loraforge train examples/legal_cuad.yaml --output $OUT/cuad --overwrite
         timed $row loraforge eval --recipe lm --data runs/data/legal_cuad/heldout --max-length 512 \
             --adapter $OUT/cuad --output $OUT/cuad-report ;;
-    *) echo "unknown row $row (rows: conll_minilm cuad)" >&2; exit 2 ;;
+    scitldr)  # ROUGE-L of the TL;DRs generated for the whole dev split (619 papers), base against the adapter
+        timed $row loraforge train examples/scitldr.yaml --output $OUT/scitldr --overwrite
+        timed $row loraforge eval --data $DATA/scitldr/dev.jsonl --adapter $OUT/scitldr --batch-size 16 \
+            --output $OUT/scitldr-report ;;
+    sst2_minilm)  # accuracy on the whole dev split (872), read from the training's validation (the adapter kept: best validation loss of 6)
+        timed $row loraforge train examples/sst2_minilm.yaml --output $OUT/sst2_minilm --overwrite ;;
+    sst2_fewshot)  # 32 examples, three seeded draws: LoRA on them against the same 32 in context (bench/fewshot.py)
+        timed $row python bench/fewshot.py --output $OUT/sst2_fewshot ;;
+    *) echo "unknown row $row (rows: conll_minilm cuad scitldr sst2_minilm sst2_fewshot)" >&2; exit 2 ;;
     esac
 done
 python bench/quality_table.py "$OUT" bench/RESULTS.md
