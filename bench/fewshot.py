@@ -55,7 +55,7 @@ def main() -> None:
         adapter, report = out / f"lora_seed{seed}", out / f"report_seed{seed}"
         log: list[dict] = []
         timed(["loraforge", "train", "examples/sst2_fewshot32.yaml", "--data", str(shots), "--max-examples", "0",
-               "--seed", str(seed), "--output", str(adapter), "--overwrite"], log)
+               "--val-data", "", "--seed", str(seed), "--output", str(adapter), "--overwrite"], log)
         timed(["loraforge", "eval", "--recipe", "sst2", "--data", str(DATA / "sst2" / "dev.tsv"),
                "--max-examples", str(args.max_examples), "--answer", "label-words", "--adapter", str(adapter),
                "--few-shot", str(args.shots), "--few-shot-data", str(shots), "--seed", str(seed),
