@@ -49,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    seeds, commands = {}, []
+    seeds = {}
     for seed in args.seeds:
         shots = draw(seed, args.shots, out)
         adapter, report = out / f"lora_seed{seed}", out / f"report_seed{seed}"
@@ -61,10 +61,9 @@ def main() -> None:
                "--few-shot", str(args.shots), "--few-shot-data", str(shots), "--seed", str(seed),
                "--output", str(report)], log)
         models = json.loads((report / "results.json").read_text())["models"]
-        acc = {("lora" if m["adapter"] else "in-context" if m["few_shot"] else "zero-shot"): 100 * m["metrics"]["accuracy"]
-               for m in models}
+        acc = {("lora" if m["adapter"] else "in-context" if m["few_shot"] else "zero-shot"):
+               100 * m["metrics"]["accuracy"] for m in models}
         seeds[seed] = {**acc, "minutes": round(sum(c["seconds"] for c in log) / 60, 1), "commands": log}
-        commands += log
     mean = {k: statistics.mean(s[k] for s in seeds.values()) for k in ("zero-shot", "in-context", "lora")}
     spread = {k: statistics.stdev(s[k] for s in seeds.values()) if len(seeds) > 1 else 0.0 for k in mean}
     summary = {"shots": args.shots, "max_examples": args.max_examples, "seeds": seeds, "mean": mean, "sd": spread,

@@ -5,7 +5,8 @@
 #
 #   make install && . .venv/bin/activate && bash bench/quality.sh [ROW ...]   # from the repo root
 #
-# Rows: conll_minilm, cuad, scitldr, sst2_minilm, sst2_fewshot (all by default). Run it on an otherwise idle machine: the wall times are part of the table.
+# Rows: conll_minilm, cuad, scitldr, sst2_minilm, sst2_fewshot (all by default). Run it on an otherwise idle machine:
+# the wall times are part of the table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=../shared/data
@@ -36,7 +37,8 @@ for row in "${ROWS[@]}"; do
         timed $row loraforge train examples/scitldr.yaml --output $OUT/scitldr --overwrite
         timed $row loraforge eval --data $DATA/scitldr/dev.jsonl --adapter $OUT/scitldr --batch-size 16 \
             --output $OUT/scitldr-report ;;
-    sst2_minilm)  # accuracy on the whole dev split (872), read from the training's validation (the adapter kept: best validation loss of 6)
+    sst2_minilm)  # accuracy on the whole dev split (872), read from the training's validation (of the 6, the one
+        # at the best validation loss: the adapter kept)
         timed $row loraforge train examples/sst2_minilm.yaml --output $OUT/sst2_minilm --overwrite ;;
     sst2_fewshot)  # 32 examples, three seeded draws: LoRA on them against the same 32 in context (bench/fewshot.py)
         timed $row python bench/fewshot.py --output $OUT/sst2_fewshot ;;

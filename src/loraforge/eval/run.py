@@ -22,11 +22,12 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
-from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -215,35 +216,28 @@ def score_label_words(session: InferenceSession, adapter: str | None, recipe: Cl
         conts = [recipe.answer_ids(ex.record, name, tokenizer) for name in recipe.names]
         rows += [TokenizedExample(prompt + cont, [IGNORE_INDEX] * len(prompt) + cont) for cont in conts]
         options.append(conts)
-    shared = _shared_prefix(prompts)
+    shared = len(os.path.commonprefix(prompts)) - 1  # less one: each row keeps a token of its own to start from
     shared = shared if shared >= SHARED_PREFIX_MIN else 0
     nll = torch.empty(len(rows), dtype=torch.float64)
     pad = pad_id_for(tokenizer)
     with session.use(adapter) as model:
-        prefix = DynamicCache(config=model.config) if shared else None
-        if prefix is not None:  # filled in place
+        prefix = None
+        if shared:  # the shared prefix once, into a cache the forward fills in place
+            prefix = DynamicCache(config=model.config)
             model(input_ids=torch.tensor([prompts[0][:shared]]), use_cache=True, **{cache_keyword(model): prefix})
         for first in range(0, len(rows), batch_size):
             batch = [TokenizedExample(r.input_ids[shared:], r.labels[shared:]) for r in rows[first:first + batch_size]]
             past = None
-            if prefix is not None:
-                past = (copy.deepcopy(prefix), shared)
-                past[0].batch_repeat_interleave(len(batch))
+            if prefix is not None:  # a copy per batch: the forward appends the batch's tokens to it
+                cache = copy.deepcopy(prefix)
+                cache.batch_repeat_interleave(len(batch))
+                past = (cache, shared)
             nll[first:first + batch_size] = token_nll(model, collate(batch, pad), past)[0]
     nll = nll.view(len(examples), len(recipe.names))
     probs = (-nll).softmax(dim=1).tolist()
     best = nll.argmin(dim=1).tolist()
     return ([conts[k] for conts, k in zip(options, best)],
             [{name: round(p, 6) for name, p in zip(recipe.names, row)} for row in probs])
-
-
-def _shared_prefix(prompts: list[list[int]]) -> int:
-    """How many leading tokens every prompt shares, less one: each row keeps a token of its own to start from."""
-    first, last = min(prompts), max(prompts)  # the lexicographic extremes bound every prompt's common prefix
-    n = 0
-    while n < min(len(first), len(last)) and first[n] == last[n]:
-        n += 1
-    return max(n - 1, 0)
 
 
 @torch.no_grad()
