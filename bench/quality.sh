@@ -5,7 +5,7 @@
 #
 #   make install && . .venv/bin/activate && bash bench/quality.sh [ROW ...]   # from the repo root
 #
-# Rows: conll_minilm, cuad, scitldr, sst2_minilm, sst2_fewshot (all by default). Run it on an otherwise idle machine:
+# Rows: conll_minilm, cuad, scitldr, sst2_minilm, sst2_fewshot, conll_fewshot (all by default). Run it on an otherwise idle machine:
 # the wall times are part of the table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ DATA=../shared/data
 OUT=runs/quality
 mkdir -p "$OUT"
 ROWS=("$@")
-[ ${#ROWS[@]} -gt 0 ] || ROWS=(conll_minilm cuad scitldr sst2_minilm sst2_fewshot)
+[ ${#ROWS[@]} -gt 0 ] || ROWS=(conll_minilm cuad scitldr sst2_minilm sst2_fewshot conll_fewshot)
 
 timed() {  # timed ROW COMMAND...: run it, keep its wall seconds and the command for the table
     local row=$1; shift
@@ -41,8 +41,12 @@ for row in "${ROWS[@]}"; do
         # at the best validation loss: the adapter kept)
         timed $row loraforge train examples/sst2_minilm.yaml --output $OUT/sst2_minilm --overwrite ;;
     sst2_fewshot)  # 32 examples, three seeded draws: LoRA on them against the same 32 in context (bench/fewshot.py)
-        timed $row python bench/fewshot.py --output $OUT/sst2_fewshot ;;
-    *) echo "unknown row $row (rows: conll_minilm cuad scitldr sst2_minilm sst2_fewshot)" >&2; exit 2 ;;
+        timed $row python bench/fewshot.py --task sst2 --output $OUT/sst2_fewshot ;;
+    conll_fewshot)  # the same for NER as generation, scored on the 200-sentence dev sample
+        [ -d runs/data/conll2003 ] || python examples/prepare_data.py
+        timed $row python bench/fewshot.py --task conll2003 --output $OUT/conll2003_fewshot ;;
+    *) echo "unknown row $row (rows: conll_minilm cuad scitldr sst2_minilm sst2_fewshot conll_fewshot)" >&2
+       exit 2 ;;
     esac
 done
 python bench/quality_table.py "$OUT" bench/RESULTS.md

@@ -6,71 +6,110 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 START, END = "<!-- quality:start -->", "<!-- quality:end -->"
 
 
-def conll_minilm(out: Path) -> tuple[str, str, str, float]:
+TASKS = {"conll_minilm": ("CoNLL-2003 NER, token classification", "MiniLM-L6 + LoRA + head"),
+         "cuad": ("CUAD domain adaptation", "SmolLM2-135M + LoRA"),
+         "scitldr": ("SciTLDR-A summarization", "SmolLM2-135M + LoRA"),
+         "sst2_minilm": ("SST-2", "MiniLM-L6 + LoRA + head"),
+         "sst2_fewshot": ("SST-2, 32 examples (accuracy: LoRA - the same 32 in context)", "SmolLM2-135M + LoRA"),
+         "conll_fewshot": ("CoNLL-2003 NER as generation, 32 examples (entity F1: LoRA - the same 32 in context)",
+                           "SmolLM2-135M + LoRA")}
+"""Each row's task and model cells: what a rerun writes, and how an earlier line is recognised."""
+
+
+def conll_minilm(out: Path) -> tuple[str, float]:
     scores = json.loads((out / "conll_minilm" / "train_summary.json").read_text())["best_val_scores"]
-    return "CoNLL-2003 NER, token classification", "MiniLM-L6 + LoRA + head", "entity F1 >= 90", 100 * scores["f1"]
+    return "entity F1 >= 90", 100 * scores["f1"]
 
 
-def cuad(out: Path) -> tuple[str, str, str, float]:
+def cuad(out: Path) -> tuple[str, float]:
     models = {m["name"]: m["metrics"]["perplexity"]
               for m in json.loads((out / "cuad-report" / "results.json").read_text())["models"]}
     base, tuned = models["base"], models["cuad"]
-    return ("CUAD domain adaptation", "SmolLM2-135M + LoRA", "perplexity -30% vs base",
-            100 * (tuned - base) / base)
+    return "perplexity -30% vs base", 100 * (tuned - base) / base
 
 
-def scitldr(out: Path) -> tuple[str, str, str, float]:
+def scitldr(out: Path) -> tuple[str, float]:
     models = {m["name"]: m["metrics"]["rougeL"]
               for m in json.loads((out / "scitldr-report" / "results.json").read_text())["models"]}
-    return ("SciTLDR-A summarization", "SmolLM2-135M + LoRA", "ROUGE-L >= base + 10",
-            100 * (models["scitldr"] - models["base"]))
+    return "ROUGE-L >= base + 10", 100 * (models["scitldr"] - models["base"])
 
 
-def sst2_minilm(out: Path) -> tuple[str, str, str, float]:
+def sst2_minilm(out: Path) -> tuple[str, float]:
     scores = json.loads((out / "sst2_minilm" / "train_summary.json").read_text())["best_val_scores"]
-    return "SST-2", "MiniLM-L6 + LoRA + head", "accuracy >= 91", 100 * scores["accuracy"]
+    return "accuracy >= 91", 100 * scores["accuracy"]
 
 
-def sst2_fewshot(out: Path) -> tuple[str, str, str, float]:
-    summary = json.loads((out / "sst2_fewshot" / "summary.json").read_text())
-    mean = summary["mean"]
-    return ("SST-2, 32 examples (accuracy: LoRA - the same 32 in context)", "SmolLM2-135M + LoRA",
-            f"in-context + 5 (mean of 3 seeds; LoRA {mean['lora']:.1f}, in context {mean['in-context']:.1f})",
-            summary["lora_minus_in_context"])
+def fewshot(folder: str, goal: str) -> Callable[[Path], tuple[str, float]]:
+    def read(out: Path) -> tuple[str, float]:
+        summary = json.loads((out / folder / "summary.json").read_text())
+        mean, sd, seeds = summary["mean"], summary["sd"], summary["seeds"].values()
+        training = max(s["commands"][0]["seconds"] for s in seeds) / 60  # the first command of a seed trains
+        return (f"{goal} (mean of {len(seeds)} seeds; LoRA {mean['lora']:.1f} sd {sd['lora']:.1f}, in context "
+                f"{mean['in-context']:.1f} sd {sd['in-context']:.1f}, zero-shot {mean['zero-shot']:.1f}; "
+                f"training {training:.1f} min a seed at most)",
+                summary["lora_minus_in_context"])
+    return read
 
 
-ROWS = {"conll_minilm": (conll_minilm, 30), "cuad": (cuad, 30), "scitldr": (scitldr, 45),
-        "sst2_minilm": (sst2_minilm, 30), "sst2_fewshot": (sst2_fewshot, 15)}
+FEWSHOT_BUDGET = "5 min a seed's training"
+ROWS = {"conll_minilm": (conll_minilm, "30 min"), "cuad": (cuad, "30 min"), "scitldr": (scitldr, "45 min"),
+        "sst2_minilm": (sst2_minilm, "30 min"),
+        "sst2_fewshot": (fewshot("sst2_fewshot", "in-context + 5"), FEWSHOT_BUDGET),
+        "conll_fewshot": (fewshot("conll2003_fewshot", "in-context + 0"), FEWSHOT_BUDGET)}
 
 
 def main() -> None:
     out, results = Path(sys.argv[1]), Path(sys.argv[2])
-    lines = [START, f"Written by `bench/quality.sh` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-             f"{platform.machine()}; dev splits only.", "",
-             "| task | model | goal (dev) | dev score | wall time | budget | commands |", "|---|---|---|---|---|---|---|"]
+    text = results.read_text(encoding="utf-8")
+    earlier = earlier_rows(text[text.index(START):text.index(END)]) if START in text else {}
+    now = time.strftime("%Y-%m-%d", time.gmtime())
+    lines = [START, f"Written by `bench/quality.sh`, {platform.machine()}; dev splits only. A row not rerun keeps its "
+             "earlier line and date.", "", "| task | model | goal (dev) | dev score | wall time | budget | measured | "
+             "commands |", "|---|---|---|---|---|---|---|---|"]
     for row, (read, budget) in ROWS.items():
         if not (out / f"{row}.seconds").is_file():
+            if row in earlier:
+                lines.append(earlier[row])
             continue
-        task, model, goal, score = read(out)
+        (task, model), (goal, score) = TASKS[row], read(out)
         minutes = sum(int(s) for s in (out / f"{row}.seconds").read_text().split()) / 60
         commands = "<br>".join(f"`{c}`" for c in (out / f"{row}.commands").read_text().splitlines())
         shown = f"{score:+.1f}%" if "%" in goal else f"{score:+.1f}" if " + " in goal else f"{score:.1f}"
-        lines.append(f"| {task} | {model} | {goal} | **{shown}** | {minutes:.1f} min | {budget} min | {commands} |")
+        lines.append(f"| {task} | {model} | {goal} | **{shown}** | {minutes:.1f} min | {budget} | {now} | "
+                     f"{commands} |")
     lines.append(END)
-    text = results.read_text(encoding="utf-8")
     if START in text:
         text = text[:text.index(START)] + "\n".join(lines) + text[text.index(END) + len(END):]
     else:
         text += "\n## Quality: the example configs on dev splits — `bench/quality.sh`\n\n" + "\n".join(lines) + "\n"
     results.write_text(text, encoding="utf-8")
     print("\n".join(lines))
+
+
+def earlier_rows(table: str) -> dict[str, str]:
+    """The table's rows by ROWS key (matched on the task and model cells), each with its measured date (a table
+    written before the date column had one date, in its header)."""
+    header_date = re.search(r"on (\d{4}-\d{2}-\d{2})", table)
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if not line.startswith("| ") or cells[0] == "task" or len(cells) not in (7, 8):
+            continue
+        if len(cells) == 7:
+            cells.insert(6, header_date.group(1) if header_date else "?")
+        for key in ROWS:
+            if cells[0] == TASKS[key][0] and cells[1] == TASKS[key][1]:
+                rows[key] = "| " + " | ".join(cells) + " |"
+    return rows
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ gives alone (transformers' generate on the training layer, and PEFT's `adapter_n
 is per request and seeded, never the global RNG; stops and limits end rows."""
 from __future__ import annotations
 
+import os
+
 import peft
 import pytest
 import torch
@@ -67,6 +69,38 @@ def test_requests_joining_mid_flight_equal_each_alone(served):
         folder = folders[r.adapter] if r.adapter else None
         assert r.output_ids == _alone(kind, folder, r.prompt_ids, r.params.max_new_tokens), r.adapter
         assert r.finish_reason == ("stop" if r.output_ids[-1] == EOS else "length")
+
+
+def test_a_shared_prefix_runs_once_per_adapter_and_rows_equal_each_alone(served, monkeypatch):
+    """Prompts that share a prefix (a few-shot prompt's examples): the prefix runs once per adapter, each row
+    prefills only its rest, and every row gives the tokens it gives alone."""
+    import loraforge.infer.engine as engine_module
+    from loraforge.infer import generate_many
+
+    kind, folders = served
+    session = session_of(BUILDERS[kind](), tiny_tokenizer(), **folders)
+    prefix = _prompts(1, seed=9)[0] * 3  # 3 to 33 tokens
+    prompts = [prefix + rest for rest in _prompts(6)] + [prefix[:1]]  # the last starts with the prefix's first token
+    adapters = ["u0", None, "u1", "u0", None, "u2", "u1"]
+    engine = Engine(session, max_batch=2, prefix=prefix)
+    ran, real = [], engine._prefix_kv
+
+    def prefix_kv(adapter):
+        if adapter not in engine.prefix_kv:
+            ran.append(adapter)  # the prefix runs on this adapter now
+        return real(adapter)
+
+    monkeypatch.setattr(engine, "_prefix_kv", prefix_kv)
+    requests = engine.run([Request(p, a, SamplingParams(max_new_tokens=6)) for p, a in zip(prompts, adapters)])
+    assert {"u0", None} <= set(ran) and len(ran) == len(set(ran)) == len(engine.prefix_kv)  # once per adapter
+    for r in requests:
+        folder = folders[r.adapter] if r.adapter else None
+        assert r.output_ids == _alone(kind, folder, r.prompt_ids, 6), r.adapter
+    # generate_many finds the shared prefix itself when it is long enough
+    monkeypatch.setattr(engine_module, "SHARED_PREFIX_MIN", 2)
+    assert engine_module.shared_prefix(prompts[:6]) == len(prefix) + len(os.path.commonprefix(_prompts(6))) - 1
+    assert generate_many(session, prompts[:6], SamplingParams(max_new_tokens=6), adapters[:6], max_batch=4) \
+        == [r.output_ids for r in requests[:6]]
 
 
 def test_greedy_mixed_batch_equals_peft_adapter_names(served):

@@ -15,7 +15,7 @@ from loraforge.data import RECIPES, Record, collate, load_examples, pad_id_for
 from loraforge.errors import LoraforgeError
 from loraforge.eval.fewshot import encode_few_shot, few_shot_text, pick_shots
 from loraforge.eval.config import EvalConfig
-from loraforge.eval import run as run_module
+from loraforge.infer import engine as engine_module
 from loraforge.eval.run import load_eval_examples, run_eval, token_nll
 from helpers import hf_generate
 from loraforge.lora import LoraConfig, LoraModel, load_adapter, save_adapter
@@ -107,6 +107,22 @@ def test_each_row_is_its_model_alone(setup, result) -> None:
     assert outputs["adapter_a"] != outputs["base"] and outputs["adapter_b"] != outputs["adapter_a"]
 
 
+def test_base_false_scores_the_other_rows_alone_and_the_same(setup, result, tmp_path) -> None:
+    """`--base false` leaves out the zero-shot row; the rows left are what the full run gave them."""
+    cfg = EvalConfig(data=str(setup["dev"]), recipe="e2e", adapters=(str(setup["adapter_a"]),), base=False,
+                     few_shot=2, few_shot_data=str(setup["pool"]), max_new_tokens=8, batch_size=3,
+                     output=str(tmp_path / "o"))
+    alone = run_eval(cfg)
+    full = {m.name: m for m in result.models}
+    assert [m.name for m in alone.models] == ["base 2-shot", "adapter_a"]
+    for row in alone.models:
+        assert [r["output"] for r in row.rows] == [r["output"] for r in full[row.name].rows]
+        assert row.metrics == full[row.name].metrics
+    with pytest.raises(LoraforgeError, match="nothing to score"):
+        EvalConfig(data=str(setup["dev"]), recipe="e2e", base=False)
+    assert main(["eval", "--data", str(setup["dev"]), "--recipe", "e2e", "--base", "false"]) == 2
+
+
 def test_few_shot_prompt_has_k_examples_and_no_scored_record(setup) -> None:
     recipe = replace(RECIPES["e2e"], prompt_style="instruction")  # Alpaca with this tokenizer
     examples = load_eval_examples(str(setup["dev"]), recipe)
@@ -196,7 +212,7 @@ QA = [{"question": "is the pub cheap", "context": "the pub is cheap", "label": "
 
 @pytest.mark.parametrize("shared_min", [1, 10**9], ids=["prompts' shared prefix run once", "every row whole"])
 def test_label_words_answer_the_likeliest_label(setup, tmp_path, monkeypatch, shared_min) -> None:
-    monkeypatch.setattr(run_module, "SHARED_PREFIX_MIN", shared_min)
+    monkeypatch.setattr(engine_module, "SHARED_PREFIX_MIN", shared_min)
     data = write_jsonl(tmp_path / "qa.jsonl", QA)
     cfg = EvalConfig(data=str(data), recipe="pubmedqa", answer="label-words", adapters=(str(setup["adapter_a"]),),
                      model=str(setup["llama"]), batch_size=4, output=str(tmp_path / "report"))

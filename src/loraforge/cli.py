@@ -44,7 +44,9 @@ def _add_option_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             groups[group] = parser.add_mutually_exclusive_group()
         target = parser if group is None else groups[group]
         kwargs = {"help": meta.pop("help").replace("%", "%%"), **meta}
-        if kwargs.get("action") != "store_true":
+        if f.type == "bool" and "action" not in kwargs:  # as a config's yes/no: --base, or --base false
+            kwargs.update(type=parse_bool, nargs="?", const=True, metavar="true|false")
+        elif kwargs.get("action") != "store_true":
             kwargs["type"] = _OPTION_TYPES[f.type]
         if kwargs.get("action") != "append":
             kwargs["default"] = f.default

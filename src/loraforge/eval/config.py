@@ -43,6 +43,8 @@ class EvalConfig:
                                         "instruction, ...; default: detected)")
     max_examples: int = opt(0, "score the first N examples (0 = all; records sharing an input count once for "
                                "BLEU/ROUGE/QA)")
+    base: bool = opt(True, "score the base model zero-shot (false: only the few-shot base and the adapters, e.g. when "
+                           "another run already scored it on the same records)")
     few_shot: int = opt(0, "also score the base model with K in-context examples from --few-shot-data", metavar="K")
     few_shot_data: str | None = opt(None, "where the K examples come from, e.g. the training file (records with a "
                                           "scored prompt are skipped)", metavar="FILE")
@@ -96,6 +98,8 @@ class EvalConfig:
         if self.few_shot and (task != "generate" or not self.few_shot_data):
             raise LoraforgeError("--few-shot K needs a generation recipe and --few-shot-data FILE (e.g. the training "
                                  "file) to draw the K in-context examples from")
+        if not (self.base or self.few_shot or self.adapters):
+            raise LoraforgeError("--base false leaves nothing to score: give --adapter DIR or --few-shot K")
         for name in ("max_examples", "few_shot", "samples", "threads"):
             if getattr(self, name) < 0:
                 raise LoraforgeError(f"{name} must be 0 or more, got {getattr(self, name)}")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from loraforge.eval.fewshot import encode_few_shot, pick_shots
 from loraforge.eval.report import write_report
 from loraforge.eval.results import EvalExample, EvalResult, ModelResult
 from loraforge.infer.batch import BatchOptions, generate_batch
-from loraforge.infer.engine import cache_keyword
+from loraforge.infer.engine import cache_keyword, shared_prefix
 from loraforge.infer.predict import score_recipe
 from loraforge.infer.session import InferenceSession
 from loraforge.metrics import MULTI_REFERENCE_METRICS, perplexity
@@ -86,15 +85,16 @@ def load_eval_examples(path: str, recipe: Recipe, file_format: str | None = None
 
 
 def model_specs(cfg: EvalConfig) -> list[ModelSpec]:
-    """The rows: the base (always), the base with K shots (if asked), then each adapter on its base."""
+    """The rows: the base (unless `cfg.base` is false), the base with K shots (if asked), then each adapter on its
+    base."""
     from loraforge.models import adapter_base
 
     adapter_bases = [cfg.model or adapter_base(a) or DEFAULT_MODEL for a in cfg.adapters]
     base = cfg.model or (adapter_bases[0] if adapter_bases else DEFAULT_MODEL)
-    specs = [ModelSpec("base", base)]
+    specs = [ModelSpec("base", base)] if cfg.base else []
     if cfg.few_shot:
         specs.append(ModelSpec(f"base {cfg.few_shot}-shot", base, few_shot=cfg.few_shot))
-    names = {"base", specs[-1].name}
+    names = {"base"} | {spec.name for spec in specs}
     for adapter, adapter_base in zip(cfg.adapters, adapter_bases):
         name = Path(adapter).resolve().name or adapter
         while name in names:
@@ -193,11 +193,6 @@ def score_outputs(model: str, recipe: Recipe, examples: list[EvalExample], new_i
     return metrics, rows
 
 
-SHARED_PREFIX_MIN = 64
-"""Label-word scoring runs a prefix that every prompt starts with (a few-shot prompt's shots) once, and each row from
-where the prompts part, when that prefix is at least this many tokens."""
-
-
 @torch.no_grad()
 def score_label_words(session: InferenceSession, adapter: str | None, recipe: Classification,
                       examples: list[EvalExample], prompts: list[list[int]], batch_size: int
@@ -207,8 +202,8 @@ def score_label_words(session: InferenceSession, adapter: str | None, recipe: Cl
     forward per (prompt, label). The prompt may be zero- or few-shot; the continuations come from the recipe's
     own training example, so the answer is always one of the labels, in the form the model was taught. Also each
     label's probability among the labels (the continuations' probabilities, normalized).
-    The prompts' shared prefix (`SHARED_PREFIX_MIN` tokens or more: the shots of a few-shot prompt) runs once, and
-    each row continues from its KV cache: a 32-shot SST-2 prompt of ~1,000 tokens then costs each row its own ~30."""
+    The prompts' shared prefix (`infer.engine.shared_prefix`: the shots of a few-shot prompt) runs once, and each
+    row continues from its KV cache: a 32-shot SST-2 prompt of ~1,000 tokens then costs each row its own ~30."""
     tokenizer = session.tokenizer
     rows: list[TokenizedExample] = []
     options: list[list[list[int]]] = []
@@ -216,8 +211,7 @@ def score_label_words(session: InferenceSession, adapter: str | None, recipe: Cl
         conts = [recipe.answer_ids(ex.record, name, tokenizer) for name in recipe.names]
         rows += [TokenizedExample(prompt + cont, [IGNORE_INDEX] * len(prompt) + cont) for cont in conts]
         options.append(conts)
-    shared = len(os.path.commonprefix(prompts)) - 1  # less one: each row keeps a token of its own to start from
-    shared = shared if shared >= SHARED_PREFIX_MIN else 0
+    shared = shared_prefix(prompts)
     nll = torch.empty(len(rows), dtype=torch.float64)
     pad = pad_id_for(tokenizer)
     with session.use(adapter) as model:

@@ -14,6 +14,11 @@ One step (`Engine.step`):
 The attention mask hides padding and each row gets its own position ids, so a row sees exactly what it would see
 alone: the same tokens as that request decoded by itself, up to float rounding in kernels whose reduction order
 depends on the batch shape (tested). Requests join and leave between steps: continuous batching.
+
+A shared prefix (`Engine(..., prefix=ids)`, e.g. the K solved examples of a few-shot prompt, found by
+`shared_prefix`) runs once per adapter; a joining request that starts with it prefills only the rest of its
+prompt, on a copy of the prefix's keys and values (the prompt then reads [prefix][padding][rest], the padding
+masked, positions counted over real tokens only, so the row still sees what it would alone).
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import inspect
 import itertools
 import os
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -97,10 +102,22 @@ class _Row:
     position: int  # the position id of the next token fed in: tokens in the cache so far
 
 
-class Engine:
-    """Continuous batching over one `InferenceSession`: requests on any adapters, decoded together."""
+SHARED_PREFIX_MIN = 64
+"""A prefix that all prompts share runs once when it is at least this many tokens (`shared_prefix`)."""
 
-    def __init__(self, session: InferenceSession, max_batch: int = 16):
+
+def shared_prefix(prompts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every prompt shares, less one (each prompt keeps a token of its own to continue
+    from); 0 when that is under `SHARED_PREFIX_MIN`."""
+    shared = len(os.path.commonprefix([list(p) for p in prompts])) - 1 if prompts else 0
+    return shared if shared >= SHARED_PREFIX_MIN else 0
+
+
+class Engine:
+    """Continuous batching over one `InferenceSession`: requests on any adapters, decoded together; `prefix`: tokens
+    most prompts start with, run once per adapter (module docstring)."""
+
+    def __init__(self, session: InferenceSession, max_batch: int = 16, prefix: Sequence[int] = ()):
         if session.kind != "causal-lm":
             raise LoraforgeError(f"the engine generates text; this session serves {session.kind} heads")
         if max_batch < 1:
@@ -118,6 +135,8 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.rows: list[_Row] = []
         self.cache: DynamicCache | None = None
+        self.prefix = list(prefix)
+        self.prefix_kv: dict[str | None, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # adapter -> per layer
         self.mask: torch.Tensor | None = None  # (B, T) 1 where the cache holds a real token
         self.last: torch.Tensor | None = None  # (B,) each row's newest token, fed in at the next decode
 
@@ -197,22 +216,28 @@ class Engine:
         return logits
 
     def _prefill(self, requests: list[Request]) -> torch.Tensor:
-        """Prefill the joining requests together; append their rows and cache; their last-token logits (n, V)."""
+        """Prefill the joining requests together (after the shared prefix's cached keys and values, when they all
+        start with it); append their rows and cache; their last-token logits (n, V)."""
         device = self.session.device
-        T = max(len(r.prompt_ids) for r in requests)
-        ids = torch.full((len(requests), T), self.pad_id, dtype=torch.long)  # (n, T), left-padded
-        mask = torch.zeros((len(requests), T), dtype=torch.long)  # (n, T)
+        P = len(self.prefix)
+        if not P or not all(len(r.prompt_ids) > P and r.prompt_ids[:P] == self.prefix for r in requests):
+            P = 0
+        T = max(len(r.prompt_ids) for r in requests) - P
+        ids = torch.full((len(requests), T), self.pad_id, dtype=torch.long)  # (n, T), the rests left-padded
+        mask = torch.zeros((len(requests), P + T), dtype=torch.long)  # (n, P + T)
+        mask[:, :P] = 1
         for i, r in enumerate(requests):
-            ids[i, T - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, T - len(r.prompt_ids):] = 1
+            rest = r.prompt_ids[P:]
+            ids[i, T - len(rest):] = torch.tensor(rest)
+            mask[i, P + T - len(rest):] = 1
         ids, mask = ids.to(device), mask.to(device)
+        cache = self._new_cache(GrowingLayer)
+        if P:
+            kv = [self._prefix_kv(r.adapter) for r in requests]
+            for i, layer in enumerate(cache.layers):
+                layer.set(torch.cat([row[i][0] for row in kv]), torch.cat([row[i][1] for row in kv]))
         self.session.route([r.adapter for r in requests])
-        cache = DynamicCache(config=self.model.config)
-        if any(type(layer) is not DynamicLayer for layer in cache.layers):
-            raise LoraforgeError(f"{type(self.model).__name__} uses a sliding-window or other special KV cache, "
-                                 "which the engine does not batch yet")
-        cache.layers = [GrowingLayer() for _ in cache.layers]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (n, T)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, P:]  # (n, T)
         out = self._forward(self.model, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                             logits_to_keep=1, **{self.cache_kw: cache})
         self._append(cache, mask)
@@ -220,6 +245,24 @@ class Engine:
             self.rows.append(_Row(r, _generator(r.params, device), frozenset(r.params.stop_token_ids)
                                   | (frozenset() if r.params.ignore_eos else self.stop_ids), len(r.prompt_ids)))
         return out.logits[:, -1].float()
+
+    def _new_cache(self, layer_type: type = DynamicLayer) -> DynamicCache:
+        cache = DynamicCache(config=self.model.config)
+        if any(type(layer) is not DynamicLayer for layer in cache.layers):
+            raise LoraforgeError(f"{type(self.model).__name__} uses a sliding-window or other special KV cache, "
+                                 "which the engine does not batch yet")
+        cache.layers = [layer_type() for _ in cache.layers]
+        return cache
+
+    def _prefix_kv(self, adapter: str | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The shared prefix's keys and values on `adapter`, (1, H, P, D) per layer: run on first use."""
+        if adapter not in self.prefix_kv:
+            cache = self._new_cache()
+            self.session.route([adapter])
+            self._forward(self.model, input_ids=torch.tensor([self.prefix], device=self.session.device),
+                          use_cache=True, logits_to_keep=1, **{self.cache_kw: cache})
+            self.prefix_kv[adapter] = [(layer.keys, layer.values) for layer in cache.layers]
+        return self.prefix_kv[adapter]
 
     def _forward(self, fn, *args, **kwargs):
         """`fn(*args, **kwargs)` with the layers' few-row kernel on (`lora.multi`)."""

@@ -1,7 +1,7 @@
 """One prompt in, text out: a thin call over the engine (`infer.engine`), for the CLI and the demo."""
 from __future__ import annotations
 
-from loraforge.infer.engine import Engine, Request, SamplingParams
+from loraforge.infer.engine import Engine, Request, SamplingParams, shared_prefix
 from loraforge.infer.session import InferenceSession
 
 
@@ -14,7 +14,9 @@ def generate(session: InferenceSession, prompt_ids: list[int], params: SamplingP
 
 def generate_many(session: InferenceSession, prompts: list[list[int]], params: SamplingParams = SamplingParams(),
                   adapters: list[str | None] | None = None, max_batch: int = 16) -> list[list[int]]:
-    """Each prompt continued on its own adapter, all decoded together (mixed batches); new ids in the order given."""
+    """Each prompt continued on its own adapter, all decoded together (mixed batches); new ids in the order given.
+    A prefix all prompts share (`engine.shared_prefix`: a few-shot prompt's examples) runs once per adapter."""
     adapters = adapters if adapters is not None else [None] * len(prompts)
     requests = [Request(list(p), a, params) for p, a in zip(prompts, adapters)]
-    return [r.output_ids for r in Engine(session, max_batch=max_batch).run(requests)]
+    prefix = prompts[0][:shared_prefix(prompts)] if prompts else []
+    return [r.output_ids for r in Engine(session, max_batch=max_batch, prefix=prefix).run(requests)]
