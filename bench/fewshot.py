@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -28,7 +30,7 @@ from pathlib import Path
 from loraforge.data.split import sample_few_shot
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+DATA = Path(os.path.relpath(ROOT.parent / "shared" / "data"))  # relative to here, as the commands are shown
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,9 @@ TASKS = {
     "sst2": Task("examples/sst2_fewshot32.yaml", "sst2", DATA / "sst2" / "dev.tsv", "accuracy",
                  ("--answer", "label-words")),
     # the seeded 200-sentence sample of dev (eng.testa) that examples/conll2003.yaml validates on
-    "conll2003": Task("examples/conll2003_fewshot32.yaml", "conll2003", ROOT / "runs/data/conll2003/dev200.conll",
-                      "f1", ("--file-format", "conll", "--max-new-tokens", "64")),
+    "conll2003": Task("examples/conll2003_fewshot32.yaml", "conll2003",
+                      Path(os.path.relpath(ROOT / "runs" / "data" / "conll2003" / "dev200.conll")), "f1",
+                      ("--file-format", "conll", "--max-new-tokens", "64")),
 }
 
 
@@ -67,7 +70,7 @@ def draw(task: str, seed: int, n: int, out: Path) -> Path:
 def timed(command: list[str], log: list[dict]) -> None:
     start = time.perf_counter()
     subprocess.run(command, check=True)
-    log.append({"command": " ".join(command), "seconds": round(time.perf_counter() - start, 1)})
+    log.append({"command": shlex.join(command), "seconds": round(time.perf_counter() - start, 1)})
 
 
 def main() -> None:

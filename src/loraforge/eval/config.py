@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loraforge.config import (DEFAULT_MODEL, INSTRUCTION_HELP, METRIC_HELP, QUANTIZE_HELP, QUANTIZE_METHODS, RECIPE_OPTIONS, opt, parse_mapping,
-                              with_adapter_recipe)
+from loraforge.config import (DEFAULT_MODEL, INSTRUCTION_HELP, METRIC_HELP, QUANTIZE_HELP, QUANTIZE_METHODS,
+                              RECIPE_OPTIONS, opt, parse_mapping, with_adapter_recipe)
 from loraforge.data import make_recipe
 from loraforge.data.recipes import Classification
 from loraforge.errors import LoraforgeError

@@ -247,6 +247,7 @@ class Engine:
         return out.logits[:, -1].float()
 
     def _new_cache(self, layer_type: type = DynamicLayer) -> DynamicCache:
+        """An empty KV cache for the model whose layers are `layer_type` (full attention only)."""
         cache = DynamicCache(config=self.model.config)
         if any(type(layer) is not DynamicLayer for layer in cache.layers):
             raise LoraforgeError(f"{type(self.model).__name__} uses a sliding-window or other special KV cache, "
