@@ -3,6 +3,7 @@
     python bench/fewshot.py                     # SST-2, seeds 0 1 2, the whole dev split (872 sentences)
     python bench/fewshot.py --task conll2003    # CoNLL-2003 NER as generation, the 200-sentence dev sample
     python bench/fewshot.py --seeds 0 --max-examples 100   # a quick look
+    python bench/fewshot.py --task conll2003 --lr 3e-4 --output runs/fewshot/lr3e-4   # other flags go to train
 
 For each seed: a seeded draw of 32 training records (SST-2: stratified by label, `loraforge.data.split.sample_few_shot`;
 CoNLL: 32 sentences, uniform), written to OUT/{task}_32_seed{S}.{suffix}; `loraforge train` on them (the task's
@@ -80,7 +81,7 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=32)
     parser.add_argument("--max-examples", type=int, default=0, help="dev records scored (0 = all)")
     parser.add_argument("--output", help="default: runs/quality/{task}_fewshot")
-    args = parser.parse_args()
+    args, train_flags = parser.parse_known_args()  # the rest are `loraforge train` flags, over the config's
     task = TASKS[args.task]
     out = Path(args.output or f"runs/quality/{args.task}_fewshot")
     out.mkdir(parents=True, exist_ok=True)
@@ -90,7 +91,7 @@ def main() -> None:
         adapter, report = out / f"lora_seed{seed}", out / f"report_seed{seed}"
         log: list[dict] = []
         timed(["loraforge", "train", task.config, "--data", str(shots), "--max-examples", "0", "--val-data", "",
-               "--seed", str(seed), "--output", str(adapter), "--overwrite"], log)
+               "--seed", str(seed), "--output", str(adapter), "--overwrite", *train_flags], log)
         timed(["loraforge", "eval", "--recipe", task.recipe, "--data", str(task.dev), *task.eval_args,
                "--max-examples", str(args.max_examples), "--adapter", str(adapter), "--few-shot", str(args.shots),
                "--few-shot-data", str(shots), "--seed", str(seed), "--base", str(zero_shot is None).lower(),

@@ -320,7 +320,8 @@ def loftq_runs(llama_dir, data_file, tmp_path_factory):
     for iters in (3, 1):
         cfg = TrainConfig(model=str(llama_dir), data=str(data_file), output=str(root / f"t{iters}"), max_steps=2,
                           batch_size=2, max_length=32, r=4, lora_alpha=8, quantize="nf4", lora_init="loftq",
-                          loftq_iter=iters, target_modules="all-linear", lr=1e-2)
+                          loftq_iter=iters, target_modules="all-linear", lr=1e-2,
+                          dtype="float32")  # auto would train in bf16 on a CPU with it, and loads are fp32
         result = train(cfg, progress=False)
         ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
         with torch.no_grad():
