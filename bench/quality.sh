@@ -5,8 +5,8 @@
 #
 #   make install && . .venv/bin/activate && bash bench/quality.sh [ROW ...]   # from the repo root
 #
-# Rows: conll_minilm, cuad, scitldr, sst2_minilm, sst2_fewshot, conll_fewshot (all by default). Run it on an otherwise idle machine:
-# the wall times are part of the table.
+# Rows: conll_minilm, cuad, scitldr, sst2_minilm, sst2_fewshot, conll_fewshot (all by default). Run it on an
+# otherwise idle machine: the wall times are part of the table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=../shared/data

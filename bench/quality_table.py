@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import platform
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -96,20 +95,9 @@ def main() -> None:
 
 
 def earlier_rows(table: str) -> dict[str, str]:
-    """The table's rows by ROWS key (matched on the task and model cells), each with its measured date (a table
-    written before the date column had one date, in its header)."""
-    header_date = re.search(r"on (\d{4}-\d{2}-\d{2})", table)
-    rows = {}
-    for line in table.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
-        if not line.startswith("| ") or cells[0] == "task" or len(cells) not in (7, 8):
-            continue
-        if len(cells) == 7:
-            cells.insert(6, header_date.group(1) if header_date else "?")
-        for key in ROWS:
-            if cells[0] == TASKS[key][0] and cells[1] == TASKS[key][1]:
-                rows[key] = "| " + " | ".join(cells) + " |"
-    return rows
+    """The table's rows by ROWS key, matched on their task and model cells, as written."""
+    cells = {tuple(line.strip("| ").split(" | ")[:2]): line for line in table.splitlines() if line.startswith("| ")}
+    return {key: cells[TASKS[key]] for key in ROWS if TASKS[key] in cells}
 
 
 if __name__ == "__main__":

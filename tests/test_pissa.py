@@ -122,8 +122,8 @@ def test_training_saves_the_converted_adapter_and_checkpoints_as_trained(llama_d
     from loraforge.train import train
 
     cfg = TrainConfig(model=str(llama_dir), data=str(data_file), output=str(tmp_path / "run"), max_steps=2,
-                      batch_size=2, max_length=32, r=4, lora_alpha=8, lora_init="pissa", save_every=1, dtype="float32",
-                      target_modules=["q_proj", "v_proj"], lr=1e-2)
+                      batch_size=2, max_length=32, r=4, lora_alpha=8, lora_init="pissa", save_every=1,
+                      target_modules=["q_proj", "v_proj"], lr=1e-2, dtype="float32")
     result = train(cfg, progress=False)
     ids = torch.tensor([[1, 5, 6, 7, 8, 9]])  # words of the tiny tokenizer
     trained = logits(result.lora.model, ids)

@@ -4,7 +4,8 @@
 bitsandbytes and peft are the oracle, test dependencies only. Both sides start from the same fp32 checkpoint and
 quantize it themselves; the packed bytes and scales are checked equal layer by layer, so the logits compare LoRA
 on the same base. Measured (AMD EPYC without and with AVX512-BF16; both tests pinned to bitsandbytes' reference
-path, see `_bnb_peft`): max |Δlogit| = 0.0 in float32 (nf4 and nf4-dq), 1.95e-3 (one bf16 ulp at |logit| ~ 0.35) in bfloat16.
+path, see `_bnb_peft`): max |Δlogit| = 0.0 in float32 (nf4 and nf4-dq), 1.95e-3 (one bf16 ulp at |logit| ~ 0.35)
+in bfloat16.
 """
 from __future__ import annotations
 

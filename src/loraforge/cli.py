@@ -19,19 +19,18 @@ from loraforge.options import (CombineOptions, DemoOptions, ExportOptions, Gener
                                PredictOptions, RouterOptions, ServeOptions, from_namespace)
 
 log = logging.getLogger("loraforge")
-_FLAG_TYPES = {"int": int, "float": float, "bool": parse_bool}
+_FLAG_TYPES = {"int": int, "float": float}
+_YES_NO = {"type": parse_bool, "nargs": "?", "const": True, "metavar": "true|false"}
+"""A yes/no flag stands alone (--overwrite) or takes a value (--packing false)."""
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per config field, typed and documented from the dataclass; unset flags stay out of the namespace."""
     group = parser.add_argument_group("options (also settable in the YAML file; flags win)")
     for f in dataclasses.fields(cls):
-        # a yes/no option stands alone (--overwrite) or takes a value (--packing false)
-        switch = {"nargs": "?", "const": True, "metavar": "true|false"} if f.type == "bool" else \
-            {"metavar": f.name.upper()}
+        kind = _YES_NO if f.type == "bool" else {"type": _FLAG_TYPES.get(f.type, str), "metavar": f.name.upper()}
         group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
-                           type=_FLAG_TYPES.get(f.type, str), help=f.metadata["help"].replace("%", "%%"),
-                           **switch)  # argparse formats help with %
+                           help=f.metadata["help"].replace("%", "%%"), **kind)  # argparse formats help with %
 
 
 def _add_option_flags(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -44,8 +43,8 @@ def _add_option_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             groups[group] = parser.add_mutually_exclusive_group()
         target = parser if group is None else groups[group]
         kwargs = {"help": meta.pop("help").replace("%", "%%"), **meta}
-        if f.type == "bool" and "action" not in kwargs:  # as a config's yes/no: --base, or --base false
-            kwargs.update(type=parse_bool, nargs="?", const=True, metavar="true|false")
+        if f.type == "bool" and "action" not in kwargs:  # as a config's: --base, or --base false
+            kwargs.update(_YES_NO)
         elif kwargs.get("action") != "store_true":
             kwargs["type"] = _OPTION_TYPES[f.type]
         if kwargs.get("action") != "append":

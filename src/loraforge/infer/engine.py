@@ -232,10 +232,10 @@ class Engine:
             mask[i, P + T - len(rest):] = 1
         ids, mask = ids.to(device), mask.to(device)
         cache = self._new_cache(GrowingLayer)
-        if P:
+        if P:  # each row's copy of the prefix, written straight into the layer's buffer
             kv = [self._prefix_kv(r.adapter) for r in requests]
             for i, layer in enumerate(cache.layers):
-                layer.set(torch.cat([row[i][0] for row in kv]), torch.cat([row[i][1] for row in kv]))
+                layer.stack([row[i] for row in kv])
         self.session.route([r.adapter for r in requests])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, P:]  # (n, T)
         out = self._forward(self.model, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
@@ -291,8 +291,7 @@ class Engine:
             return
         T = max(self.mask.shape[1], mask.shape[1])
         for old, new in zip(self.cache.layers, cache.layers):
-            old.set(torch.cat([_pad_left(old.keys, T), _pad_left(new.keys, T)]),  # (B+n, H, T, D)
-                    torch.cat([_pad_left(old.values, T), _pad_left(new.values, T)]))
+            old.stack([(old.keys, old.values), (new.keys, new.values)])  # (B+n, H, T, D)
         self.mask = torch.cat([F.pad(self.mask, (T - self.mask.shape[1], 0)), F.pad(mask, (T - mask.shape[1], 0))])
 
     def _keep(self, keep: list[int]) -> None:
@@ -328,11 +327,24 @@ class GrowingLayer(DynamicLayer):
 
     def set(self, keys: torch.Tensor, values: torch.Tensor, room: int = 0) -> None:
         """Hold exactly `keys`/`values` (B, H, T, D), in a buffer with room for max(2T, room, T + 64) tokens."""
-        B, H, T, D = keys.shape
+        self.stack([(keys, values)], room)
+
+    def stack(self, parts: list[tuple[torch.Tensor, torch.Tensor]], room: int = 0) -> None:
+        """Hold the rows of `parts`, (keys, values) pairs of (b, H, t, D), stacked in order along the batch, each
+        right-aligned to the longest t with zeros before a shorter one (left padding, which the mask hides); each
+        part is copied once, into a buffer with room for max(2T, room, T + 64) tokens."""
+        keys, values = parts[0]
+        B, T = sum(k.shape[0] for k, _ in parts), max(k.shape[2] for k, _ in parts)
         capacity = max(2 * T, room, T + 64)
-        self._k = keys.new_empty((B, H, capacity, D))
+        self._k = keys.new_empty((B, keys.shape[1], capacity, keys.shape[3]))
         self._v = values.new_empty((B, values.shape[1], capacity, values.shape[3]))
-        self._k[:, :, :T], self._v[:, :, :T] = keys, values
+        first = 0
+        for k, v in parts:
+            b, t = k.shape[0], k.shape[2]
+            self._k[first:first + b, :, :T - t] = 0
+            self._v[first:first + b, :, :T - t] = 0
+            self._k[first:first + b, :, T - t:T], self._v[first:first + b, :, T - t:T] = k, v
+            first += b
         self.keys, self.values = self._k[:, :, :T], self._v[:, :, :T]
         self.device, self.is_initialized = keys.device, True
 
@@ -352,11 +364,6 @@ def stop_ids(tokenizer, model) -> list[int]:
         elif source:
             ids.update(source)
     return sorted(ids)
-
-
-def _pad_left(t: torch.Tensor, length: int) -> torch.Tensor:
-    """(B, H, T, D) -> (B, H, length, D), zeros on the left."""
-    return F.pad(t, (0, 0, length - t.shape[2], 0))
 
 
 def _generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
