@@ -172,7 +172,7 @@ def choose_combinations(work: Path, data: dict[str, dict[str, Path]]) -> dict:
     import torch
 
     from loraforge.data import collate, load_examples, make_recipe, pad_id_for
-    from loraforge.eval.run import token_nll
+    from loraforge.infer.score import token_nll
     from loraforge.infer.session import InferenceSession
     from loraforge.lora.adapter import read_adapter
     from loraforge.lora.combine import combine

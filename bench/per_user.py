@@ -48,7 +48,7 @@ def train_all(args: argparse.Namespace, data: Path, out: Path) -> dict[str, floa
 def nll(session, examples: list, names: list[str | None], batch_size: int) -> tuple[list[float], list[int]]:
     """Summed NLL and token count of each example, row i on adapter names[i] (mixed batches)."""
     from loraforge.data import collate, pad_id_for
-    from loraforge.eval.run import token_nll
+    from loraforge.infer.score import token_nll
 
     sums, counts = [], []
     for start in range(0, len(examples), batch_size):

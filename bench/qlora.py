@@ -15,10 +15,12 @@ after the first. The eval loss is on the first 200 rows of the E2E dev split. Th
 packed one decode the first `--eval-mrs` dev MRs greedily, scored with BLEU against all their references.
 
 Part 2, a 1B-class Llama (TinyLlama-1.1B's shape, random weights, seeded), LoRA r=16 on all linear layers, batch 1 x
-256 tokens, `--big-steps` AdamW steps: peak RSS of fp32 LoRA and of nf4 / nf4-dq QLoRA (reset after building), and
-of bf16 LoRA on `--bf16-tokens` tokens only (bf16 is emulated here and 256 tokens would take an hour; fewer tokens
-mean fewer activations, so that bf16 number is a lower bound of bf16 LoRA at 256 tokens and the ratio against it is
-pessimistic for QLoRA).
+256 tokens, `--big-steps` AdamW steps (`--big-only`: this part alone): peak RSS of fp32 LoRA and of nf4 / nf4-dq
+QLoRA computing in fp32 (reset after building), and of bf16 LoRA. Where the CPU runs bf16 matmuls natively
+(AVX512-BF16 or AMX), bf16 LoRA trains on 256 tokens too, and nf4 / nf4-dq also run with bf16 compute (the QLoRA
+paper's setting: the packed base dequantized to bf16). Elsewhere bf16 is emulated (~1 GFLOP/s: 256 tokens would take
+an hour), so bf16 LoRA runs on `--bf16-tokens` tokens only: fewer activations, a lower bound of its peak at 256
+tokens, which makes the ratio against it pessimistic for QLoRA.
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from loraforge.config import resolve_dtype
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -66,7 +70,8 @@ def linear_bytes(model) -> int:
     from loraforge.quant.model import body_linears
 
     packed = sum(m.weight_bytes for m in model.modules() if isinstance(m, QuantLinear))
-    dense = sum(model.get_submodule(p).weight.numel() * 4 for p in body_linears(model))
+    dense = sum(model.get_submodule(p).weight.numel() * model.get_submodule(p).weight.element_size()
+                for p in body_linears(model))
     return packed + dense
 
 
@@ -126,16 +131,17 @@ def worker_big(a: argparse.Namespace) -> dict:
     config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                          num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
                          tie_word_embeddings=False)
-    dtype = torch.bfloat16 if a.quantize == "bf16" else torch.float32
+    dtype = torch.bfloat16 if a.quantize.endswith("bf16") else torch.float32
+    method = a.quantize.removesuffix("bf16").rstrip("-")
     model = LlamaForCausalLM(config).to(dtype).eval()
-    if a.quantize in ("nf4", "nf4-dq"):
-        quantize_model(model, a.quantize)
-    base_bytes = linear_bytes(model) if dtype == torch.float32 else None
+    if method in ("nf4", "nf4-dq"):
+        quantize_model(model, method)  # the compute dtype is the model's: bf16 for nf4-bf16
+    base_bytes = linear_bytes(model)
     lm = LoraModel(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     params = list(lm.adapter_parameters().values())
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     loss_module = CausalLMLoss(model)
-    tokens = a.bf16_tokens if a.quantize == "bf16" else 256
+    tokens = a.bf16_tokens if dtype == torch.bfloat16 and not resolve_dtype("auto") == torch.bfloat16 else 256
     ids = torch.randint(0, 32000, (1, tokens), generator=torch.Generator().manual_seed(1))
     rss_after_build = reset_peak()
     times = []
@@ -182,6 +188,7 @@ def main() -> None:
     p.add_argument("--big-steps", type=int, default=2)
     p.add_argument("--bf16-tokens", type=int, default=8)
     p.add_argument("--skip-big", action="store_true")
+    p.add_argument("--big-only", action="store_true", help="part 2 alone")
     p.add_argument("--worker", choices=("train", "bleu", "big"))
     p.add_argument("--quantize", default="none")
     p.add_argument("--init", default="default")
@@ -204,21 +211,21 @@ def main() -> None:
     results = {}
     only = None if a.only is None else {"lora fp32", *(n.strip() for n in a.only.split(","))}
     for name, quantize, init, iters in ROWS:
-        if only is not None and name not in only:
+        if a.big_only or only is not None and name not in only:
             continue
         results[name] = spawn("train", quantize=quantize, init=init, loftq_iter=iters,
                               out=root / name.replace(" ", "_").replace("=", ""), **common)
         print(name, json.dumps(results[name]), flush=True)
-    dense = results["lora fp32"]
     quantize_of = {name: q for name, q, _, _ in ROWS}
     packed = {n: r for n, r in results.items() if quantize_of[n] != "none"}
     bleu, big = {}, {}
-    if only is None:
+    if only is None and not a.big_only:
         best = min(packed, key=lambda n: packed[n]["val_loss"])
         bleu = {n: spawn("bleu", quantize=quantize_of[n], out=root / n.replace(" ", "_").replace("=", ""),
                          eval_mrs=a.eval_mrs) for n in ("lora fp32", best)}
     if not a.skip_big and only is None:
-        for q in ("none", "nf4", "nf4-dq", "bf16"):
+        native = resolve_dtype("auto") == torch.bfloat16  # bf16 matmuls in hardware: bf16 rows at 256 tokens
+        for q in ("none", "nf4", "nf4-dq", "bf16") + (("nf4-bf16", "nf4-dq-bf16") if native else ()):
             big[q] = spawn("big", quantize=q, big_steps=a.big_steps, bf16_tokens=a.bf16_tokens)
             print("1B", q, json.dumps(big[q]), flush=True)
 
@@ -228,6 +235,7 @@ def main() -> None:
     print("\n| base | linear-weight bytes | vs fp32 | peak RSS training (MB) | saved vs fp32 / bytes saved | "
           "s/step | vs fp32 | step-0 loss | gap | eval loss | gap |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    dense = results.get("lora fp32")
     for name, r in results.items():
         saved_bytes = (dense["base_linear_bytes"] - r["base_linear_bytes"]) / 2**20
         saved_rss = dense["peak_rss_training_mb"] - r["peak_rss_training_mb"]

@@ -16,7 +16,9 @@ from loraforge.errors import LoraforgeError
 from loraforge.eval.fewshot import encode_few_shot, few_shot_text, pick_shots
 from loraforge.eval.config import EvalConfig
 from loraforge.infer import engine as engine_module
-from loraforge.eval.run import load_eval_examples, run_eval, token_nll
+from loraforge.eval.run import load_eval_examples, run_eval
+from loraforge.infer.predict import predict_file
+from loraforge.infer.score import token_nll
 from helpers import hf_generate
 from loraforge.lora import LoraConfig, LoraModel, load_adapter, save_adapter
 from loraforge.data.tokenize import tokenize_example
@@ -243,3 +245,20 @@ def test_label_words_answer_the_likeliest_label(setup, tmp_path, monkeypatch, sh
 def test_label_words_need_a_classification_recipe(setup, tmp_path) -> None:
     with pytest.raises(LoraforgeError, match="label-words scores the label names of a classification recipe"):
         EvalConfig(data=str(setup["dev"]), recipe="e2e", answer="label-words")
+
+
+def test_predict_answers_by_label_words_as_eval_does(setup, tmp_path, capsys) -> None:
+    data = write_jsonl(tmp_path / "qa.jsonl", QA)
+    cfg = EvalConfig(data=str(data), recipe="pubmedqa", answer="label-words", adapters=(str(setup["adapter_a"]),),
+                     model=str(setup["llama"]), base=False, batch_size=4)
+    rows = run_eval(cfg).models[0].rows  # checked against log-probabilities by hand above
+    result = predict_file(data, model=str(setup["llama"]), adapter=setup["adapter_a"], recipe="pubmedqa",
+                          answer="label-words", batch_size=4, output=tmp_path / "p.jsonl")
+    assert [p.prediction for p in result.predictions] == [r["parsed"] for r in rows]
+    assert [p.probabilities for p in result.predictions] == [r["probabilities"] for r in rows]
+    written = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [w["probabilities"] for w in written] == [r["probabilities"] for r in rows]
+    assert result.scores["invalid"] == 0.0
+    assert main(["predict", "--data", str(data), "--model", str(setup["llama"]), "--recipe", "e2e",
+                 "--answer", "label-words"]) == 2
+    assert "label-words scores the label names of a classification recipe" in capsys.readouterr().err

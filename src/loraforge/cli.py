@@ -329,8 +329,8 @@ def _cmd_predict(args: PredictOptions) -> int:
                           columns=columns, metric=args.metric, instruction=args.instruction,
                           file_format=args.file_format, max_examples=args.max_examples,
                           batch_size=args.batch_size, max_length=args.max_length,
-                          max_new_tokens=args.max_new_tokens, output=args.output, dtype=args.dtype,
-                          device=args.device, quantize=args.quantize)
+                          max_new_tokens=args.max_new_tokens, answer=args.answer, output=args.output,
+                          dtype=args.dtype, device=args.device, quantize=args.quantize)
     where = f", written to {args.output}" if args.output else ""
     print(f"{len(result.predictions)} predictions{where}")
     if result.scores is None:

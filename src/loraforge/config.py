@@ -20,11 +20,15 @@ from loraforge.quant.linear import METHODS as QUANTIZE_METHODS
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 METRICS_FILE = "metrics.jsonl"
+"""Per-step training metrics in a run folder, one JSON object per line (train writes it, eval plots it)."""
 TRAIN_CONFIG_FILE = "train_config.yaml"  # the resolved config a run writes into its output folder
 METRIC_HELP = "text recipes: score generated answers with exact_match, token_f1, rouge_l, bleu or chrf instead of " \
               "the recipe's metric (text2text's: token_f1)"
 INSTRUCTION_HELP = "the instruction atop every prompt, instead of the recipe's own"
-"""Per-step training metrics in a run folder, one JSON object per line (train writes it, eval plots it)."""
+ANSWERS = ("generate", "label-words")
+ANSWER_HELP = ("generate: the model writes its answer, parsed by the recipe; label-words (classification recipes): "
+               "the label whose words the model finds likeliest after the prompt, never an invalid answer, with "
+               "every label's probability")
 TASKS = ("causal-lm", "seq-cls", "token-cls")
 
 

@@ -11,8 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from loraforge.config import (DEFAULT_MODEL, INSTRUCTION_HELP, METRIC_HELP, QUANTIZE_HELP, QUANTIZE_METHODS, opt,
-                              parse_mapping, parse_targets)
+from loraforge.config import (ANSWER_HELP, ANSWERS, DEFAULT_MODEL, INSTRUCTION_HELP, METRIC_HELP, QUANTIZE_HELP,
+                              QUANTIZE_METHODS, opt, parse_mapping, parse_targets)
 from loraforge.errors import LoraforgeError
 
 
@@ -207,6 +207,7 @@ class PredictOptions(DeviceOptions):
     batch_size: int = opt(16, "records per forward")
     max_length: int = opt(512, "head: tokens per record; longer ones are cut")
     max_new_tokens: int = opt(64, "decoder: tokens generated per answer")
+    answer: str = opt("generate", "decoder: " + ANSWER_HELP, choices=ANSWERS)
 
 
 @dataclass

@@ -3,15 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loraforge.config import (DEFAULT_MODEL, INSTRUCTION_HELP, METRIC_HELP, QUANTIZE_HELP, QUANTIZE_METHODS,
-                              RECIPE_OPTIONS, opt, parse_mapping, with_adapter_recipe)
+from loraforge.config import (ANSWER_HELP, ANSWERS, DEFAULT_MODEL, INSTRUCTION_HELP, METRIC_HELP, QUANTIZE_HELP,
+                              QUANTIZE_METHODS, RECIPE_OPTIONS, opt, parse_mapping, with_adapter_recipe)
 from loraforge.data import make_recipe
 from loraforge.data.recipes import Classification
 from loraforge.errors import LoraforgeError
 from loraforge.infer.batch import BatchOptions
 
 TASKS = ("generate", "text")
-ANSWERS = ("generate", "label-words")
 DTYPES = ("float32", "bfloat16", "auto")  # auto: config.resolve_dtype (bfloat16 where the CPU/GPU runs it natively)
 
 
@@ -49,9 +48,7 @@ class EvalConfig:
     few_shot_data: str | None = opt(None, "where the K examples come from, e.g. the training file (records with a "
                                           "scored prompt are skipped)", metavar="FILE")
     seed: int = opt(0, "seed of the few-shot draw")
-    answer: str = opt("generate", "generate: the model writes its answer, parsed by the recipe; label-words "
-                                  "(classification recipes): the label whose words the model finds likeliest "
-                                  "after the prompt, never an invalid answer", choices=ANSWERS)
+    answer: str = opt("generate", ANSWER_HELP, choices=ANSWERS)
     num_beams: int = opt(1, "1 = greedy; more = beam search")
     max_new_tokens: int = opt(64, "tokens generated per answer at most")
     batch_size: int = opt(8, "prompts generated together (left-padded)")

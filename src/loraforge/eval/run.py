@@ -19,38 +19,29 @@ no adapter leaks into another row. Adapters for different bases (without `model`
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache
 
 from loraforge.config import DEFAULT_MODEL, adapter_quantize
-from loraforge.data import IGNORE_INDEX, Record, Recipe, collate, load_examples, make_recipe, pad_id_for, read_records
-from loraforge.data.recipes import Classification
-from loraforge.data.tokenize import TokenizedExample
+from loraforge.data import Record, Recipe, collate, load_examples, make_recipe, pad_id_for, read_records
 from loraforge.errors import LoraforgeError
 from loraforge.eval.config import EvalConfig
 from loraforge.eval.fewshot import encode_few_shot, pick_shots
 from loraforge.eval.report import write_report
 from loraforge.eval.results import EvalExample, EvalResult, ModelResult
 from loraforge.infer.batch import BatchOptions, generate_batch
-from loraforge.infer.engine import cache_keyword, shared_prefix
 from loraforge.infer.predict import score_recipe
+from loraforge.infer.score import score_label_words, token_nll
 from loraforge.infer.session import InferenceSession
 from loraforge.metrics import MULTI_REFERENCE_METRICS, perplexity
 
 log = logging.getLogger("loraforge")
-
-HEAD_CHUNK_ROWS = 1024
-
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -166,8 +157,8 @@ def _evaluate_generation(spec: ModelSpec, session: InferenceSession, recipe: Rec
     start = time.perf_counter()
     probabilities: list[dict[str, float] | None] = [None] * len(examples)
     if cfg.answer == "label-words":
-        new_ids, probabilities = score_label_words(session, spec.name if spec.adapter else None, recipe, examples,
-                                                   prompts, cfg.batch_size)
+        new_ids, probabilities = score_label_words(session, spec.name if spec.adapter else None, recipe,
+                                                   [ex.record for ex in examples], prompts, cfg.batch_size)
     else:
         new_ids = generate_batch(session, prompts, options, spec.name if spec.adapter else None)
     seconds = time.perf_counter() - start
@@ -194,47 +185,6 @@ def score_outputs(model: str, recipe: Recipe, examples: list[EvalExample], new_i
 
 
 @torch.no_grad()
-def score_label_words(session: InferenceSession, adapter: str | None, recipe: Classification,
-                      examples: list[EvalExample], prompts: list[list[int]], batch_size: int
-                      ) -> tuple[list[list[int]], list[dict[str, float]]]:
-    """For each prompt, the continuation (a label name as training writes it, with its end-of-turn or EOS) that
-    the model gives the highest probability: log P(continuation | prompt) summed over its tokens, one teacher-forced
-    forward per (prompt, label). The prompt may be zero- or few-shot; the continuations come from the recipe's
-    own training example, so the answer is always one of the labels, in the form the model was taught. Also each
-    label's probability among the labels (the continuations' probabilities, normalized).
-    The prompts' shared prefix (`infer.engine.shared_prefix`: the shots of a few-shot prompt) runs once, and each
-    row continues from its KV cache: a 32-shot SST-2 prompt of ~1,000 tokens then costs each row its own ~30."""
-    tokenizer = session.tokenizer
-    rows: list[TokenizedExample] = []
-    options: list[list[list[int]]] = []
-    for ex, prompt in zip(examples, prompts):
-        conts = [recipe.answer_ids(ex.record, name, tokenizer) for name in recipe.names]
-        rows += [TokenizedExample(prompt + cont, [IGNORE_INDEX] * len(prompt) + cont) for cont in conts]
-        options.append(conts)
-    shared = shared_prefix(prompts)
-    nll = torch.empty(len(rows), dtype=torch.float64)
-    pad = pad_id_for(tokenizer)
-    with session.use(adapter) as model:
-        prefix = None
-        if shared:  # the shared prefix once, into a cache the forward fills in place
-            prefix = DynamicCache(config=model.config)
-            model(input_ids=torch.tensor([prompts[0][:shared]]), use_cache=True, **{cache_keyword(model): prefix})
-        for first in range(0, len(rows), batch_size):
-            batch = [TokenizedExample(r.input_ids[shared:], r.labels[shared:]) for r in rows[first:first + batch_size]]
-            past = None
-            if prefix is not None:  # a copy per batch: the forward appends the batch's tokens to it
-                cache = copy.deepcopy(prefix)
-                cache.batch_repeat_interleave(len(batch))
-                past = (cache, shared)
-            nll[first:first + batch_size] = token_nll(model, collate(batch, pad), past)[0]
-    nll = nll.view(len(examples), len(recipe.names))
-    probs = (-nll).softmax(dim=1).tolist()
-    best = nll.argmin(dim=1).tolist()
-    return ([conts[k] for conts, k in zip(options, best)],
-            [{name: round(p, 6) for name, p in zip(recipe.names, row)} for row in probs])
-
-
-@torch.no_grad()
 def _evaluate_text(spec: ModelSpec, session: InferenceSession, recipe: Recipe | None, cfg: EvalConfig) -> ModelResult:
     tokenizer = session.tokenizer
     examples, _ = load_examples(cfg.data, tokenizer, cfg.max_length, recipe=recipe, fmt=cfg.data_format,
@@ -257,36 +207,6 @@ def _evaluate_text(spec: ModelSpec, session: InferenceSession, recipe: Recipe | 
     seconds = time.perf_counter() - start
     return ModelResult(name=spec.name, base=spec.base, adapter=spec.adapter, few_shot=0,
                        metrics=perplexity(nll_sum, scored), n=len(examples), seconds=seconds, tokens=read, rows=rows)
-
-
-@torch.no_grad()
-def token_nll(model, batch: dict[str, torch.Tensor], past: tuple[Any, int] | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of a right-padded batch: summed cross-entropy (natural log, float64) over its learned tokens, and
-    their count. The output head runs only on learned positions, a chunk at a time (no (B, T, vocab) tensor).
-    `past`: (a KV cache of the batch's size, its length n): every row continues n tokens the cache holds."""
-    from loraforge.models import has_plain_head
-
-    labels = batch["labels"]  # (B, T)
-    targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
-    keep = targets != IGNORE_INDEX
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-    if past is not None:
-        cache, n = past
-        mask = batch["attention_mask"]
-        inputs.update(attention_mask=torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1), use_cache=True,
-                      **{cache_keyword(model): cache})
-    if has_plain_head(model):
-        hidden = getattr(model, model.base_model_prefix)(**inputs).last_hidden_state[:, :-1][keep]  # (N, H)
-        head = model.get_output_embeddings()
-        chunks = [head(hidden[s:s + HEAD_CHUNK_ROWS]).float() for s in range(0, hidden.shape[0], HEAD_CHUNK_ROWS)]
-        logits = torch.cat(chunks) if chunks else hidden.new_zeros((0, head.out_features))  # (N, V)
-    else:
-        logits = model(**inputs).logits[:, :-1][keep].float()  # (N, V)
-    nll = F.cross_entropy(logits, targets[keep], reduction="none").double()  # (N,)
-    row_of = torch.arange(labels.shape[0])[:, None].expand_as(targets)[keep]  # (N,)
-    per_row = torch.zeros(labels.shape[0], dtype=torch.float64).index_add_(0, row_of, nll)  # (B,)
-    return per_row, keep.sum(dim=1)
 
 
 def _write_results(result: EvalResult, path: Path) -> Path:

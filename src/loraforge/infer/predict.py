@@ -5,10 +5,12 @@
 | seq-cls head | encoder + adapter with labels.json | a label name | the record's label | accuracy_macro_f1 |
 | token-cls head | encoder + adapter with labels.json | one BIO tag per word | the record's BIO tags | seqeval |
 | recipe | decoder (+ adapter) | `recipe.parse_prediction` of the greedy answer | `recipe.reference` | the recipe's |
+| label words | decoder (+ adapter), classification recipe | the label whose words are likeliest | `recipe.reference` | accuracy_macro_f1 |
 
 A head predicts from the argmax of its logits; a token-cls word takes the tag of its first sub-token, and a word cut
 off by max_length gets "O", so every sentence has one tag per word and seqeval can score it. A decoder generates
-greedily from `recipe.encode_prompt` through the engine (`infer.batch`). Both load through `InferenceSession`.
+greedily from `recipe.encode_prompt` through the engine (`infer.batch`), or, with `answer="label-words"`, scores each
+label's words after the prompt (`infer.score`). Both load through `InferenceSession`.
 """
 from __future__ import annotations
 
@@ -21,13 +23,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from loraforge.config import DEFAULT_MODEL, RECIPE_OPTIONS, with_adapter_recipe
+from loraforge.config import ANSWERS, DEFAULT_MODEL, RECIPE_OPTIONS, with_adapter_recipe
 from loraforge.data import Record, make_recipe, pad_id_for, read_records
 from loraforge.data.encode import HEAD_TASKS, LABELS_FILE, HeadSpec
 from loraforge.data.recipes import Classification, Recipe
 from loraforge.errors import LoraforgeError
 from loraforge.heads import run_head, score_head
 from loraforge.infer.batch import BatchOptions, generate_batch
+from loraforge.infer.score import score_label_words
 from loraforge.infer.session import InferenceSession
 from loraforge.lora import read_adapter_config
 from loraforge.metrics import get_metric
@@ -45,7 +48,7 @@ class Prediction:
     reference: Any = None
     generated: str | None = None
     probabilities: dict[str, float] | list[float] | None = None
-    """A head's: every label's probability (seq-cls) or each chosen tag's (token-cls)."""
+    """Every label's probability (a seq-cls head, or label words), or each chosen tag's (a token-cls head)."""
 
     def to_json(self) -> dict[str, Any]:
         row = {"where": self.where, "prediction": self.prediction}
@@ -73,22 +76,32 @@ def predict_head(session: InferenceSession, adapter: str, spec: HeadSpec, record
 
 # ---- decoders: generate, then parse -------------------------------------------------------------------------------
 def predict_generative(session: InferenceSession, recipe: Recipe, records: Iterable[Record], *,
-                       adapter: str | None = None, max_new_tokens: int = 64, batch_size: int = 8
-                       ) -> list[Prediction]:
+                       adapter: str | None = None, max_new_tokens: int = 64, batch_size: int = 8,
+                       answer: str = "generate") -> list[Prediction]:
     """Greedy answers on `adapter` (None: the base) from `recipe.encode_prompt`, decoded by the engine
-    (`batch.generate_batch`), parsed by `recipe.parse_prediction`."""
+    (`batch.generate_batch`), parsed by `recipe.parse_prediction`. `answer="label-words"` (a classification recipe):
+    the label whose words are likeliest after the prompt instead (`score.score_label_words`), with every label's
+    probability."""
     tokenizer = session.tokenizer
     if recipe.chunked:
         raise LoraforgeError(f"recipe {recipe.name} has no answers to predict (it is scored by {recipe.metric}); "
                              "give a task recipe such as sst2, conll2003, squad or e2e")
+    if answer == "label-words" and not isinstance(recipe, Classification):
+        raise LoraforgeError(f"--answer label-words scores the label names of a classification recipe (sst2, "
+                             f"pubmedqa); recipe {recipe.name} has none")
     records = list(records)
     prompts = [recipe.encode_prompt(r, tokenizer) for r in records]
-    outputs = generate_batch(session, prompts, BatchOptions(max_new_tokens=max_new_tokens, batch_size=batch_size),
-                             adapter)
+    probabilities: list[dict[str, float] | None] = [None] * len(records)
+    if answer == "label-words":
+        outputs, probabilities = score_label_words(session, adapter, recipe, records, prompts, batch_size)
+    else:
+        outputs = generate_batch(session, prompts, BatchOptions(max_new_tokens=max_new_tokens,
+                                                                batch_size=batch_size), adapter)
     out: list[Prediction] = []
-    for record, ids in zip(records, outputs):
+    for record, ids, probs in zip(records, outputs, probabilities):
         text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-        out.append(Prediction(record.where, recipe.parse_prediction(text, record), _reference(recipe, record), text))
+        out.append(Prediction(record.where, recipe.parse_prediction(text, record), _reference(recipe, record), text,
+                              probs))
     return out
 
 
@@ -124,8 +137,8 @@ def predict_file(data: str | Path, *, model: str | None = None, adapter: str | P
                  recipe: str | None = None, task: str | None = None, columns: Mapping[str, str] | None = None,
                  metric: str | None = None, instruction: str | None = None, file_format: str | None = None,
                  max_examples: int = 0, batch_size: int = 16,
-                 max_length: int = 512, max_new_tokens: int = 64, output: str | Path | None = None,
-                 dtype: str = "float32", device: str = "cpu", quantize: str | None = None) -> PredictResult:
+                 max_length: int = 512, max_new_tokens: int = 64, answer: str = "generate",
+                 output: str | Path | None = None, dtype: str = "float32", device: str = "cpu", quantize: str | None = None) -> PredictResult:
     """Predict every record of `data` (or its first `max_examples`), write them as JSON lines, and score them.
 
     With an adapter that has labels.json (or `task` seq-cls/token-cls): the encoder-head path; `recipe` and
@@ -139,6 +152,8 @@ def predict_file(data: str | Path, *, model: str | None = None, adapter: str | P
     for name, (value, least) in limits.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise LoraforgeError(f"--{name.replace('_', '-')} must be a whole number >= {least}, got {value!r}")
+    if answer not in ANSWERS:
+        raise LoraforgeError(f"--answer {answer!r}: choose one of {', '.join(ANSWERS)}")
     is_head = task in HEAD_TASKS or (task is None and adapter is not None and (Path(adapter) / LABELS_FILE).is_file())
     if is_head:
         if adapter is None:
@@ -168,7 +183,7 @@ def predict_file(data: str | Path, *, model: str | None = None, adapter: str | P
     else:
         chosen = make_recipe(recipe, columns, metric, instruction)
         predictions = predict_generative(session, chosen, records, adapter="adapter" if adapter else None,
-                                         max_new_tokens=max_new_tokens, batch_size=batch_size)
+                                         max_new_tokens=max_new_tokens, batch_size=batch_size, answer=answer)
         metric, scorer = chosen.metric, partial(score_recipe, chosen)
     if not predictions:
         raise LoraforgeError(f"{data}: no records to predict")
