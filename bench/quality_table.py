@@ -18,6 +18,8 @@ TASKS = {"conll_minilm": ("CoNLL-2003 NER, token classification", "MiniLM-L6 + L
          "cuad": ("CUAD domain adaptation", "SmolLM2-135M + LoRA"),
          "scitldr": ("SciTLDR-A summarization", "SmolLM2-135M + LoRA"),
          "sst2_minilm": ("SST-2", "MiniLM-L6 + LoRA + head"),
+         "sst2": ("SST-2, label words scored", "SmolLM2-135M + LoRA"),
+         "conll": ("CoNLL-2003 NER as generation", "SmolLM2-135M + LoRA"),
          "sst2_fewshot": ("SST-2, 32 examples (accuracy: LoRA - the same 32 in context)", "SmolLM2-135M + LoRA"),
          "conll_fewshot": ("CoNLL-2003 NER as generation, 32 examples (entity F1: LoRA - the same 32 in context)",
                            "SmolLM2-135M + LoRA")}
@@ -47,6 +49,15 @@ def sst2_minilm(out: Path) -> tuple[str, float]:
     return "accuracy >= 91", 100 * scores["accuracy"]
 
 
+def adapter_metric(report: str, metric: str, goal: str) -> Callable[[Path], tuple[str, float]]:
+    """The adapter's score in a `loraforge eval` report of one adapter (the base not scored: --base false)."""
+    def read(out: Path) -> tuple[str, float]:
+        models = json.loads((out / report / "results.json").read_text())["models"]
+        (tuned,) = [m for m in models if m["adapter"]]
+        return goal, 100 * tuned["metrics"][metric]
+    return read
+
+
 def fewshot(folder: str, goal: str) -> Callable[[Path], tuple[str, float]]:
     def read(out: Path) -> tuple[str, float]:
         summary = json.loads((out / folder / "summary.json").read_text())
@@ -62,6 +73,8 @@ def fewshot(folder: str, goal: str) -> Callable[[Path], tuple[str, float]]:
 FEWSHOT_BUDGET = "5 min a seed's training"
 ROWS = {"conll_minilm": (conll_minilm, "30 min"), "cuad": (cuad, "30 min"), "scitldr": (scitldr, "45 min"),
         "sst2_minilm": (sst2_minilm, "30 min"),
+        "sst2": (adapter_metric("sst2-report", "accuracy", "accuracy >= 91"), "30 min"),
+        "conll": (adapter_metric("conll-report", "f1", "entity F1 >= 85"), "45 min"),
         "sst2_fewshot": (fewshot("sst2_fewshot", "LoRA >= in-context + 5"), FEWSHOT_BUDGET),
         "conll_fewshot": (fewshot("conll2003_fewshot", "LoRA > in-context + 0"), FEWSHOT_BUDGET)}
 
