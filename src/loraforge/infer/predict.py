@@ -138,7 +138,8 @@ def predict_file(data: str | Path, *, model: str | None = None, adapter: str | P
                  metric: str | None = None, instruction: str | None = None, file_format: str | None = None,
                  max_examples: int = 0, batch_size: int = 16,
                  max_length: int = 512, max_new_tokens: int = 64, answer: str = "generate",
-                 output: str | Path | None = None, dtype: str = "float32", device: str = "cpu", quantize: str | None = None) -> PredictResult:
+                 output: str | Path | None = None, dtype: str = "float32", device: str = "cpu",
+                 quantize: str | None = None) -> PredictResult:
     """Predict every record of `data` (or its first `max_examples`), write them as JSON lines, and score them.
 
     With an adapter that has labels.json (or `task` seq-cls/token-cls): the encoder-head path; `recipe` and
