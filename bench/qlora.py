@@ -141,7 +141,7 @@ def worker_big(a: argparse.Namespace) -> dict:
     params = list(lm.adapter_parameters().values())
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     loss_module = CausalLMLoss(model)
-    tokens = a.bf16_tokens if dtype == torch.bfloat16 and not resolve_dtype("auto") == torch.bfloat16 else 256
+    tokens = a.bf16_tokens if dtype == torch.bfloat16 and resolve_dtype("auto") != torch.bfloat16 else 256
     ids = torch.randint(0, 32000, (1, tokens), generator=torch.Generator().manual_seed(1))
     rss_after_build = reset_peak()
     times = []

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from loraforge.config import (ANSWER_HELP, ANSWERS, DEFAULT_MODEL, INSTRUCTION_HELP, METRIC_HELP, QUANTIZE_HELP,
                               QUANTIZE_METHODS, RECIPE_OPTIONS, opt, parse_mapping, with_adapter_recipe)
 from loraforge.data import make_recipe
-from loraforge.data.recipes import Classification
 from loraforge.errors import LoraforgeError
 from loraforge.infer.batch import BatchOptions
+from loraforge.infer.score import check_label_words
 
 TASKS = ("generate", "text")
 DTYPES = ("float32", "bfloat16", "auto")  # auto: config.resolve_dtype (bfloat16 where the CPU/GPU runs it natively)
@@ -87,9 +87,8 @@ class EvalConfig:
             raise LoraforgeError("task generate needs a task recipe (--recipe e2e, sst2, ...) other than lm")
         if self.answer not in ANSWERS:
             raise LoraforgeError(f"--answer {self.answer!r}: choose one of {', '.join(ANSWERS)}")
-        if self.answer == "label-words" and not isinstance(make_recipe(self.recipe or "lm"), Classification):
-            raise LoraforgeError(f"--answer label-words scores the label names of a classification recipe (sst2, "
-                                 f"pubmedqa); {self.recipe or 'no recipe'} has none")
+        if self.answer == "label-words":
+            check_label_words(make_recipe(self.recipe) if self.recipe else None)
         if self.dtype not in DTYPES:
             raise LoraforgeError(f"dtype {self.dtype!r}: choose one of: {', '.join(DTYPES)}")
         if self.few_shot and (task != "generate" or not self.few_shot_data):

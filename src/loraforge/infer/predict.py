@@ -30,7 +30,7 @@ from loraforge.data.recipes import Classification, Recipe
 from loraforge.errors import LoraforgeError
 from loraforge.heads import run_head, score_head
 from loraforge.infer.batch import BatchOptions, generate_batch
-from loraforge.infer.score import score_label_words
+from loraforge.infer.score import check_label_words, score_label_words
 from loraforge.infer.session import InferenceSession
 from loraforge.lora import read_adapter_config
 from loraforge.metrics import get_metric
@@ -86,9 +86,8 @@ def predict_generative(session: InferenceSession, recipe: Recipe, records: Itera
     if recipe.chunked:
         raise LoraforgeError(f"recipe {recipe.name} has no answers to predict (it is scored by {recipe.metric}); "
                              "give a task recipe such as sst2, conll2003, squad or e2e")
-    if answer == "label-words" and not isinstance(recipe, Classification):
-        raise LoraforgeError(f"--answer label-words scores the label names of a classification recipe (sst2, "
-                             f"pubmedqa); recipe {recipe.name} has none")
+    if answer == "label-words":
+        check_label_words(recipe)
     records = list(records)
     prompts = [recipe.encode_prompt(r, tokenizer) for r in records]
     probabilities: list[dict[str, float] | None] = [None] * len(records)

@@ -16,12 +16,21 @@ from transformers import DynamicCache
 from loraforge.data import IGNORE_INDEX, Record, collate, pad_id_for
 from loraforge.data.recipes import Classification
 from loraforge.data.tokenize import TokenizedExample
+from loraforge.errors import LoraforgeError
 from loraforge.infer.engine import cache_keyword, shared_prefix
 from loraforge.infer.session import InferenceSession
 from loraforge.models import has_plain_head
 
 HEAD_CHUNK_ROWS = 1024
 """Rows of hidden states put through the output head at once: no (B, T, vocab) tensor."""
+
+
+def check_label_words(recipe) -> None:
+    """A LoraforgeError unless `recipe` (a Recipe, or None) has label names for `--answer label-words` to score."""
+    if not isinstance(recipe, Classification):
+        name = getattr(recipe, "name", None) or "no recipe"
+        raise LoraforgeError(f"--answer label-words scores the label names of a classification recipe (sst2, "
+                             f"pubmedqa); {name} has none")
 
 
 @torch.no_grad()
