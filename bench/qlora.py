@@ -18,7 +18,8 @@ Part 2, a 1B-class Llama (TinyLlama-1.1B's shape, random weights, seeded), LoRA 
 256 tokens, `--big-steps` AdamW steps (`--big-only`: this part alone): peak RSS of fp32 LoRA and of nf4 / nf4-dq
 QLoRA computing in fp32 (reset after building), and of bf16 LoRA. Where the CPU runs bf16 matmuls natively
 (AVX512-BF16 or AMX), bf16 LoRA trains on 256 tokens too, and nf4 / nf4-dq also run with bf16 compute (the QLoRA
-paper's setting: the packed base dequantized to bf16). Elsewhere bf16 is emulated (~1 GFLOP/s: 256 tokens would take
+paper's setting: the packed base dequantized to bf16), and again with gradient checkpointing (`-ckpt` rows, each
+against bf16 LoRA with checkpointing too; QLoRA's paper trains with it). Elsewhere bf16 is emulated (~1 GFLOP/s: 256 tokens would take
 an hour), so bf16 LoRA runs on `--bf16-tokens` tokens only: fewer activations, a lower bound of its peak at 256
 tokens, which makes the ratio against it pessimistic for QLoRA.
 """
@@ -131,11 +132,15 @@ def worker_big(a: argparse.Namespace) -> dict:
     config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                          num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
                          tie_word_embeddings=False)
-    dtype = torch.bfloat16 if a.quantize.endswith("bf16") else torch.float32
-    method = a.quantize.removesuffix("bf16").rstrip("-")
+    checkpointing = a.quantize.endswith("-ckpt")
+    q = a.quantize.removesuffix("-ckpt")
+    dtype = torch.bfloat16 if q.endswith("bf16") else torch.float32
+    method = q.removesuffix("bf16").rstrip("-")
     model = LlamaForCausalLM(config).to(dtype).eval()
     if method in ("nf4", "nf4-dq"):
         quantize_model(model, method)  # the compute dtype is the model's: bf16 for nf4-bf16
+    if checkpointing:  # transformers recomputes each decoder layer in backward (in training mode only)
+        model.train().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base_bytes = linear_bytes(model)
     lm = LoraModel(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     params = list(lm.adapter_parameters().values())
@@ -225,7 +230,10 @@ def main() -> None:
                          eval_mrs=a.eval_mrs) for n in ("lora fp32", best)}
     if not a.skip_big and only is None:
         native = resolve_dtype("auto") == torch.bfloat16  # bf16 matmuls in hardware: bf16 rows at 256 tokens
-        for q in ("none", "nf4", "nf4-dq", "bf16") + (("nf4-bf16", "nf4-dq-bf16") if native else ()):
+        rows = ("none", "nf4", "nf4-dq", "bf16")
+        if native:  # and QLoRA's own setting: bf16 compute, with and without gradient checkpointing
+            rows += ("nf4-bf16", "nf4-dq-bf16", "bf16-ckpt", "nf4-bf16-ckpt", "nf4-dq-bf16-ckpt")
+        for q in rows:
             big[q] = spawn("big", quantize=q, big_steps=a.big_steps, bf16_tokens=a.bf16_tokens)
             print("1B", q, json.dumps(big[q]), flush=True)
 
@@ -249,12 +257,12 @@ def main() -> None:
         print(f"\nE2E BLEU, first {a.eval_mrs} dev MRs, greedy: " + ", ".join(
             f"{n} {b['BLEU']:.2f} ({b['decode_seconds']:.0f} s)" for n, b in bleu.items()))
     if big:
-        ref = big["bf16"]["peak_rss_training_mb"]
-        print("\n| 1B-class (TinyLlama shape), all-linear r=16 | tokens | linear bytes | peak RSS (MB) | "
-              "vs bf16 LoRA | s/step |\n|---|---|---|---|---|---|")
+        print("\n| 1B-class (TinyLlama shape), all-linear r=16 | tokens | linear bytes | RSS after build (MB) | "
+              "peak RSS (MB) | vs bf16 LoRA (the same checkpointing) | s/step |\n|---|---|---|---|---|---|---|")
         for q, r in big.items():
+            ref = big["bf16-ckpt" if q.endswith("-ckpt") else "bf16"]["peak_rss_training_mb"]
             lb = f"{r['base_linear_bytes'] / 1e9:.2f} GB" if r["base_linear_bytes"] else "-"
-            print(f"| {q} | {r['tokens']} | {lb} | {r['peak_rss_training_mb']:.0f} | "
+            print(f"| {q} | {r['tokens']} | {lb} | {r['rss_after_build_mb']:.0f} | {r['peak_rss_training_mb']:.0f} | "
                   f"{r['peak_rss_training_mb'] / ref:.2f}x | {statistics.median(r['step_seconds']):.1f} |")
 
 

@@ -133,6 +133,22 @@ def test_backward_keeps_no_dense_weight(packed_linear):
     assert QuantMatmul  # the Function that does it
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_big_weight_unpacks_a_panel_at_a_time_to_the_same_values(packed_linear, monkeypatch, dtype):
+    """Panels of 5 rows (48 rows: the last panel short) give every value the one-pass unpacking gives, and no
+    intermediate of the whole weight's size is made."""
+    whole = packed_linear.dequantize(dtype)
+    packed = packed_linear.packed()
+    expected = (nf4.dequantize(packed, (48, 64), dtype) if packed_linear.fmt.startswith("nf4")
+                else ggml.dequantize(packed["blocks"], "q4_1", (48, 64), dtype))
+    assert torch.equal(whole, expected)
+    monkeypatch.setattr("loraforge.quant.linear.CHUNK_WEIGHTS", 5 * 64)
+    assert packed_linear._panel_rows() == 5
+    assert torch.equal(packed_linear.dequantize(dtype), whole)
+    with pytest.raises(ValueError, match="does not start an NF4 block"):
+        nf4.dequantize(nf4.quantize(_weight((4, 64))), (2, 64), offset=32)
+
+
 def test_base_weight_is_the_one_accessor(packed_linear):
     dense = nn.Linear(64, 48)
     assert base_weight(dense) is dense.weight

@@ -19,6 +19,8 @@ from loraforge.quant import ggml, nf4
 METHODS = ("none", "nf4", "nf4-dq", "gguf")
 """`--quantize` values: a dense base; NF4 (blocks of 64, an fp32 absmax each); NF4 with double quantization; the
 GGUF file's own blocks (a GGUF base only)."""
+CHUNK_WEIGHTS = 1 << 18
+"""Weights a panel when a big packed weight is unpacked (1 MiB of fp32 values: a core's L2 cache)."""
 
 
 class QuantLinear(nn.Module):
@@ -50,11 +52,36 @@ class QuantLinear(nn.Module):
         return {k: getattr(self, k).view(self._dtypes[k]).view(self._shapes[k]) for k in self._keys}
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The dense weight (out, in) in `dtype`, computed in fp32."""
-        shape = (self.out_features, self.in_features)
+        """The dense weight (out, in) in `dtype`, computed in fp32.
+
+        A big weight is unpacked a panel of rows at a time (`CHUNK_WEIGHTS`) into the `dtype` result, so the fp32
+        values and the index tensors in between stay the size of a panel: a 5632 x 2048 bf16 weight costs its own
+        23 MB, not 115 MB of transients as well. Each value is the same element-wise computation either way."""
+        packed, rows = self.packed(), self._panel_rows()
+        if rows >= self.out_features:
+            return self._dequantize_rows(packed, 0, self.out_features, dtype)
+        if "qabsmax" in packed:  # undo double quantization once, not once a panel
+            packed = {"qweight": packed["qweight"], "absmax": nf4.absmax_of(packed)}
+        out = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.device)
+        for start in range(0, self.out_features, rows):
+            stop = min(start + rows, self.out_features)
+            out[start:stop] = self._dequantize_rows(packed, start, stop, torch.float32)
+        return out
+
+    def _panel_rows(self) -> int:
+        """Rows a panel: whole NF4 blocks and whole bytes (else the whole weight at once)."""
+        rows = max(1, CHUNK_WEIGHTS // self.in_features)
+        if self.fmt in ("nf4", "nf4-dq") and self.in_features % nf4.BLOCK:
+            return self.out_features
+        return rows
+
+    def _dequantize_rows(self, packed: dict[str, torch.Tensor], start: int, stop: int, dtype: torch.dtype
+                         ) -> torch.Tensor:
+        """Rows start..stop of the dense weight, in `dtype` (computed in fp32), from `packed` (`packed()`'s)."""
+        shape = (stop - start, self.in_features)
         if self.fmt in ("nf4", "nf4-dq"):
-            return nf4.dequantize(self.packed(), shape, dtype)
-        return ggml.dequantize(self.packed()["blocks"], self.fmt, shape, dtype)
+            return nf4.dequantize(packed, shape, dtype, offset=start * self.in_features)
+        return ggml.dequantize(packed["blocks"][start:stop], self.fmt, shape, dtype)
 
     def to_dense(self, weight: torch.Tensor | None = None) -> nn.Linear:
         """A frozen `nn.Linear` in this layer's place: `weight` (out, in), default this layer's own dequantized, in the
