@@ -83,7 +83,6 @@ def main() -> None:
     out, results = Path(sys.argv[1]), Path(sys.argv[2])
     text = results.read_text(encoding="utf-8")
     earlier = earlier_rows(text[text.index(START):text.index(END)]) if START in text else {}
-    now = time.strftime("%Y-%m-%d", time.gmtime())
     lines = [START, f"Written by `bench/quality.sh`, {platform.machine()}; dev splits only. A row not rerun keeps its "
              "earlier line and date.", "", "| task | model | goal (dev) | dev score | wall time | budget | measured | "
              "commands |", "|---|---|---|---|---|---|---|---|"]
@@ -94,9 +93,10 @@ def main() -> None:
             continue
         (task, model), (goal, score) = TASKS[row], read(out)
         minutes = sum(int(s) for s in (out / f"{row}.seconds").read_text().split()) / 60
+        measured = time.strftime("%Y-%m-%d", time.gmtime((out / f"{row}.seconds").stat().st_mtime))  # the run's day
         commands = "<br>".join(f"`{c}`" for c in (out / f"{row}.commands").read_text().splitlines())
         shown = f"{score:+.1f}%" if "%" in goal else f"{score:+.1f}" if " + " in goal else f"{score:.1f}"
-        lines.append(f"| {task} | {model} | {goal} | **{shown}** | {minutes:.1f} min | {budget} | {now} | "
+        lines.append(f"| {task} | {model} | {goal} | **{shown}** | {minutes:.1f} min | {budget} | {measured} | "
                      f"{commands} |")
     lines.append(END)
     if START in text:
