@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -209,6 +210,27 @@ def test_dropped_low_rank_matches_autograd_on_the_same_mask():
         torch.manual_seed(99)
         return DroppedLowRank.apply(x, a, b, 0.3)
     assert torch.autograd.gradcheck(seeded, (x, a, b))
+
+
+def test_dropped_low_rank_in_bf16_is_the_where_formulation_bit_for_bit():
+    """The mask multiplies x as 0/1 bytes; the values are torch.where(keep, x, 0)'s (dropped elements become +-0)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 64).to(torch.bfloat16).requires_grad_()
+    a = (torch.randn(4, 64) * 0.1).to(torch.bfloat16).requires_grad_()
+    b = torch.randn(16, 4).to(torch.bfloat16).requires_grad_()
+    torch.manual_seed(5)
+    keep, scale = dropout_keep(x, 0.3)
+    a_scaled = a.detach() * scale
+    h = F.linear(torch.where(keep, x.detach(), 0), a_scaled)
+    torch.manual_seed(5)
+    out = DroppedLowRank.apply(x, a, b, 0.3)
+    assert torch.equal(out, F.linear(h, b.detach()))
+    grad = torch.randn_like(out)
+    gx, ga, gb = torch.autograd.grad(out, (x, a, b), grad)
+    grad_h = grad @ b.detach()
+    assert torch.equal(gx, torch.where(keep, grad_h @ a_scaled, 0))
+    assert torch.equal(ga, (grad_h.flatten(0, -2).T @ torch.where(keep, x.detach(), 0).flatten(0, -2)) * scale)
+    assert torch.equal(gb, grad.flatten(0, -2).T @ h.flatten(0, -2))
 
 
 def test_dropout_keep_rate_and_rescale():
