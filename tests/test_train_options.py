@@ -99,23 +99,16 @@ def test_threads_follow_the_cpus_other_processes_leave_free(monkeypatch):
         torch.set_num_threads(threads)
 
 
-def test_release_memory_each_step_only_where_the_run_asks_for_less_memory(llama_dir, data_file, tmp_path,
-                                                                          monkeypatch, capsys):
-    """auto: the CPU's freed pages go back to the OS after each step with a packed base or gradient checkpointing
-    (less peak RSS), and stay in the heap otherwise (no re-faulting: faster); step / never force it."""
-    from loraforge.config import TrainConfig
+
+def test_release_memory_after_each_step_unless_told_not_to(llama_dir, data_file, tmp_path, monkeypatch, capsys):
+    """By default the CPU's freed pages go back to the OS after each step (less peak RSS); release_memory false
+    keeps them in the heap (no re-faulting: faster short steps)."""
     from loraforge.train import run
 
-    def cfg(**kw) -> TrainConfig:
-        return TrainConfig(model=str(llama_dir), data=str(data_file), **kw)
-
-    assert not run.releases_memory(cfg())
-    assert run.releases_memory(cfg(quantize="nf4")) and run.releases_memory(cfg(gradient_checkpointing=True))
-    assert run.releases_memory(cfg(release_memory="step"))
-    assert not run.releases_memory(cfg(quantize="nf4", release_memory="never"))
     calls: list[int] = []
     monkeypatch.setattr(run, "release_free_memory", lambda: calls.append(1) or True)
-    assert main(_flags(llama_dir, data_file, tmp_path / "a")) == 0 and calls == []
-    assert main(_flags(llama_dir, data_file, tmp_path / "b", "--release-memory", "step")) == 0 and len(calls) == 2
-    assert main(_flags(llama_dir, data_file, tmp_path / "c", "--release-memory", "sometimes")) == 2
-    assert "release" in capsys.readouterr().err
+    assert main(_flags(llama_dir, data_file, tmp_path / "a")) == 0 and len(calls) == 2
+    assert main(_flags(llama_dir, data_file, tmp_path / "b", "--release-memory", "false")) == 0 and len(calls) == 2
+    with pytest.raises(SystemExit) as stop:
+        main(_flags(llama_dir, data_file, tmp_path / "c", "--release-memory", "sometimes"))
+    assert stop.value.code == 2 and "--release-memory" in capsys.readouterr().err

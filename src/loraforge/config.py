@@ -51,7 +51,6 @@ def data_recipe(recipe: str | None, columns: dict[str, str] | None, metric: str 
 
 
 LORA_INITS = ("default", "gaussian", "loftq", "pissa")
-RELEASE_MEMORY = ("auto", "step", "never")
 
 
 @dataclass
@@ -217,11 +216,10 @@ class TrainConfig:
     save_every: int = opt(0, "write checkpoints/step-N every N steps (0 = only on SIGINT/SIGTERM)")
     keep_checkpoints: int = opt(2, "how many step-N checkpoints to keep (the best one is kept apart)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward: less memory, ~30% slower")
-    release_memory: str = opt("auto", "CPU: hand freed memory back to the OS after each step (step) or keep it for the "
-                                      "next (never): ~10% less peak RSS, ~20% slower on small models (the pages "
-                                      "are faulted in again every step); auto = step when quantize or "
-                                      "gradient_checkpointing asks for less memory, else never",
-                              choices=RELEASE_MEMORY)
+    release_memory: bool = opt(True, "CPU: hand freed memory back to the OS after each step (~10% less peak RSS); "
+                                     "false keeps it in the heap for the next step: faster where steps are short "
+                                     "(SST-2's 8 x 128 tokens: 2.32 -> 1.87 s a step), as the pages are not "
+                                     "faulted in again")
     compile: bool = opt(False, "torch.compile the model (slow start, can be faster on long runs)")
     threads: int = opt(0, "torch CPU threads (0: one per CPU that other processes leave free, re-decided every "
                            "step)")
@@ -260,9 +258,6 @@ class TrainConfig:
         if self.quantize not in QUANTIZE_METHODS:
             raise LoraforgeError(f"option 'quantize' must be one of {', '.join(QUANTIZE_METHODS)}, got "
                                  f"{self.quantize!r}")
-        if self.release_memory not in RELEASE_MEMORY:
-            raise LoraforgeError(f"option 'release_memory' must be one of {', '.join(RELEASE_MEMORY)}, got "
-                                 f"{self.release_memory!r}")
         if self.lora_init not in LORA_INITS:
             raise LoraforgeError(f"option 'lora_init' must be one of {', '.join(LORA_INITS)}, got {self.lora_init!r}")
         if isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, int) or not 1 <= self.loftq_iter <= 5:

@@ -151,19 +151,9 @@ def start(cfg: TrainConfig, output: Path, lm: LoraModel, forward: nn.Module, dis
     return Run(cfg, output, lm, forward, optimizer, scheduler, state, metrics, dist)
 
 
-def releases_memory(cfg) -> bool:
-    """Whether each CPU step ends by handing glibc's free pages back to the OS (`release_memory`). Doing so keeps the
-    peak RSS ~10% lower (the next step's activations do not land in a fragmented heap) and costs ~0.45 s a step on
-    the default model at 8 x 128 tokens (1.87 -> 2.32 s: the trim, then every page faulted in again): on by default
-    only where the run asked for less memory (a packed base, or gradient checkpointing)."""
-    if cfg.release_memory != "auto":
-        return cfg.release_memory == "step"
-    return cfg.quantize != "none" or cfg.gradient_checkpointing
-
-
 def finish_step(run: Run, loss: float, bar, *, tokens: int, learned: int, start_time: float) -> None:
     """What ends every optimizer step: stop on a non-finite loss, clip, step the optimizer and schedule, hand freed
-    memory back (`releases_memory`), count into the state, write metrics.jsonl, update the progress bar. `loss` is
+    memory back (`release_memory`), count into the state, write metrics.jsonl, update the progress bar. `loss` is
     the step's mean over its `learned` tokens (or labels), over every rank; `tokens` the step's real tokens over
     every rank."""
     cfg, state = run.cfg, run.state
@@ -176,8 +166,8 @@ def finish_step(run: Run, loss: float, bar, *, tokens: int, learned: int, start_
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    if run.dist.device.type == "cpu" and releases_memory(cfg):  # the activations went back to glibc's heap
-        release_free_memory()
+    if run.dist.device.type == "cpu" and cfg.release_memory:  # the activations went back to glibc's heap; the
+        release_free_memory()                                     # next step faults its pages in again
 
     state.step, state.losses = step, [*state.losses, loss]
     state.tokens += tokens
