@@ -19,9 +19,9 @@ Part 2, a 1B-class Llama (TinyLlama-1.1B's shape, random weights, seeded), LoRA 
 QLoRA computing in fp32 (reset after building), and of bf16 LoRA. Where the CPU runs bf16 matmuls natively
 (AVX512-BF16 or AMX), bf16 LoRA trains on 256 tokens too, and nf4 / nf4-dq also run with bf16 compute (the QLoRA
 paper's setting: the packed base dequantized to bf16), and again with gradient checkpointing (`-ckpt` rows, each
-against bf16 LoRA with checkpointing too; QLoRA's paper trains with it). Elsewhere bf16 is emulated (~1 GFLOP/s: 256 tokens would take
-an hour), so bf16 LoRA runs on `--bf16-tokens` tokens only: fewer activations, a lower bound of its peak at 256
-tokens, which makes the ratio against it pessimistic for QLoRA.
+against bf16 LoRA with checkpointing too; QLoRA's paper trains with it). Elsewhere bf16 is emulated (~1 GFLOP/s:
+256 tokens would take an hour), so bf16 LoRA runs on `--bf16-tokens` tokens only: fewer activations, a lower bound
+of its peak at 256 tokens, which makes the ratio against it pessimistic for QLoRA.
 """
 from __future__ import annotations
 
@@ -146,7 +146,7 @@ def worker_big(a: argparse.Namespace) -> dict:
     params = list(lm.adapter_parameters().values())
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     loss_module = CausalLMLoss(model)
-    tokens = a.bf16_tokens if dtype == torch.bfloat16 and resolve_dtype("auto") != torch.bfloat16 else 256
+    tokens = a.bf16_tokens if dtype == torch.bfloat16 else 256  # the parent sets 256 where bf16 is native
     ids = torch.randint(0, 32000, (1, tokens), generator=torch.Generator().manual_seed(1))
     rss_after_build = reset_peak()
     times = []
@@ -234,15 +234,17 @@ def main() -> None:
         if native:  # and QLoRA's own setting: bf16 compute, with and without gradient checkpointing
             rows += ("nf4-bf16", "nf4-dq-bf16", "bf16-ckpt", "nf4-bf16-ckpt", "nf4-dq-bf16-ckpt")
         for q in rows:
-            big[q] = spawn("big", quantize=q, big_steps=a.big_steps, bf16_tokens=a.bf16_tokens)
+            big[q] = spawn("big", quantize=q, big_steps=a.big_steps,
+                           bf16_tokens=256 if native else a.bf16_tokens)
             print("1B", q, json.dumps(big[q]), flush=True)
 
     print(f"\n# {time.strftime('%Y-%m-%d %H:%M')} {platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}; {a.steps} steps x batch {a.batch_size} x {a.max_length} (packed), E2E; "
           f"{(time.perf_counter() - start) / 60:.1f} min")
-    print("\n| base | linear-weight bytes | vs fp32 | peak RSS training (MB) | saved vs fp32 / bytes saved | "
-          "s/step | vs fp32 | step-0 loss | gap | eval loss | gap |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    if results:
+        print("\n| base | linear-weight bytes | vs fp32 | peak RSS training (MB) | saved vs fp32 / bytes saved | "
+              "s/step | vs fp32 | step-0 loss | gap | eval loss | gap |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
     dense = results.get("lora fp32")
     for name, r in results.items():
         saved_bytes = (dense["base_linear_bytes"] - r["base_linear_bytes"]) / 2**20

@@ -99,7 +99,6 @@ def test_threads_follow_the_cpus_other_processes_leave_free(monkeypatch):
         torch.set_num_threads(threads)
 
 
-
 def test_release_memory_after_each_step_unless_told_not_to(llama_dir, data_file, tmp_path, monkeypatch, capsys):
     """By default the CPU's freed pages go back to the OS after each step (less peak RSS); release_memory false
     keeps them in the heap (no re-faulting: faster short steps)."""

@@ -8,7 +8,7 @@ from loraforge.config import (ANSWER_HELP, ANSWERS, DEFAULT_MODEL, INSTRUCTION_H
 from loraforge.data import make_recipe
 from loraforge.errors import LoraforgeError
 from loraforge.infer.batch import BatchOptions
-from loraforge.infer.score import check_label_words
+from loraforge.infer.score import check_answer, check_label_words
 
 TASKS = ("generate", "text")
 DTYPES = ("float32", "bfloat16", "auto")  # auto: config.resolve_dtype (bfloat16 where the CPU/GPU runs it natively)
@@ -85,8 +85,7 @@ class EvalConfig:
             raise LoraforgeError(f"unknown task {self.task!r}; choose one of: {', '.join(TASKS)}")
         if task == "generate" and self.recipe in (None, "lm"):
             raise LoraforgeError("task generate needs a task recipe (--recipe e2e, sst2, ...) other than lm")
-        if self.answer not in ANSWERS:
-            raise LoraforgeError(f"--answer {self.answer!r}: choose one of {', '.join(ANSWERS)}")
+        check_answer(self.answer)
         if self.answer == "label-words":
             check_label_words(make_recipe(self.recipe) if self.recipe else None)
         if self.dtype not in DTYPES:

@@ -23,14 +23,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from loraforge.config import ANSWERS, DEFAULT_MODEL, RECIPE_OPTIONS, with_adapter_recipe
+from loraforge.config import DEFAULT_MODEL, RECIPE_OPTIONS, with_adapter_recipe
 from loraforge.data import Record, make_recipe, pad_id_for, read_records
 from loraforge.data.encode import HEAD_TASKS, LABELS_FILE, HeadSpec
 from loraforge.data.recipes import Classification, Recipe
 from loraforge.errors import LoraforgeError
 from loraforge.heads import run_head, score_head
 from loraforge.infer.batch import BatchOptions, generate_batch
-from loraforge.infer.score import check_label_words, score_label_words
+from loraforge.infer.score import check_answer, check_label_words, score_label_words
 from loraforge.infer.session import InferenceSession
 from loraforge.lora import read_adapter_config
 from loraforge.metrics import get_metric
@@ -152,8 +152,7 @@ def predict_file(data: str | Path, *, model: str | None = None, adapter: str | P
     for name, (value, least) in limits.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise LoraforgeError(f"--{name.replace('_', '-')} must be a whole number >= {least}, got {value!r}")
-    if answer not in ANSWERS:
-        raise LoraforgeError(f"--answer {answer!r}: choose one of {', '.join(ANSWERS)}")
+    check_answer(answer)
     is_head = task in HEAD_TASKS or (task is None and adapter is not None and (Path(adapter) / LABELS_FILE).is_file())
     if is_head:
         if adapter is None:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from loraforge.config import ANSWERS
 from loraforge.data import IGNORE_INDEX, Record, collate, pad_id_for
 from loraforge.data.recipes import Classification
 from loraforge.data.tokenize import TokenizedExample
@@ -23,6 +24,12 @@ from loraforge.models import has_plain_head
 
 HEAD_CHUNK_ROWS = 1024
 """Rows of hidden states put through the output head at once: no (B, T, vocab) tensor."""
+
+
+def check_answer(answer: str) -> None:
+    """A LoraforgeError unless `answer` is one of `ANSWERS` (the CLI's choices; this is the Python API's check)."""
+    if answer not in ANSWERS:
+        raise LoraforgeError(f"--answer {answer!r}: choose one of {', '.join(ANSWERS)}")
 
 
 def check_label_words(recipe) -> None:

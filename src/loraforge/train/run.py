@@ -166,8 +166,10 @@ def finish_step(run: Run, loss: float, bar, *, tokens: int, learned: int, start_
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    if run.dist.device.type == "cpu" and cfg.release_memory:  # the activations went back to glibc's heap; the
-        release_free_memory()                                     # next step faults its pages in again
+    # The step's activations went back to glibc's heap; handing its free pages to the OS means the next step faults
+    # them in again (release_memory false keeps them).
+    if run.dist.device.type == "cpu" and cfg.release_memory:
+        release_free_memory()
 
     state.step, state.losses = step, [*state.losses, loss]
     state.tokens += tokens
