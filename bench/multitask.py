@@ -159,7 +159,9 @@ def joint_config(work: Path, configs: dict[str, dict]) -> tuple[Path, dict]:
               "dtype": base["dtype"], "packing": True, "max_length": max(c["max_length"] for c in configs.values()),
               "batch_size": 2, "epochs": 1, "lr": base["lr"], "warmup_steps": base["warmup_steps"],
               "schedule": base["schedule"], "r": base["r"], "lora_alpha": base["lora_alpha"],
-              "lora_dropout": base["lora_dropout"], "seed": 0}
+              "lora_dropout": base["lora_dropout"], "seed": 0, "release_memory": False}
+    if base.get("target_modules"):  # the widest singles' targets (SST-2's and CoNLL's: every linear layer)
+        config["target_modules"] = base["target_modules"]
     path = work / "joint.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path, budget
