@@ -17,7 +17,8 @@ weights are chosen on) and a report part (the next `report` items: what the tabl
    WORK/single/<task>/.
 3. joint: one adapter on all four training files (`mix:` in a YAML), each capped to the examples its single adapter
    saw (its train_tokens over its mean example length), mixed by size (T=1), one epoch: the same examples and
-   about the same tokens as the four single runs together. WORK/joint/.
+   about the same tokens as the four single runs together; LoRA settings (rank, targets, lr) from the SST-2
+   config. WORK/joint/.
 4. router: `loraforge router` on 200 training inputs per task (20% held out for its accuracy), features from an
    early layer over the prompt's first tokens (ROUTER_LAYER, ROUTER_TOKENS). WORK/router/.
 5. combine: every `loraforge combine` method over the four singles, the weight (the same for each adapter) chosen
@@ -160,7 +161,7 @@ def joint_config(work: Path, configs: dict[str, dict]) -> tuple[Path, dict]:
               "batch_size": 2, "epochs": 1, "lr": base["lr"], "warmup_steps": base["warmup_steps"],
               "schedule": base["schedule"], "r": base["r"], "lora_alpha": base["lora_alpha"],
               "lora_dropout": base["lora_dropout"], "seed": 0, "release_memory": False}
-    if base.get("target_modules"):  # the widest singles' targets (SST-2's and CoNLL's: every linear layer)
+    if base.get("target_modules"):  # SST-2's, as its lr and rank are (every linear layer, as CoNLL's too)
         config["target_modules"] = base["target_modules"]
     path = work / "joint.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
