@@ -8,7 +8,7 @@ Part 1, the default model (SmolLM2-135M-Instruct), LoRA r=16 alpha 32 on all lin
 seed, data order and steps for every row: the dense fp32 base (this CPU has no native bf16: its bf16 matmul runs at
 ~1 GFLOP/s against ~175 in fp32, so fp32 is the dense reference here), and the base packed as nf4, nf4-dq, the GGUF
 file's own Q4_1 blocks (gguf), nf4 with LoftQ's start (one alternation, and three: the packed base then moves, and
-is saved beside the adapter), and the dense base under PiSSA's start. Each row is its own process. Peak RSS is read from
+is saved beside the adapter), the dense base under PiSSA's start, and nf4-all (the embedding and head packed too). Each row is its own process. Peak RSS is read from
 /proc/self/status (VmHWM) after it was reset once the base was loaded and packed (loading goes through the dense
 weights, the training after it does not: that is the number QLoRA changes). Step time is the median over steps
 after the first. The eval loss is on the first 200 rows of the E2E dev split. Then the dense adapter and the best
@@ -19,7 +19,8 @@ Part 2, a 1B-class Llama (TinyLlama-1.1B's shape, random weights, seeded), LoRA 
 QLoRA computing in fp32 (reset after building), and of bf16 LoRA. Where the CPU runs bf16 matmuls natively
 (AVX512-BF16 or AMX), bf16 LoRA trains on 256 tokens too, and nf4 / nf4-dq also run with bf16 compute (the QLoRA
 paper's setting: the packed base dequantized to bf16), and again with gradient checkpointing (`-ckpt` rows, each
-against bf16 LoRA with checkpointing too; QLoRA's paper trains with it). Elsewhere bf16 is emulated (~1 GFLOP/s:
+against bf16 LoRA with checkpointing too; QLoRA's paper trains with it), each also as nf4-all / nf4-dq-all (the
+embedding and head packed too: 262 MB in bf16 on this shape, more than the packed body's half). Elsewhere bf16 is emulated (~1 GFLOP/s:
 256 tokens would take an hour), so bf16 LoRA runs on `--bf16-tokens` tokens only: fewer activations, a lower bound
 of its peak at 256 tokens, which makes the ratio against it pessimistic for QLoRA.
 """
@@ -47,7 +48,8 @@ E2E = HERE.parent.parent / "shared" / "data" / "e2e"
 ROWS = [("lora fp32", "none", "default", 1), ("qlora nf4", "nf4", "default", 1),
         ("qlora nf4-dq", "nf4-dq", "default", 1), ("qlora gguf (Q4_1 blocks)", "gguf", "default", 1),
         ("qlora nf4 + LoftQ", "nf4", "loftq", 1), ("qlora nf4 + LoftQ T=3", "nf4", "loftq", 3),
-        ("lora fp32 + PiSSA", "none", "pissa", 1)]  # (name, --quantize, --lora-init, --loftq-iter)
+        ("lora fp32 + PiSSA", "none", "pissa", 1), ("qlora nf4-all (embedding and head packed too)", "nf4-all",
+                                                     "default", 1)]  # (name, --quantize, --lora-init, --loftq-iter)
 
 
 def vm_hwm_mb() -> float:
@@ -67,13 +69,23 @@ def reset_peak() -> float:
 
 
 def linear_bytes(model) -> int:
+    """Bytes of the body's linear weights, packed or dense (not the output head)."""
     from loraforge.quant.linear import QuantLinear
     from loraforge.quant.model import body_linears
 
-    packed = sum(m.weight_bytes for m in model.modules() if isinstance(m, QuantLinear))
+    head = model.get_output_embeddings()
+    packed = sum(m.weight_bytes for m in model.modules() if isinstance(m, QuantLinear) and m is not head)
     dense = sum(model.get_submodule(p).weight.numel() * model.get_submodule(p).weight.element_size()
                 for p in body_linears(model))
     return packed + dense
+
+
+def embedding_head_bytes(model) -> int:
+    """Bytes of the input embedding and output head, packed or dense (a tied pair once)."""
+    from loraforge.quant.linear import weight_count
+
+    holder = torch.nn.ModuleList([model.get_input_embeddings(), model.get_output_embeddings()])
+    return weight_count(holder)[1]
 
 
 # ---- workers (each in its own process) -------------------------------------------------------------------------
@@ -137,11 +149,11 @@ def worker_big(a: argparse.Namespace) -> dict:
     dtype = torch.bfloat16 if q.endswith("bf16") else torch.float32
     method = q.removesuffix("bf16").rstrip("-")
     model = LlamaForCausalLM(config).to(dtype).eval()
-    if method in ("nf4", "nf4-dq"):
+    if method.startswith("nf4"):
         quantize_model(model, method)  # the compute dtype is the model's: bf16 for nf4-bf16
     if checkpointing:  # transformers recomputes each decoder layer in backward (in training mode only)
         model.train().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    base_bytes = linear_bytes(model)
+    base_bytes, embed_bytes = linear_bytes(model), embedding_head_bytes(model)
     lm = LoraModel(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     params = list(lm.adapter_parameters().values())
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -157,7 +169,8 @@ def worker_big(a: argparse.Namespace) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    return {"tokens": tokens, "base_linear_bytes": base_bytes, "rss_after_build_mb": rss_after_build,
+    return {"tokens": tokens, "base_linear_bytes": base_bytes, "embedding_head_bytes": embed_bytes,
+            "rss_after_build_mb": rss_after_build,
             "peak_rss_training_mb": vm_hwm_mb(), "step_seconds": times}
 
 
@@ -232,7 +245,8 @@ def main() -> None:
         native = resolve_dtype("auto") == torch.bfloat16  # bf16 matmuls in hardware: bf16 rows at 256 tokens
         rows = ("none", "nf4", "nf4-dq", "bf16")
         if native:  # and QLoRA's own setting: bf16 compute, with and without gradient checkpointing
-            rows += ("nf4-bf16", "nf4-dq-bf16", "bf16-ckpt", "nf4-bf16-ckpt", "nf4-dq-bf16-ckpt")
+            rows += ("nf4-bf16", "nf4-dq-bf16", "nf4-all-bf16", "nf4-dq-all-bf16", "bf16-ckpt", "nf4-bf16-ckpt",
+                     "nf4-dq-bf16-ckpt", "nf4-all-bf16-ckpt", "nf4-dq-all-bf16-ckpt")
         for q in rows:
             big[q] = spawn("big", quantize=q, big_steps=a.big_steps,
                            bf16_tokens=256 if native else a.bf16_tokens)
@@ -259,12 +273,14 @@ def main() -> None:
         print(f"\nE2E BLEU, first {a.eval_mrs} dev MRs, greedy: " + ", ".join(
             f"{n} {b['BLEU']:.2f} ({b['decode_seconds']:.0f} s)" for n, b in bleu.items()))
     if big:
-        print("\n| 1B-class (TinyLlama shape), all-linear r=16 | tokens | linear bytes | RSS after build (MB) | "
-              "peak RSS (MB) | vs bf16 LoRA (the same checkpointing) | s/step |\n|---|---|---|---|---|---|---|")
+        print("\n| 1B-class (TinyLlama shape), all-linear r=16 | tokens | linear bytes | embedding + head | "
+              "RSS after build (MB) | peak RSS (MB) | vs bf16 LoRA (the same checkpointing) | s/step |\n"
+              "|---|---|---|---|---|---|---|---|")
         for q, r in big.items():
             ref = big["bf16-ckpt" if q.endswith("-ckpt") else "bf16"]["peak_rss_training_mb"]
             lb = f"{r['base_linear_bytes'] / 1e9:.2f} GB" if r["base_linear_bytes"] else "-"
-            print(f"| {q} | {r['tokens']} | {lb} | {r['rss_after_build_mb']:.0f} | {r['peak_rss_training_mb']:.0f} | "
+            print(f"| {q} | {r['tokens']} | {lb} | {r['embedding_head_bytes'] / 1e6:.0f} MB | "
+                  f"{r['rss_after_build_mb']:.0f} | {r['peak_rss_training_mb']:.0f} | "
                   f"{r['peak_rss_training_mb'] / ref:.2f}x | {statistics.median(r['step_seconds']):.1f} |")
 
 

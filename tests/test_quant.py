@@ -16,7 +16,7 @@ from loraforge.lora.adapter import read_adapter
 from loraforge.lora.layer import LoraLinear
 from loraforge.lora.multi import MultiLoraModel
 from loraforge.quant import ggml, nf4
-from loraforge.quant.linear import QuantLinear, QuantMatmul, base_weight, weight_count
+from loraforge.quant.linear import QuantEmbedding, QuantLinear, QuantMatmul, base_weight, weight_count
 from loraforge.quant.model import dequantize_model, quantize_model
 from tolerances import FP32, max_abs_diff
 
@@ -157,6 +157,38 @@ def test_base_weight_is_the_one_accessor(packed_linear):
     assert torch.equal(packed_linear.dequantize(), base_weight(packed_linear))
 
 
+def test_a_big_packed_weight_multiplies_a_panel_at_a_time(packed_linear, monkeypatch):
+    """Above PANEL_MATMUL_WEIGHTS the forward and the input's gradient go a panel of outputs at a time (here 3 panels
+    of 16 rows): the same values as one matmul with the dequantized weight, to fp32 rounding."""
+    monkeypatch.setattr("loraforge.quant.linear.PANEL_MATMUL_WEIGHTS", 48 * 64 - 1)
+    monkeypatch.setattr("loraforge.quant.linear.MATMUL_PANEL_WEIGHTS", 16 * 64)
+    unpacked = []
+    original = type(packed_linear)._dequantize_rows
+    monkeypatch.setattr(type(packed_linear), "_dequantize_rows",
+                        lambda self, *a: unpacked.append(a[2] - a[1]) or original(self, *a))
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    y = packed_linear(x)
+    y.backward(grad := torch.randn_like(y))
+    w = packed_linear.dequantize()
+    assert unpacked[:6] == [16] * 6  # three panels forward, three backward; never the whole 48 rows
+    expected = F.linear(x, w) + packed_linear.bias
+    assert max_abs_diff(y, expected) <= FP32
+    assert max_abs_diff(x.grad, grad @ w) <= FP32
+
+
+@pytest.mark.parametrize("method", ["nf4", "nf4-dq"])
+def test_packed_embedding_rows_are_the_dequantized_rows(method):
+    dense = nn.Embedding(50, 128)
+    dense.weight.data = _weight((50, 128), seed=7)
+    packed = QuantEmbedding.from_embedding(dense, method)
+    ids = torch.tensor([[0, 49, 3], [3, 7, 0]])
+    assert torch.equal(packed(ids), F.embedding(ids, packed.dequantize()))
+    assert packed.dequantize().equal(nf4.dequantize(nf4.quantize(dense.weight, double=method == "nf4-dq"), (50, 128)))
+    assert packed.weight_bytes / packed.num_weights == (0.5625 if method == "nf4" else pytest.approx(0.516, abs=2e-3))
+    with pytest.raises(ValueError, match="whole 64-weight blocks"):
+        QuantEmbedding.from_embedding(nn.Embedding(5, 48), method)
+
+
 # ---- a whole model ----------------------------------------------------------------------------------------------
 def _tiny_nf4() -> nn.Module:
     model = tiny_llama()
@@ -245,6 +277,70 @@ def test_dequantize_model_writes_plain_weights(tmp_path):
     loaded, _ = load_model(str(tmp_path))
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, before)
+
+
+def _llama_64(tied: bool) -> nn.Module:
+    """A tiny Llama whose hidden size is one NF4 block, so its embedding rows can be packed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=tied)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_nf4_all_packs_the_embedding_and_head_and_trains_on_them(tied, monkeypatch):
+    """`nf4-all`: the embedding and head packed too (a tied head reads the embedding's bytes, counted once). The
+    loss, its panel-wise packed head included, and the adapter's gradients equal the same model with every packed
+    weight dequantized, to fp32 rounding; dequantizing gives a plain model (tied again where it was)."""
+    from loraforge.train.loss import causal_lm_loss
+
+    monkeypatch.setattr("loraforge.quant.linear.MATMUL_PANEL_WEIGHTS", 40 * 64)  # the head in 3 panels
+    dense = _llama_64(tied)
+    params, size = weight_count(dense)
+    model = _llama_64(tied)
+    summary = quantize_model(model, "nf4-all")
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert isinstance(embedding, QuantEmbedding) and isinstance(head, QuantLinear)
+    assert (head.qweight.data_ptr() == embedding.qweight.data_ptr()) == tied
+    assert summary["layers"] == 14 + (1 if tied else 2)
+    embed_head = 96 * 64 * (1 if tied else 2)
+    q_params, q_size = weight_count(model)
+    assert q_params == params
+    assert q_size == size - 4 * (summary["dense_bytes"] // 4) + summary["packed_bytes"]
+    assert summary["packed_bytes"] == pytest.approx(0.5625 * (summary["dense_bytes"] / 4), rel=0)
+    assert embed_head * 4 <= summary["dense_bytes"]
+    plain = _llama_64(tied)
+    quantize_model(plain, "nf4-all")
+    assert dequantize_model(plain) == 14 + 2
+    assert (plain.lm_head.weight is plain.model.embed_tokens.weight) == tied
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(3))
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    losses, grads = [], []
+    for m in (model, plain):
+        torch.manual_seed(5)
+        lm = LoraModel(m, LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights=False))
+        loss = causal_lm_loss(m, batch)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in lm.adapter_parameters().values()]))
+    assert max_abs_diff(losses[0], losses[1]) <= FP32
+    assert max_abs_diff(grads[0], grads[1]) <= FP32
+    with torch.no_grad():
+        assert max_abs_diff(model(input_ids=ids).logits, plain(input_ids=ids).logits) <= FP32
+
+
+def test_nf4_all_needs_rows_of_whole_blocks_and_cannot_train_the_packed_head():
+    from loraforge.errors import LoraforgeError
+
+    with pytest.raises(LoraforgeError, match="hidden size 16 is not a multiple of NF4's block of 64.*--quantize nf4"):
+        quantize_model(tiny_llama(), "nf4-all")
+    model = _llama_64(tied=False)
+    quantize_model(model, "nf4-all")
+    with pytest.raises(LoraforgeError, match="lm_head is packed .* cannot be trained; use --quantize nf4"):
+        LoraModel(model, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
 
 
 def test_gguf_quantize_needs_a_gguf_file():

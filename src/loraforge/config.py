@@ -197,7 +197,9 @@ class TrainConfig:
                               "float32), float32 (exact), or auto: bfloat16 where the hardware has it")
     quantize: str = opt("none", "QLoRA: keep the frozen base packed in 4 bits. nf4 (QLoRA's NormalFloat, blocks of 64: "
                                 "0.5625 bytes a weight), nf4-dq (double-quantized scales: 0.516), gguf (a GGUF model's "
-                                "own blocks, e.g. the default model's Q4_1: no added error), or none",
+                                "own blocks, e.g. the default model's Q4_1: no added error), nf4-all / nf4-dq-all "
+                                "(the input embedding and output head packed too: least memory, the head's logits "
+                                "carry NF4's error), or none",
                         choices=QUANTIZE_METHODS)
     lora_init: str = opt("default", "how LoRA starts: default (A kaiming-uniform, B zero: the base unchanged), gaussian "
                                     "(A normal(1/r), B zero), or loftq (with quantize nf4/nf4-dq: A and B fit the "
@@ -353,8 +355,8 @@ def saved_train_config(adapter: str | Path) -> dict[str, Any]:
     return saved if isinstance(saved, dict) else {}
 
 
-QUANTIZE_HELP = ("the frozen base packed: nf4, nf4-dq, gguf (a GGUF model's own blocks) or none (default: what the "
-                 "adapters were trained on, else none)")
+QUANTIZE_HELP = ("the frozen base packed: nf4, nf4-dq, gguf (a GGUF model's own blocks), nf4-all / nf4-dq-all (the "
+                 "embedding and head packed too) or none (default: what the adapters were trained on, else none)")
 
 
 def load_quantize(cfg: TrainConfig) -> str:

@@ -295,7 +295,8 @@ def load_model(
         dtype: the dtype of the loaded weights.
         num_labels: number of classes of the new head; only for "seq-cls" and "token-cls".
         quantize: "none", or pack the body's linear layers (`quant.METHODS`): "nf4", "nf4-dq", or "gguf" (a GGUF
-            model's own blocks, exactly the weights its dense load has).
+            model's own blocks, exactly the weights its dense load has); "nf4-all" / "nf4-dq-all" pack the input
+            embedding and output head too.
 
     `model.name_or_path` is set to `name_or_path` as given (peft records it as `base_model_name_or_path`).
     A tokenizer without a pad token gets pad = eos.

@@ -18,7 +18,7 @@ from loraforge.errors import LoraforgeError
 from loraforge.lora.config import LoraConfig
 from loraforge.lora.layer import _LoraBase, wrap
 from loraforge.lora.targets import check_no_lora, find_targets, replace_module
-from loraforge.quant.linear import weight_count
+from loraforge.quant.linear import PackedWeight, weight_count
 
 PEFT_PREFIX = "base_model.model."
 # PeftModelForSequenceClassification / ...ForTokenClassification add these to modules_to_save whatever the user gave
@@ -86,6 +86,10 @@ class LoraModel:
             replace_module(model, path, self.layers[path])
         for path, module in list(model.named_modules()):
             if any(path == m or path.endswith("." + m) for m in config.modules_to_save or []):
+                if isinstance(module, PackedWeight):
+                    raise LoraforgeError(f"modules_to_save: {path} is packed (--quantize nf4-all packs the embedding "
+                                         "and head) and cannot be trained; use --quantize nf4 or nf4-dq, which keep "
+                                         "them dense, or leave it out of modules_to_save")
                 self.saved_modules[path] = ModulesToSave(module).train(module.training)
                 replace_module(model, path, self.saved_modules[path])
         self.set_trainable(True)

@@ -1,7 +1,9 @@
 """Put a quantized base in place: every `nn.Linear` of a model's body becomes a `QuantLinear`.
 
 The output head and classifier heads stay dense (QLoRA and bitsandbytes keep `lm_head` in 16/32 bits; SmolLM2's is
-tied to the embedding). With `method="gguf"` the blocks come from the GGUF file the model was converted from, row for
+tied to the embedding), and so does the input embedding, except with `nf4-all` / `nf4-dq-all`: the input embedding
+becomes a `QuantEmbedding` and the output head a `QuantLinear` (sharing the embedding's bytes when they are tied).
+On a 1B Llama those two are 262 MB in bf16, more than the packed body; their NF4 error then reaches the logits too. With `method="gguf"` the blocks come from the GGUF file the model was converted from, row for
 row: llama.cpp's converter permutes the rows of q and k, and transformers un-permutes them on load
 (`LlamaTensorProcessor`), so the same permutation is applied to the file's block rows, and every layer is checked to
 dequantize to exactly the dense weight transformers made from the same file before the dense weight is dropped.
@@ -16,8 +18,8 @@ import torch
 from torch import nn
 
 from loraforge.errors import LoraforgeError
-from loraforge.quant import ggml
-from loraforge.quant.linear import METHODS, QuantLinear
+from loraforge.quant import ggml, nf4
+from loraforge.quant.linear import METHODS, QuantEmbedding, QuantLinear
 
 logger = logging.getLogger("loraforge")
 
@@ -37,9 +39,11 @@ def body_linears(model: nn.Module) -> list[str]:
 
 
 def quantize_model(model: nn.Module, method: str, gguf_path: Path | None = None) -> dict[str, int]:
-    """Replace the body's linears by packed ones, in place; a summary {"layers", "dense_bytes", "packed_bytes"}."""
+    """Replace the body's linears by packed ones (and with `-all` the input embedding and output head), in place; a
+    summary {"layers", "dense_bytes", "packed_bytes"}."""
     if method not in METHODS or method == "none":
         raise LoraforgeError(f"unknown quantization {method!r}; use one of: {', '.join(METHODS)}")
+    body_method = method.removesuffix("-all")
     blocks = _gguf_blocks(model, gguf_path) if method == "gguf" else {}
     dense = packed = layers = 0
     for path in body_linears(model):
@@ -55,18 +59,47 @@ def quantize_model(model: nn.Module, method: str, gguf_path: Path | None = None)
                                      "the file and the converted model disagree; delete the loraforge cache "
                                      "folder of this model and load it again")
         else:
-            layer = QuantLinear.from_linear(linear, method)
+            layer = QuantLinear.from_linear(linear, body_method)
         dense += linear.weight.numel() * linear.weight.element_size()
         packed += layer.weight_bytes
         layers += 1
         model.set_submodule(path, layer.to(linear.weight.device).train(linear.training))  # eval stays eval
+    if method.endswith("-all"):
+        for d, p in _pack_embeddings(model, body_method):
+            dense, packed, layers = dense + d, packed + p, layers + 1
     _own_memory(model)
     if layers == 0:
         raise LoraforgeError(f"--quantize {method}: no linear layer of {type(model).__name__} could be packed"
                              + (" (the GGUF file holds none of them in Q4_0/Q4_1/Q5_0/Q5_1/Q8_0)" if blocks == {}
                                 and method == "gguf" else ""))
-    logger.info("quantized %d linear layers to %s: %.1f MB -> %.1f MB", layers, method, dense / 1e6, packed / 1e6)
+    logger.info("quantized %d layers to %s: %.1f MB -> %.1f MB", layers, method, dense / 1e6, packed / 1e6)
     return {"layers": layers, "dense_bytes": dense, "packed_bytes": packed}
+
+
+def _pack_embeddings(model: nn.Module, method: str) -> list[tuple[int, int]]:
+    """Pack the input embedding and the output head as NF4, in place (a tied head shares the embedding's bytes);
+    (dense bytes, packed bytes) of each weight packed."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if type(embedding) is not nn.Embedding or head is None or type(head) is not nn.Linear:
+        raise LoraforgeError(f"--quantize {method}-all packs a plain input embedding and output head; "
+                             f"{type(model).__name__} has {type(embedding).__name__} and {type(head).__name__}: "
+                             f"use --quantize {method}")
+    if embedding.embedding_dim % nf4.BLOCK:
+        raise LoraforgeError(f"--quantize {method}-all: the hidden size {embedding.embedding_dim} is not a multiple of "
+                             f"NF4's block of {nf4.BLOCK}, so embedding rows cannot be unpacked alone; use "
+                             f"--quantize {method}")
+    tied = head.weight is embedding.weight
+    sizes = []
+    packed = QuantEmbedding.from_embedding(embedding, method).to(embedding.weight.device).train(embedding.training)
+    sizes.append((embedding.weight.numel() * embedding.weight.element_size(), packed.weight_bytes))
+    model.set_input_embeddings(packed)
+    if tied:  # the head reads the embedding's own bytes
+        new_head = QuantLinear(method, packed.packed(), head.in_features, head.out_features, head.bias, packed.dtype)
+    else:
+        new_head = QuantLinear.from_linear(head, method).to(head.weight.device)
+        sizes.append((head.weight.numel() * head.weight.element_size(), new_head.weight_bytes))
+    model.set_output_embeddings(new_head.train(head.training))
+    return sizes
 
 
 def _own_memory(model: nn.Module) -> None:
@@ -84,11 +117,17 @@ def _own_memory(model: nn.Module) -> None:
 
 
 def dequantize_model(model: nn.Module) -> int:
-    """Every `QuantLinear` replaced by a dense `nn.Linear` of its dequantized weight (in its compute dtype), in
-    place: a model that `save_pretrained` writes as plain weights. The number of layers replaced."""
-    paths = [path for path, m in model.named_modules() if isinstance(m, QuantLinear)]
+    """Every packed layer replaced by a dense one of its dequantized weight (in its compute dtype), in place: a model
+    that `save_pretrained` writes as plain weights; a packed head that shared a packed embedding's bytes is tied to the
+    dense embedding again. The number of layers replaced."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = isinstance(embedding, QuantEmbedding) and isinstance(head, QuantLinear) and \
+        embedding.qweight.data_ptr() == head.qweight.data_ptr()
+    paths = [path for path, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
     for path in paths:
         model.set_submodule(path, model.get_submodule(path).to_dense())
+    if tied:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
     return len(paths)
 
 

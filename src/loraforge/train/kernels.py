@@ -242,7 +242,7 @@ def _packed_attention_agrees(model: nn.Module) -> bool:
     """Does the model give the same logits on two packed examples with `packed_attention` as with its own
     attention? (A model that does not hand position_ids to its attention function fails and keeps its own.)"""
     param = next(model.parameters())
-    vocab = model.get_input_embeddings().weight.shape[0]
+    vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (1, 9), generator=torch.Generator().manual_seed(0)).to(param.device)
     positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]], device=param.device)
     with _eval_mode(model):

@@ -7,7 +7,9 @@ hidden states of learned positions are gathered, and the output head runs on tho
 With a frozen head (the usual LoRA case) the chunks are fused with their gradient (`LinearCrossEntropy`): the
 gradient of cross-entropy with respect to the logits is softmax - onehot, known in the forward pass, so each chunk's
 contribution to d(loss)/d(hidden) is computed there and its logits are dropped at once. Nothing of size
-(tokens, vocab) is kept for backward and nothing is recomputed: peak memory is one (CHUNK_ROWS, vocab) block.
+(tokens, vocab) is kept for backward and nothing is recomputed: peak memory is one (CHUNK_ROWS, vocab) block. A
+packed head (`--quantize nf4-all`) is unpacked a panel of vocabulary rows at a time, twice a chunk (the logits, then
+the gradient), never whole.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from loraforge.data import IGNORE_INDEX
 from loraforge.models import has_plain_head
+from loraforge.quant.linear import MATMUL_PANEL_WEIGHTS, QuantLinear
 
 CHUNK_ROWS = 1024
 
@@ -25,9 +28,10 @@ CHUNK_ROWS = 1024
 class LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight.T + bias, target_i) for a frozen head, gradient computed chunk by chunk in forward.
 
-    Shapes: hidden (N, H), weight (V, H), bias (V,) or None, targets (N,). Returns a 0-d fp32 sum. With label
-    smoothing e the target distribution is (1 - e) onehot + e / V, as `F.cross_entropy(label_smoothing=e)`: the loss
-    adds e (lse - mean logit) to (1 - e) (lse - target logit), and d loss / d logits is softmax - that distribution.
+    Shapes: hidden (N, H), weight (V, H) or a packed head (`QuantLinear`), bias (V,) or None, targets (N,). Returns a
+    0-d fp32 sum. With label smoothing e the target distribution is (1 - e) onehot + e / V, as
+    `F.cross_entropy(label_smoothing=e)`: the loss adds e (lse - mean logit) to (1 - e) (lse - target logit), and
+    d loss / d logits is softmax - that distribution.
     """
 
     @staticmethod
@@ -36,7 +40,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            logits = F.linear(hidden[rows], weight, bias).float()  # (c, V)
+            logits = _logits(hidden[rows], weight, bias)  # (c, V) fp32
             target = targets[rows]
             lse = torch.logsumexp(logits, dim=-1)  # (c,)
             nll = lse - logits.gather(1, target[:, None]).squeeze(1)  # (c,)
@@ -47,7 +51,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             if smoothing:
                 probs.sub_(smoothing / probs.shape[1])
             probs[torch.arange(target.shape[0], device=probs.device), target] -= 1.0 - smoothing  # d CE / d logits
-            grad_hidden[rows] = probs.to(weight.dtype) @ weight  # (c, V) @ (V, H)
+            grad_hidden[rows] = _times_weight(probs, weight)  # (c, V) @ (V, H)
         ctx.save_for_backward(grad_hidden)
         return total
 
@@ -57,7 +61,31 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None, None
 
 
+def _logits(hidden: torch.Tensor, weight: torch.Tensor | QuantLinear, bias: torch.Tensor | None) -> torch.Tensor:
+    """hidden @ weight.T + bias in fp32, from a dense weight or a packed head's panels."""
+    if isinstance(weight, torch.Tensor):
+        return F.linear(hidden, weight, bias).float()
+    logits = hidden.new_empty(hidden.shape[0], weight.out_features, dtype=torch.float32)
+    for start, stop, panel in weight.panels(hidden.dtype, MATMUL_PANEL_WEIGHTS):
+        logits[:, start:stop] = F.linear(hidden, panel, None if bias is None else bias[start:stop])
+    return logits
+
+
+def _times_weight(probs: torch.Tensor, weight: torch.Tensor | QuantLinear) -> torch.Tensor:
+    """probs (c, V) @ weight (V, H) in the weight's dtype, from a dense weight or a packed head's panels (summed in
+    fp32, so that a bf16 head's panels do not round at each sum)."""
+    if isinstance(weight, torch.Tensor):
+        return probs.to(weight.dtype) @ weight
+    total = probs.new_zeros(probs.shape[0], weight.in_features, dtype=torch.float32)  # the panels' sum, in fp32
+    for start, stop, panel in weight.panels(weight.dtype, MATMUL_PANEL_WEIGHTS):
+        total += probs[:, start:stop].to(panel.dtype) @ panel
+    return total.to(weight.dtype)
+
+
 def _frozen_linear(head: nn.Module) -> bool:
+    """A head whose weight gets no gradient: a frozen `nn.Linear`, or a packed one (always frozen)."""
+    if isinstance(head, QuantLinear):
+        return head.bias is None or not head.bias.requires_grad
     return type(head) is nn.Linear and not head.weight.requires_grad and \
         (head.bias is None or not head.bias.requires_grad)
 
@@ -116,7 +144,8 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], label_smoot
     targets = targets[keep]  # (N,)
     head = model.get_output_embeddings()
     if _frozen_linear(head):
-        return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, CHUNK_ROWS, label_smoothing), count
+        weight = head if isinstance(head, QuantLinear) else head.weight
+        return LinearCrossEntropy.apply(hidden, weight, head.bias, targets, CHUNK_ROWS, label_smoothing), count
     if hidden.shape[0] <= CHUNK_ROWS:
         return _head_ce_sum(head, hidden, targets, label_smoothing), count
     # Several chunks: each chunk's logits are recomputed in backward instead of kept, so at most one

@@ -94,7 +94,9 @@ def train_flops(model: nn.Module, trainable: int, tokens: int, learned_tokens: i
         else:
             body += p.numel()
     body -= trainable  # LoRA's weights are in model.parameters() too
-    body += sum(m.num_weights for m in model.modules() if isinstance(m, QuantLinear))  # packed: not parameters
+    packed = [m for m in model.modules() if isinstance(m, QuantLinear)]  # packed: not parameters
+    body += sum(m.num_weights for m in packed if m is not head)
+    head_n += head.num_weights if isinstance(head, QuantLinear) else 0
     return tokens * (4.0 * body + 6.0 * trainable) + learned_tokens * 4.0 * head_n
 
 
