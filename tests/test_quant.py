@@ -47,6 +47,26 @@ def test_nf4_bytes_absmax_and_values_equal_bitsandbytes(shape, double):
     assert torch.equal(nf4.dequantize(ours, shape), bnb_functional.dequantize_4bit(packed, state))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("double", [False, True], ids=["nf4", "nf4-dq"])
+def test_the_cpp_kernel_unpacks_what_the_pure_torch_path_does(dtype, double, monkeypatch):
+    """The C++ unpacking (lora/csrc/quant.cpp) is the fast path, pure torch the reference and the fallback: the same
+    values bit for bit, whole weights (tails and odd lengths included), panels at an offset, and into a given tensor."""
+    assert nf4.unpack_kernel(torch.device("cpu")) is not None  # built here (tests/test_kernels.py needs it too)
+    cases = [(shape, 0) for shape in SHAPES] + [((5, 576), 576 * 7), ((3, 128), 128 * 10), ((33,), 64)]
+    fast = {}
+    for i, (shape, offset) in enumerate(cases):
+        packed = nf4.quantize(_weight((20, 576) if offset else shape, seed=i), double=double)
+        into = torch.full(shape, float("nan"), dtype=dtype)
+        assert nf4.dequantize(packed, shape, dtype, offset=offset, out=into) is into
+        fast[i] = (packed, nf4.dequantize(packed, shape, dtype, offset=offset), into)
+    monkeypatch.setattr(nf4, "unpack_kernel", lambda device: None)
+    for i, (shape, offset) in enumerate(cases):
+        packed, got, into = fast[i]
+        reference = nf4.dequantize(packed, shape, dtype, offset=offset)
+        assert torch.equal(got, reference) and torch.equal(into, reference), (shape, offset)
+
+
 def test_nf4_code_tables_are_bitsandbytes():
     assert torch.equal(nf4.NF4_CODE, bnb_functional.get_4bit_type("nf4", device="cpu"))
     assert torch.equal(nf4.dynamic_map(), bnb_functional.create_dynamic_map())
@@ -142,6 +162,7 @@ def test_a_big_weight_unpacks_a_panel_at_a_time_to_the_same_values(packed_linear
     expected = (nf4.dequantize(packed, (48, 64), dtype) if packed_linear.fmt.startswith("nf4")
                 else ggml.dequantize(packed["blocks"], "q4_1", (48, 64), dtype))
     assert torch.equal(whole, expected)
+    monkeypatch.setattr(nf4, "unpack_kernel", lambda device: None)  # the C++ kernel goes whole, in one call
     monkeypatch.setattr("loraforge.quant.linear.CHUNK_WEIGHTS", 5 * 64)
     assert packed_linear._panel_rows() == 5
     assert torch.equal(packed_linear.dequantize(dtype), whole)

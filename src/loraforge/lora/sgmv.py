@@ -1,6 +1,6 @@
 """The engine's C++ kernels, compiled on first use for this machine's CPU: the served layers' matmul for a few rows,
-each on its own adapter (csrc/sgmv.cpp, `linear_t_`) and the decode step's RMSNorm and rotary embedding in one pass each (csrc/decode.cpp,
-`rms_t`, `rotary_t`).
+each on its own adapter (csrc/sgmv.cpp, `linear_t_`), the decode step's RMSNorm and rotary embedding in one pass each (csrc/decode.cpp,
+`rms_t`, `rotary_t`), and NF4 unpacking for a packed base (csrc/quant.cpp, `nf4_unpack_`, used by quant/nf4.py).
 
 `kernel()` returns the compiled module, or None where it cannot be built (no C++ compiler, or
 `LORAFORGE_KERNELS=0`): `lora.multi` then falls back to torch's matmul and its stacked-and-masked adapters, which give
@@ -23,7 +23,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("sgmv.cpp", "decode.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("sgmv.cpp", "decode.cpp", "quant.cpp")]
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 _lock = threading.Lock()
 _built: dict[str, object] = {}

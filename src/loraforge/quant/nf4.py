@@ -115,27 +115,46 @@ def _scale_blocks(values: torch.Tensor, absmax: torch.Tensor, block: int) -> tor
 
 
 _PAIRS: dict[torch.device, torch.Tensor] = {}
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def unpack_kernel(device: torch.device):
+    """The C++ NF4 unpacking (lora/csrc/quant.cpp, `nf4_unpack_`: one pass, into a given tensor; ~20x the pure-torch
+    path on a CPU) where it is built, for a CPU tensor; else None. The kernels module is compiled once per machine
+    (`lora.sgmv`); `LORAFORGE_KERNELS=0` turns it off."""
+    if device.type != "cpu":
+        return None
+    from loraforge.lora import sgmv  # noqa: PLC0415  (the one compiled module of loraforge's kernels)
+
+    return sgmv.kernel()
 
 
 def dequantize(packed: dict[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
-               offset: int = 0) -> torch.Tensor:
+               offset: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
     """The weight back, `shape`, computed in fp32 (code · absmax, as bitsandbytes) and then cast to `dtype`; with
     `offset`, the `prod(shape)` weights that start at flat position `offset` (a multiple of `BLOCK`) of the packed
-    matrix instead of its start.
+    matrix instead of its start; with `out` (contiguous, `shape`, `dtype`), written into it.
 
-    Each byte is looked up in a 256 x 2 table of its two code values: one gather with int32 indices (5x faster
-    than with int64 on this CPU), no unpacking pass."""
+    On a CPU the C++ kernel computes it where it is built (`unpack_kernel`), the same values bit for bit (tested).
+    Otherwise each byte is looked up in a 256 x 2 table of its two code values: one gather with int32 indices (5x
+    faster than with int64 on this CPU), no unpacking pass."""
     if offset % BLOCK:
         raise ValueError(f"offset {offset} does not start an NF4 block of {BLOCK}")
     qweight = packed["qweight"]
-    pairs = _PAIRS.get(qweight.device)
-    if pairs is None:
-        byte = torch.arange(256)
-        pairs = _PAIRS[qweight.device] = torch.stack([NF4_CODE[byte >> 4], NF4_CODE[byte & 15]], 1).to(qweight.device)
     n = 1
     for size in shape:
         n *= size
     codes = qweight[offset // 2:(offset + n + 1) // 2]
-    values = pairs.index_select(0, codes.int()).view(-1)[:n]  # (n,) fp32 codes
     absmax = absmax_of(packed)[offset // BLOCK:(offset + n + BLOCK - 1) // BLOCK]
-    return _scale_blocks(values, absmax, BLOCK).view(shape).to(dtype)
+    kernel = unpack_kernel(qweight.device) if dtype in _KERNEL_DTYPES else None
+    if kernel is not None:
+        out = torch.empty(shape, dtype=dtype, device=qweight.device) if out is None else out
+        kernel.nf4_unpack_(codes.contiguous(), absmax.float().contiguous(), NF4_CODE, out)
+        return out
+    pairs = _PAIRS.get(qweight.device)
+    if pairs is None:
+        byte = torch.arange(256)
+        pairs = _PAIRS[qweight.device] = torch.stack([NF4_CODE[byte >> 4], NF4_CODE[byte & 15]], 1).to(qweight.device)
+    values = pairs.index_select(0, codes.int()).view(-1)[:n]  # (n,) fp32 codes
+    values = _scale_blocks(values, absmax, BLOCK).view(shape)
+    return values.to(dtype) if out is None else out.copy_(values)

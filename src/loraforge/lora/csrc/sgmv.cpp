@@ -309,9 +309,11 @@ void linear_t_(std::vector<torch::Tensor> ys, torch::Tensor x, std::vector<c10::
 
 torch::Tensor rms_t(torch::Tensor x, torch::Tensor weight, double eps);  // decode.cpp
 torch::Tensor rotary_t(torch::Tensor t, torch::Tensor cos, torch::Tensor sin);
+void nf4_unpack_(torch::Tensor codes, torch::Tensor absmax, torch::Tensor code, torch::Tensor out);  // quant.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_t_", &linear_t_, "y_l = W_l x + b_l + each row's own s B A x (or += the adapters' part), in place");
   m.def("rms_t", &rms_t, "the decode step's RMSNorm over the features of x (H, B)");
   m.def("rotary_t", &rotary_t, "the decode step's rotary embedding of t (heads·hd, B)");
+  m.def("nf4_unpack_", &nf4_unpack_, "out = NF4 codes times their block's absmax, cast as torch casts");
 }
