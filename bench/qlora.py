@@ -8,11 +8,12 @@ Part 1, the default model (SmolLM2-135M-Instruct), LoRA r=16 alpha 32 on all lin
 seed, data order and steps for every row: the dense fp32 base (this CPU has no native bf16: its bf16 matmul runs at
 ~1 GFLOP/s against ~175 in fp32, so fp32 is the dense reference here), and the base packed as nf4, nf4-dq, the GGUF
 file's own Q4_1 blocks (gguf), nf4 with LoftQ's start (one alternation, and three: the packed base then moves, and
-is saved beside the adapter), the dense base under PiSSA's start, and nf4-all (the embedding and head packed too). Each row is its own process. Peak RSS is read from
-/proc/self/status (VmHWM) after it was reset once the base was loaded and packed (loading goes through the dense
-weights, the training after it does not: that is the number QLoRA changes). Step time is the median over steps
-after the first. The eval loss is on the first 200 rows of the E2E dev split. Then the dense adapter and the best
-packed one decode the first `--eval-mrs` dev MRs greedily, scored with BLEU against all their references.
+is saved beside the adapter), the dense base under PiSSA's start, and nf4-all (the embedding and head packed too).
+Each row is its own process. Peak RSS is read from /proc/self/status (VmHWM) after it was reset once the base was
+loaded and packed (loading goes through the dense weights, the training after it does not: that is the number QLoRA
+changes). Step time is the median over steps after the first. The eval loss is on the first 200 rows of the E2E dev
+split. Then the dense adapter and the best packed one decode the first `--eval-mrs` dev MRs greedily, scored with
+BLEU against all their references.
 
 Part 2, a 1B-class Llama (TinyLlama-1.1B's shape, random weights, seeded), LoRA r=16 on all linear layers, batch 1 x
 256 tokens, `--big-steps` AdamW steps (`--big-only`: this part alone): peak RSS of fp32 LoRA and of nf4 / nf4-dq
@@ -20,9 +21,9 @@ QLoRA computing in fp32 (reset after building), and of bf16 LoRA. Where the CPU 
 (AVX512-BF16 or AMX), bf16 LoRA trains on 256 tokens too, and nf4 / nf4-dq also run with bf16 compute (the QLoRA
 paper's setting: the packed base dequantized to bf16), and again with gradient checkpointing (`-ckpt` rows, each
 against bf16 LoRA with checkpointing too; QLoRA's paper trains with it), each also as nf4-all / nf4-dq-all (the
-embedding and head packed too: 262 MB in bf16 on this shape, more than the packed body's half). Elsewhere bf16 is emulated (~1 GFLOP/s:
-256 tokens would take an hour), so bf16 LoRA runs on `--bf16-tokens` tokens only: fewer activations, a lower bound
-of its peak at 256 tokens, which makes the ratio against it pessimistic for QLoRA.
+embedding and head packed too: 262 MB in bf16 on this shape, more than the packed body's half). Elsewhere bf16 is
+emulated (~1 GFLOP/s: 256 tokens would take an hour), so bf16 LoRA runs on `--bf16-tokens` tokens only: fewer
+activations, a lower bound of its peak at 256 tokens, which makes the ratio against it pessimistic for QLoRA.
 """
 from __future__ import annotations
 

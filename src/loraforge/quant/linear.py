@@ -205,8 +205,9 @@ def _scratch_weight(layer: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
 
 
 class QuantMatmul(torch.autograd.Function):
-    """x Wᵀ for a packed W: forward and backward each dequantize it and let it go. Saves nothing but the layer. A
-    weight above `PANEL_MATMUL_WEIGHTS` goes a panel of rows (outputs) at a time, in both directions."""
+    """x Wᵀ for a packed W: forward and backward each dequantize it into the thread's reused buffer
+    (`_scratch_weight`) and multiply at once. Saves nothing but the layer. A weight above `PANEL_MATMUL_WEIGHTS` goes
+    a panel of rows (outputs) at a time, in both directions."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
@@ -224,7 +225,8 @@ class QuantMatmul(torch.autograd.Function):
             return None, None
         layer = ctx.layer
         if layer.num_weights <= PANEL_MATMUL_WEIGHTS:
-            return grad @ layer.dequantize(grad.dtype, _scratch_weight(layer, grad.dtype)), None  # (..., out) @ (out, in)
+            weight = layer.dequantize(grad.dtype, _scratch_weight(layer, grad.dtype))
+            return grad @ weight, None  # (..., out) @ (out, in)
         total = grad.new_zeros(*grad.shape[:-1], layer.in_features, dtype=torch.float32)  # summed in fp32
         for start, stop, w in layer.panels(grad.dtype, MATMUL_PANEL_WEIGHTS):
             total += grad[..., start:stop] @ w

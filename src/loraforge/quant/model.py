@@ -3,10 +3,11 @@
 The output head and classifier heads stay dense (QLoRA and bitsandbytes keep `lm_head` in 16/32 bits; SmolLM2's is
 tied to the embedding), and so does the input embedding, except with `nf4-all` / `nf4-dq-all`: the input embedding
 becomes a `QuantEmbedding` and the output head a `QuantLinear` (sharing the embedding's bytes when they are tied).
-On a 1B Llama those two are 262 MB in bf16, more than the packed body; their NF4 error then reaches the logits too. With `method="gguf"` the blocks come from the GGUF file the model was converted from, row for
-row: llama.cpp's converter permutes the rows of q and k, and transformers un-permutes them on load
-(`LlamaTensorProcessor`), so the same permutation is applied to the file's block rows, and every layer is checked to
-dequantize to exactly the dense weight transformers made from the same file before the dense weight is dropped.
+On a 1B Llama those two are 262 MB in bf16, more than the packed body; their NF4 error then reaches the logits too.
+With `method="gguf"` the blocks come from the GGUF file the model was converted from, row for row: llama.cpp's
+converter permutes the rows of q and k, and transformers un-permutes them on load (`LlamaTensorProcessor`), so the
+same permutation is applied to the file's block rows, and every layer is checked to dequantize to exactly the dense
+weight transformers made from the same file before the dense weight is dropped.
 """
 from __future__ import annotations
 
