@@ -21,7 +21,8 @@ def sample_path(name: str) -> Path:
 
 
 def demo_config(steps: int, output: Path) -> TrainConfig:
-    """The demo's settings: a few minutes on 2 CPU cores (fp32, LoRA on every linear layer)."""
+    """The demo's settings: a few minutes on 2 CPU cores (LoRA on every linear layer; the compute dtype auto: bf16
+    where the CPU has native bf16 matmuls, else fp32)."""
     return TrainConfig(model=DEFAULT_MODEL, data=str(sample_path("e2e_demo.jsonl")), output=str(output),
                        r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", lr=1e-3,
                        warmup_steps=5, max_steps=steps, batch_size=8, max_length=128, seed=0)
