@@ -8,12 +8,14 @@ threads); the issue asks 18 of 20 prompts. This trains several adapters with the
 training threads from `--adapters`), exports each as an f32 adapter GGUF, and counts, as the test does, the prompts
 (the first 20 of the demo's E2E sample) whose first 8 greedy tokens in llama.cpp (on the default model's own Q4_1
 GGUF, one thread) equal loraforge's on the same base in fp32, with llama.cpp's flash attention off (llama-cpp-python's
-default) and on. Where they part, loraforge's top-2 logit margin at that token is printed.
+default) and on, with the test's own helpers. Where they part, loraforge's top-2 logit margin at that token is
+printed.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,55 +31,37 @@ from loraforge.infer import InferenceSession
 from loraforge.models import DEFAULT_MODEL, gguf_file_of
 from loraforge.train import train
 
-
-def ours_greedy(session: InferenceSession, ids: list[int], n: int = 8) -> tuple[list[int], list[float]]:
-    """loraforge's greedy tokens and its top-2 logit margin at each."""
-    out, margins = [], []
-    with session.use("tuned") as model, torch.no_grad():
-        for _ in range(n):
-            logits = model(torch.tensor([ids + out])).logits[0, -1].float()
-            top2 = logits.topk(2).values
-            out.append(int(logits.argmax()))
-            margins.append(float(top2[0] - top2[1]))
-    return out, margins
-
-
-def llama_greedy(llm: llama_cpp.Llama, ids: list[int], n: int = 8) -> list[int]:
-    llm.reset()
-    llm.eval(ids)
-    out = []
-    for _ in range(n):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        out.append(token)
-        llm.eval([token])
-    return out
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test's own comparison helpers,
+                                                                           # as bench/gguf_export.py uses them
 
 
 def one_adapter(seed: int, steps: int, threads: int, root: Path) -> dict:
+    import test_llama_cpp as lc
+
     torch.set_num_threads(threads)
     cfg = demo_config(steps, root / "adapter")
     cfg.seed = seed
-    result = train(cfg, progress=False)
-    del result
+    train(cfg, progress=False)
     torch.set_num_threads(1)
     # loraforge's side in fp32 on the fp32 base (its exact output; training may have run in bf16: dtype auto)
     session = InferenceSession.open(DEFAULT_MODEL, {"tuned": root / "adapter"}, dtype="float32")
     adapter = export_adapter(root / "adapter", root / "adapter.gguf", dtype="f32").path
     records = [json.loads(line) for line in sample_path("e2e_demo.jsonl").read_text().splitlines()[:20]]
     prompts = [encode_prompt(r["instruction"], r["input"], session.tokenizer) for r in records]
-    ours = [ours_greedy(session, ids) for ids in prompts]
+    ours = [lc._ours_greedy(session, "tuned", ids, 8) for ids in prompts]
     row = {"seed": seed, "steps": steps, "threads": threads}
     for flash in (False, True):
         llm = llama_cpp.Llama(model_path=str(gguf_file_of(DEFAULT_MODEL)), lora_path=str(adapter), n_ctx=512,
                               n_batch=512, logits_all=True, verbose=False, n_threads=1, seed=0, flash_attn=flash)
         same, parted = 0, []
-        for ids, (tokens, margins) in zip(prompts, ours):
-            theirs = llama_greedy(llm, ids)
+        for ids, tokens in zip(prompts, ours):
+            theirs = lc._llama_greedy(llm, ids, 8)
             if theirs == tokens:
                 same += 1
-            else:
+            else:  # where they part: loraforge's top-2 margin there, as the test measures it
                 k = next(i for i in range(8) if theirs[i] != tokens[i])
-                parted.append(round(margins[k], 3))
+                top2 = np.sort(lc._ours_logits(session, "tuned", ids + tokens[:k])[-1])[-2:]
+                parted.append(round(float(top2[1] - top2[0]), 3))
         row["flash" if flash else "plain"] = {"same": same, "margins": parted}
     return row
 

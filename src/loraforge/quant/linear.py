@@ -139,6 +139,24 @@ class QuantLinear(PackedWeight):
             dense.bias = self.bias
         return dense.train(self.training)
 
+    def linear_by_panels(self, x: torch.Tensor, bias: torch.Tensor | None = None,
+                         out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x Wᵀ (+ bias) a panel of outputs at a time (`MATMUL_PANEL_WEIGHTS`), W unpacked in x's dtype and never
+        whole; the result in `out_dtype` (default x's)."""
+        y = x.new_empty(*x.shape[:-1], self.out_features, dtype=out_dtype or x.dtype)
+        for start, stop, w in self.panels(x.dtype, MATMUL_PANEL_WEIGHTS):
+            y[..., start:stop] = F.linear(x, w, None if bias is None else bias[start:stop])
+        return y
+
+    def times_by_panels(self, grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """grad W, (..., out) @ (out, in), a panel of W's rows at a time, unpacked in `dtype` (grad cast to it a panel
+        at a time), the panels summed in fp32 so that a bf16 weight's do not round at each sum; the result in
+        `dtype`."""
+        total = grad.new_zeros(*grad.shape[:-1], self.in_features, dtype=torch.float32)
+        for start, stop, w in self.panels(dtype, MATMUL_PANEL_WEIGHTS):
+            total += grad[..., start:stop].to(dtype) @ w
+        return total.to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = QuantMatmul.apply(x, self)
         return y if self.bias is None else y + self.bias.to(y.dtype)
@@ -214,10 +232,7 @@ class QuantMatmul(torch.autograd.Function):
         ctx.layer = layer
         if layer.num_weights <= PANEL_MATMUL_WEIGHTS:
             return F.linear(x, layer.dequantize(x.dtype, _scratch_weight(layer, x.dtype)))
-        y = x.new_empty(*x.shape[:-1], layer.out_features)
-        for start, stop, w in layer.panels(x.dtype, MATMUL_PANEL_WEIGHTS):
-            y[..., start:stop] = F.linear(x, w)
-        return y
+        return layer.linear_by_panels(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -227,10 +242,7 @@ class QuantMatmul(torch.autograd.Function):
         if layer.num_weights <= PANEL_MATMUL_WEIGHTS:
             weight = layer.dequantize(grad.dtype, _scratch_weight(layer, grad.dtype))
             return grad @ weight, None  # (..., out) @ (out, in)
-        total = grad.new_zeros(*grad.shape[:-1], layer.in_features, dtype=torch.float32)  # summed in fp32
-        for start, stop, w in layer.panels(grad.dtype, MATMUL_PANEL_WEIGHTS):
-            total += grad[..., start:stop] @ w
-        return total.to(grad.dtype), None
+        return layer.times_by_panels(grad, grad.dtype), None
 
 
 def base_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:

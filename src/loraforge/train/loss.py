@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from loraforge.data import IGNORE_INDEX
 from loraforge.models import has_plain_head
-from loraforge.quant.linear import MATMUL_PANEL_WEIGHTS, QuantLinear
+from loraforge.quant.linear import QuantLinear
 
 CHUNK_ROWS = 1024
 
@@ -65,21 +65,14 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor | QuantLinear, bias: torc
     """hidden @ weight.T + bias in fp32, from a dense weight or a packed head's panels."""
     if isinstance(weight, torch.Tensor):
         return F.linear(hidden, weight, bias).float()
-    logits = hidden.new_empty(hidden.shape[0], weight.out_features, dtype=torch.float32)
-    for start, stop, panel in weight.panels(hidden.dtype, MATMUL_PANEL_WEIGHTS):
-        logits[:, start:stop] = F.linear(hidden, panel, None if bias is None else bias[start:stop])
-    return logits
+    return weight.linear_by_panels(hidden, bias, torch.float32)
 
 
 def _times_weight(probs: torch.Tensor, weight: torch.Tensor | QuantLinear) -> torch.Tensor:
-    """probs (c, V) @ weight (V, H) in the weight's dtype, from a dense weight or a packed head's panels (summed in
-    fp32, so that a bf16 head's panels do not round at each sum)."""
+    """probs (c, V) @ weight (V, H) in the weight's dtype, from a dense weight or a packed head's panels."""
     if isinstance(weight, torch.Tensor):
         return probs.to(weight.dtype) @ weight
-    total = probs.new_zeros(probs.shape[0], weight.in_features, dtype=torch.float32)  # the panels' sum, in fp32
-    for start, stop, panel in weight.panels(weight.dtype, MATMUL_PANEL_WEIGHTS):
-        total += probs[:, start:stop].to(panel.dtype) @ panel
-    return total.to(weight.dtype)
+    return weight.times_by_panels(probs, weight.dtype)
 
 
 def _frozen_linear(head: nn.Module) -> bool:
