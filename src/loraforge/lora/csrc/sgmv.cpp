@@ -10,10 +10,10 @@
 // Two phases, one parallel region:
 // 1. h_j = s · A x_j for each row j and its adapter's A (r, in): one row of A read once for all the rows that use it.
 // 2. tiles of RB outputs by P = 16 rows: y = W x (with the rows as the short dimension: 1.2-2.9x MKL's sgemm on this
-//    machine's AVX2 cores, bench/RESULTS.md), then for each row j of the tile on an adapter, B's RB rows (out, r)
-//    dotted with h_j (two rows of one adapter at a time), B's rows for a later tile fetched ahead: the adapters' B
-//    are read beside W, and only the rows that use them are multiplied. An adapter with DENSE or more rows in a panel
-//    (a prefill) instead multiplies B's rows by that panel of h, as W's rows by x's.
+//    machine's AVX2 cores, bench/RESULTS.md; the next tile's W fetched meanwhile), then for each row j of the tile on
+//    an adapter, B's RB rows (out, r) dotted with h_j (two rows of one adapter at a time), B's rows for a later tile
+//    fetched ahead: the adapters' B are read beside W, and only the rows that use them are multiplied. An adapter
+//    with DENSE or more rows in a panel (a prefill) instead multiplies B's rows by that panel of h, as W's rows by x's.
 //
 // Without W (weights[l] None) a call adds the adapters' part into y_l (a base computed elsewhere: a packed 4-bit
 // base, a long prefill); with it, y_l is written whole. x and y_l: float32, any strides (the decode step's transposed
@@ -83,17 +83,30 @@ inline void row_dots(const float *b, int64_t r, const float *const *h, float (*s
   }
 }
 
-// acc[r] += sum_k w[r · ws + k] · xp[k] for R rows of w and K steps, xp (K, P) contiguous.
+// acc[r] += w[r · ws + k] · xp[k] for R rows of w, step k of a tile.
 template <int R>
-inline void tile(const float *w, int64_t ws, int64_t K, const float *xp, v8 (&acc)[RB][2]) {
-  for (int64_t k = 0; k < K; ++k) {
-    const v8 x0 = load8(xp + k * P), x1 = load8(xp + k * P + 8);
-    for (int r = 0; r < R; ++r) {
-      const float wv = w[r * ws + k];
-      acc[r][0] += wv * x0;
-      acc[r][1] += wv * x1;
-    }
+inline void tile_step(const float *w, int64_t ws, int64_t k, const float *xp, v8 (&acc)[RB][2]) {
+  const v8 x0 = load8(xp + k * P), x1 = load8(xp + k * P + 8);
+  for (int r = 0; r < R; ++r) {
+    const float wv = w[r * ws + k];
+    acc[r][0] += wv * x0;
+    acc[r][1] += wv * x1;
   }
+}
+
+// acc[r] += sum_k w[r · ws + k] · xp[k] for R rows of w and K steps, xp (K, P) contiguous; meanwhile `ahead` bytes
+// from `next` (the next tile's rows of W) are fetched, a few lines every 8 steps: each tile reads its W once, from
+// memory, and with the hardware prefetcher alone the loop waited on it (a decode step's layers: 32 -> 28 ms).
+template <int R>
+inline void tile(const float *w, int64_t ws, int64_t K, const float *xp, v8 (&acc)[RB][2], const char *next = nullptr,
+                 int64_t ahead = 0) {
+  const int64_t per = (ahead / 64 + K / 8 - 1) / std::max<int64_t>(K / 8, 1);  // lines per 8 steps
+  int64_t k = 0, line = 0;
+  for (; k + 8 <= K; k += 8) {
+    for (int64_t c = 0; c < per && line * 64 < ahead; ++c, ++line) __builtin_prefetch(next + line * 64);
+    for (int64_t i = k; i < k + 8; ++i) tile_step<R>(w, ws, i, xp, acc);
+  }
+  for (; k < K; ++k) tile_step<R>(w, ws, k, xp, acc);
 }
 
 // res[k] = a · x[k] for the first m of K rows, with V lanes of partial sums per row: 2K (AVX2) independent vector
@@ -134,7 +147,13 @@ template <int R>
 void run_tile(const Layer &ly, int64_t o, int64_t p, int64_t in, int64_t N, const float *xpk) {
   v8 acc[RB][2];
   for (int r = 0; r < RB; ++r) acc[r][0] = acc[r][1] = v8{};
-  if (ly.w != nullptr) tile<R>(ly.w + o * in, in, in, xpk + p * in * P, acc);
+  if (ly.w != nullptr) {
+    // the next RB rows of W, fetched by the first panel's tile (a decode's only one): the thread's next task, or
+    // the one after its NP panels of these rows
+    const int64_t next = std::min(o + RB, ly.out), ahead = p == 0 ? (std::min(next + RB, ly.out) - next) * in : 0;
+    tile<R>(ly.w + o * in, in, in, xpk + p * in * P, acc, reinterpret_cast<const char *>(ly.w + next * in),
+            ahead * static_cast<int64_t>(sizeof(float)));
+  }
   float few[RB][P] = {};
   const auto &entries = ly.panels[p];  // (adapter g, row j) of the rows of this panel on an adapter, by adapter
   for (size_t e = 0; e < entries.size();) {
