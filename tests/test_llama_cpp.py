@@ -1,14 +1,15 @@
 """llama.cpp itself runs loraforge's GGUF exports (llama-cpp-python, built from source by the dev extras).
 
-An adapter trained on the default model (the demo's settings, a few steps) is exported and loaded by llama.cpp on the
-default model's own GGUF, and the merged Q8_0 export alone. Against loraforge on the same base and token ids:
-teacher-forced top-1 agreement on 20 texts >= 95% of positions (measured 97.5%); greedy continuations equal on their
-first 8 tokens for 19 of 20 prompts here, the other parting at a near-tie (the issue asks 18; see the test); and the
-adapter moves llama.cpp's output the way training moved loraforge's. llama.cpp
-multiplies Q4_1 weights by 8-bit-quantized activations, so bit-equality is not the bar; the logit error is printed.
+An adapter trained on the default model (the demo's settings in fp32, a few steps) is exported and loaded by llama.cpp
+on the default model's own GGUF, and the merged Q8_0 export alone. Against loraforge on the same base and token ids:
+teacher-forced top-1 agreement on 20 texts >= 95% of positions (measured 96.7%, merged 97.8%); greedy continuations
+equal on their first 8 tokens for 17-19 of 20 prompts here, the others parting at near-ties (the issue asks 18; see
+the test); and the adapter moves llama.cpp's output the way training moved loraforge's. llama.cpp multiplies Q4_1
+weights by 8-bit-quantized activations, so bit-equality is not the bar; the logit error is printed.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import llama_cpp  # a missing build fails here, loudly: the dev extras build it
@@ -29,8 +30,9 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def exported(default_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("llama_cpp")
-    cfg = demo_config(12, root / "adapter")
-    train(cfg, progress=False)
+    # trained in fp32 whatever the CPU (the demo's dtype is auto: bf16 where the CPU has it), so every machine checks
+    # the same adapter
+    train(dataclasses.replace(demo_config(12, root / "adapter"), dtype="float32"), progress=False)
     # loraforge's side in fp32 on the fp32 base: its exact output (the demo's dtype is auto, bf16 on a CPU with
     # AVX512-BF16, where bf16 logits tie exactly and a reference made of ties decides nothing)
     session = InferenceSession.open(DEFAULT_MODEL, {"tuned": root / "adapter"}, dtype="float32")
@@ -107,7 +109,8 @@ def test_adapter_in_llama_cpp_agrees_with_loraforge(exported):
         top2 = np.sort(_ours_logits(session, "tuned", ids + ours[:k])[-1])[-2:]
         near_ties.append(float(top2[1] - top2[0]))
     print(f"greedy, first 8 tokens equal for {same} of 20 prompts; the others part at top-2 margins {near_ties}")
-    # The issue's bar is 18 of 20. Measured against fp32 loraforge: 19 here; over 6 adapters and both attention paths
+    # The issue's bar is 18 of 20. Measured against fp32 loraforge: 19 in this test, 17 in a script that ran only the
+    # greedy half, on the same adapter and machine (parting margins 0.04-0.1); over 6 adapters and both attention paths
     # 215 of 240 prompts (89.6%), 16-19 of 20 each (bench/gguf_greedy.py), every parting prompt at a top-2 margin
     # below 0.25 logits, under llama.cpp's mean logit error (~0.2): near-ties that llama.cpp's 8-bit activations tip,
     # not a wrong adapter (its mean |logit error| is the base's). Hence 16 and the margins, not 18, are asserted.
