@@ -7,7 +7,8 @@ Setup, as the issue fixes it: the default model (SmolLM2-135M-Instruct, fp32), 8
 linear layer, B drawn non-zero), 16 rows where row i uses adapter i mod 8, the prompts "Write a short note about topic
 number i:", greedy, 64 new tokens for every row (EOS ignored on our side, `min_new_tokens` on theirs, so both
 produce the same number of tokens). Each side is warmed up once, then timed over `--repeats` rounds in which every
-system runs once (the best of each kept), so that a VM's drift falls on all of them alike.
+system runs once (the best of each kept), so that a VM's drift falls on all of them alike; mixed / base is also
+printed round by round (the two run back to back), with its median.
 
 Rows printed:
 1. decoding throughput (generated tokens/s): loraforge mixed batch, loraforge base only, loraforge with every row
@@ -75,15 +76,15 @@ def best_of(repeats: int, fn) -> tuple[float, object]:
     return best, out
 
 
-def rounds(repeats: int, systems: dict, new: int) -> tuple[dict[str, float], dict[str, object]]:
-    """({name: the fastest of its `repeats` runs, seconds}, {name: its output}), each round running every system once."""
-    best, outputs = {name: float("inf") for name in systems}, {}
+def rounds(repeats: int, systems: dict, new: int) -> tuple[dict[str, list[float]], dict[str, object]]:
+    """({name: seconds of each of its `repeats` runs}, {name: its output}), each round running every system once."""
+    seconds, outputs = {name: [] for name in systems}, {}
     for _ in range(repeats):
         for name, run in systems.items():
             start = time.perf_counter()
             outputs[name] = run(new)
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best, outputs
+            seconds[name].append(time.perf_counter() - start)
+    return seconds, outputs
 
 
 def ours(session, ids: list[list[int]], adapters: list[str | None], new: int) -> list[list[int]]:
@@ -256,7 +257,9 @@ def main() -> None:
     }
     for run in systems.values():
         run(4)  # warm-up
-    best, outputs = rounds(args.repeats, systems, new)
+    seconds, outputs = rounds(args.repeats, systems, new)
+    best = {name: min(times) for name, times in seconds.items()}
+    per_round = sorted(b / m for b, m in zip(seconds["base"], seconds["mixed"]))  # back to back in each round
     t_mixed, t_base, t_one, t_hf, t_peft = (best[k] for k in ("mixed", "base", "one", "hf", "peft"))
     mixed_out, peft_out = outputs["mixed"], outputs["peft"]
     same_rows = sum(a == b for a, b in zip(mixed_out, peft_out))
@@ -292,7 +295,8 @@ def main() -> None:
                      ("PEFT adapter_names (16 rows, 8 adapters)", t_peft), ("transformers generate, base", t_hf)):
         print(f"| {label} | {tokens / t:.1f} |")
     print(f"\nmixed vs PEFT adapter_names: {t_peft / t_mixed:.2f}x (goal >= 4x)")
-    print(f"mixed vs our base only: {t_base / t_mixed:.3f}x (goal >= 0.85x)")
+    print(f"mixed vs our base only: {t_base / t_mixed:.3f}x (goal >= 0.85x); round by round "
+          f"{', '.join(f'{r:.3f}' for r in per_round)} (median {statistics.median(per_round):.3f})")
     print(f"our base only vs transformers generate: {t_hf / t_base:.2f}x (goal >= 1.5x)")
     print(f"greedy rows identical to PEFT's: {same_rows}/{ROWS}")
     extra = sum(t.numel() for f in folders for t in read_adapter(f).tensors.values())
