@@ -4,8 +4,8 @@ An adapter trained on the default model (the demo's settings in fp32, a few step
 on the default model's own GGUF, and the merged Q8_0 export alone. Against loraforge on the same base and token ids:
 teacher-forced top-1 agreement on 20 texts >= 95% of positions (measured 96.7%, merged 97.8%); greedy continuations
 equal on their first 8 tokens for at least 18 of 20 prompts (measured 19; the one that parts, at a near-tie); and the
-adapter moves llama.cpp's output the way training moved loraforge's. llama.cpp multiplies Q4_1
-weights by 8-bit-quantized activations, so bit-equality is not the bar; the logit error is printed.
+adapter moves llama.cpp's output the way training moved loraforge's. llama.cpp multiplies Q4_1 weights by
+8-bit-quantized activations, so bit-equality is not the bar; the logit error is printed.
 """
 from __future__ import annotations
 
