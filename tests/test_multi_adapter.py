@@ -86,6 +86,57 @@ def test_each_row_equals_its_adapter_alone(adapters, length, few_rows, kernel, m
             assert max_abs_diff(mixed[i], base_same_batch[i]) > 100 * FP32  # the adapter did something
 
 
+LANE_CONFIGS = [dict(r=1 + k % 7, lora_alpha=2 + k, use_rslora=k % 3 == 0,
+                     target_modules="all-linear" if k % 2 == 0 else ["q_proj", "v_proj", "down_proj"])
+                for k in range(10)]
+
+
+def test_a_mix_of_many_adapters_takes_the_lane_kernel(tmp_path):
+    """Ten adapters (ranks 1-7, some on three layers only) on 21 rows of one token (two panels of 16, two groups of 8
+    lanes, rows out of lane order, base rows): each row equals its adapter alone, a base row the base bit for bit.
+    The next mix keeps the lanes of the adapters that stay (copying nothing for them), takes an adapter's new
+    weights, and is again each adapter alone."""
+    folders = {}
+    for k, options in enumerate(LANE_CONFIGS):
+        torch.manual_seed(200 + k)
+        folders[f"u{k}"] = save_adapter(LoraModel(tiny_llama(), LoraConfig(init_lora_weights=False, **options)),
+                                        tmp_path / f"u{k}")
+    multi = _served(tiny_llama, folders, wrap_all=True)
+    multi.routing.small_batch_kernel = True
+    layer = multi.layers["model.layers.0.self_attn.q_proj"]
+    mixes = [[f"u{(7 * i) % 10}" if i not in (2, 11, 20) else None for i in range(21)],
+             [None, "u4", "u9", "u2", "u2", "u0", None, "u6", "u9"]]
+
+    def check(names, served):
+        ids = token_ids(len(names), 1, seed=len(names))
+        multi.route(names)
+        with torch.no_grad():
+            mixed = multi.model(input_ids=ids).logits
+            assert multi.routing.row_lanes is not None and layer._state["lane_stack"] is not None
+            multi.route(None)
+            base = multi.model(input_ids=ids).logits
+        for i, name in enumerate(names):
+            if name is None:
+                assert torch.equal(mixed[i], base[i])
+            else:
+                alone = _alone(tiny_llama, served[name], ids[i:i + 1])[0]
+                assert max_abs_diff(mixed[i], alone) <= FP32
+                assert max_abs_diff(mixed[i], base[i]) > 100 * FP32
+
+    check(mixes[0], folders)
+    assert multi.routing.lane_count == 16
+    lanes_before = dict(multi.routing.lanes)
+    held_before = dict(layer._state["lanes"]["in"])
+    multi.add("u2", read_adapter(folders["u5"]))  # new weights in u2's slot
+    check(mixes[1], {**folders, "u2": folders["u5"]})
+    assert multi.routing.lane_count == 8
+    for name in ("u0", "u4", "u6"):  # lanes below 8 that stay present: kept, not copied again
+        slot = multi.slots[name]
+        if lanes_before[slot] < 8:
+            assert multi.routing.lanes[slot] == lanes_before[slot]
+    assert layer._state["lanes"]["b"].shape[2] == 8 and held_before  # regrown for 8 lanes
+
+
 def _kernel_layer(n_in: int, n_out: int, ranks: list[int], scalings: list[float], groups: list[list[int]]):
     """One layer's kernel arguments (table, rows, offsets), the tensors the table points into, and the closed form."""
     A = [torch.randn(r, n_in) for r in ranks]

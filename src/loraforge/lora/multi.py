@@ -58,6 +58,12 @@ call a layer where the matmul pairs cost ~25 us per adapter per layer in Python;
 with the earlier SGMV kernel: break-even near 34 tokens per adapter on SmolLM2-135M, r=16)."""
 
 
+LANES_MIN = 5
+"""A mixed decode batch with at least this many adapters present takes the lane kernel (`linear_lanes_`): the
+batch's adapters copied into each layer interleaved by lane, read as one stream; with fewer, the 8 lanes of a group
+would be mostly padding and the kernel reads each adapter where it lives (bench/RESULTS.md)."""
+
+
 class Routing:
     """Each row's slot (-1 = the base alone) for the next forward, shared by all `MultiLoraLinear` layers.
 
@@ -74,6 +80,11 @@ class Routing:
         self._key: tuple | None = None
         self._rows_of: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # `rows_of`, for the current mix
         self.small_batch_kernel = False  # set by the decode engine: W @ xᵀ for a few rows (see MultiLoraLinear)
+        # the lane kernel's assignment, for a mix of LANES_MIN or more adapters: slot -> lane (a slot keeps its lane
+        # while it stays present), the lanes in use rounded up to groups of 8, and each row's lane (-1: the base)
+        self.lanes: dict[int, int] = {}
+        self.lane_count = 0
+        self.row_lanes: torch.Tensor | None = None
 
     def set(self, slots: list[int | None] | None) -> None:
         """Route row i to `slots[i]` (-1 or None: the base); `slots=None`: every row, however many, on the base."""
@@ -85,6 +96,7 @@ class Routing:
         self._key, self.version = key, self.version + 1
         self.uniform, self.rows, self.present, self.groups = None, None, [], []
         self._rows_of = {}
+        self.row_lanes = None
         if key is None:
             return
         if key[0] == "uniform":
@@ -93,6 +105,18 @@ class Routing:
         self.rows = torch.tensor(key, dtype=torch.long, device=self.device)
         self.present = sorted({s for s in key if s >= 0})
         self.groups = [(s, (self.rows == s).nonzero().flatten()) for s in self.present]
+        if len(self.present) >= LANES_MIN:
+            self._assign_lanes()
+            self.row_lanes = torch.tensor([self.lanes[s] if s >= 0 else -1 for s in key], dtype=torch.int32)
+
+    def _assign_lanes(self) -> None:
+        """Give each present slot a lane below `lane_count` (the present ones rounded up to 8): a slot keeps the lane
+        it had where that is below, so its copy in the layers stays valid; the others take the free lanes in turn."""
+        count = -(-len(self.present) // 8) * 8
+        kept = {s: lane for s, lane in self.lanes.items() if s in self.present and lane < count}
+        free = iter(sorted(set(range(count)) - set(kept.values())))
+        self.lanes = {s: kept[s] if s in kept else next(free) for s in self.present}
+        self.lane_count = count
 
     def rows_of(self, slots: tuple[int, ...], n: int, tokens_per_row: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows grouped by slot, offsets (G+1,)) of `slots` (present ones, in `groups` order; `uniform`: all `n` rows
@@ -131,7 +155,9 @@ class MultiLoraLinear(nn.Module):
         self.lora_s: dict[int, float] = {}  # slot -> the scaling still to apply (1.0 when folded into B)
         # "version": bumped when an adapter changes; `_stacks` for the batch's mix under "key"; the kernel's table
         # under "table" ((version, slots), table). A plain dict: nn.Module's __setattr__ costs ~15 us a call.
-        self._state: dict[str, object] = {"version": 0, "key": None, "stack": None, "table": ((), None)}
+        self._state: dict[str, object] = {"version": 0, "key": None, "stack": None, "table": ((), None),
+                                          "lane_key": None, "lane_stack": None, "lanes": None}
+        self._slot_version: dict[int, int] = {}  # slot -> the layer's version when its adapter was set
 
     @property
     def weight(self) -> torch.Tensor:  # code that reads a projection's weight (dtype checks) sees the base's
@@ -155,6 +181,7 @@ class MultiLoraLinear(nn.Module):
             b, scaling = (b.to(device=device, dtype=torch.float32) * scaling).to(dtype), 1.0
         self.lora_a[slot], self.lora_b[slot], self.lora_s[slot] = a.contiguous(), b.contiguous(), float(scaling)
         self._state["version"] += 1
+        self._slot_version[slot] = self._state["version"]
 
     def remove_adapter(self, slot: int) -> None:
         if self.lora_a.pop(slot, None) is not None:
@@ -215,6 +242,45 @@ class MultiLoraLinear(nn.Module):
         return torch.tensor([[self.lora_a[s].data_ptr() for s in slots], [self.lora_b[s].data_ptr() for s in slots],
                              [self.lora_a[s].shape[0] for s in slots],
                              [_float64_bits(self.lora_s[s]) for s in slots]], dtype=torch.long)
+
+    def _lane_stack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The lane kernel's (A (Q/4, in, 4, S), B (out, Q, S), s (S,)) for the batch's mix (`Routing.lanes`), or
+        None when no adapter of the mix adapts this layer. The layer keeps one copy of the adapters of the mix,
+        interleaved by lane (S = `Routing.lane_count`, Q the largest rank rounded up to 4, zero-padded); a lane is
+        copied again only when another adapter, or new weights of its own, take it: a request joining with an
+        adapter already in a lane copies nothing."""
+        routing, state = self.routing, self._state
+        key = (routing.version, state["version"])
+        if state["lane_key"] == key:
+            return state["lane_stack"]
+        present = [s for s in routing.present if s in self.lora_a]
+        stack = None
+        if present:
+            S = routing.lane_count
+            Q = -(-max(self.lora_a[s].shape[0] for s in present) // 4) * 4
+            held = state["lanes"]
+            if held is None or held["b"].shape[2] != S or held["b"].shape[1] < Q:
+                Q = max(Q, held["b"].shape[1] if held is not None and held["b"].shape[2] == S else 0)
+                held = state["lanes"] = {"a": torch.zeros(Q // 4, self.in_features, 4, S),
+                                         "b": torch.zeros(self.out_features, Q, S), "in": {}}
+            Q = held["b"].shape[1]
+            scales = torch.zeros(S)
+            for slot in present:
+                lane = routing.lanes[slot]
+                scales[lane] = self.lora_s[slot]
+                if held["in"].get(lane) == (slot, self._slot_version[slot]):
+                    continue
+                a, b = self.lora_a[slot], self.lora_b[slot]
+                r = a.shape[0]
+                padded_a = a.new_zeros(Q, self.in_features)
+                padded_a[:r] = a
+                held["a"][..., lane] = padded_a.view(Q // 4, 4, -1).transpose(1, 2)
+                held["b"][:, :r, lane] = b
+                held["b"][:, r:, lane] = 0
+                held["in"][lane] = (slot, self._slot_version[slot])
+            stack = held["a"], held["b"], scales
+        state["lane_key"], state["lane_stack"] = key, stack
+        return stack
 
     def _masked_stacks(self, groups: list[tuple[int, torch.Tensor]]) -> tuple:
         a_cat = torch.cat([self.lora_a[s] for s, _ in groups])  # (G·R, in)
@@ -313,12 +379,19 @@ def project_t(layers: list[MultiLoraLinear] | tuple[MultiLoraLinear, ...], xt: t
     n = xt.shape[1]
     if all(w is not None for w in weights):
         kernel = sgmv.kernel()
+        biases = [layer.base_layer.bias for layer in layers]
+        if with_lora and routing.row_lanes is not None and tokens_per_row == 1:  # a mix of many adapters
+            lanes = [layer._lane_stack() or (None, None, None) for layer in layers]
+            ys = [xt.new_empty(n, layer.out_features).T if row_major else xt.new_empty(layer.out_features, n)
+                  for layer in layers]
+            kernel.linear_lanes_(ys, xt, weights, biases, *[[stack[i] for stack in lanes] for i in range(3)],
+                                 routing.row_lanes)
+            return ys
         lora = with_lora and (routing.rows is not None or routing.uniform is not None)
         stacks = [(layer._stacks(n, tokens_per_row) if lora else None) or NO_ADAPTERS for layer in layers]
         ys = [xt.new_empty(n, layer.out_features).T if row_major else xt.new_empty(layer.out_features, n)
               for layer in layers]
-        kernel.linear_t_(ys, xt, weights, [layer.base_layer.bias for layer in layers], *[
-            [s[i] for s in stacks] for i in (1, 2, 3)])
+        kernel.linear_t_(ys, xt, weights, biases, *[[s[i] for s in stacks] for i in (1, 2, 3)])
         return ys
     ys = []
     for layer in layers:

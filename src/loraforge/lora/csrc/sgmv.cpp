@@ -326,12 +326,240 @@ void linear_t_(std::vector<torch::Tensor> ys, torch::Tensor x, std::vector<c10::
   }
 }
 
+// ---- A mixed decode batch with its adapters interleaved by lane (`linear_lanes_`) ---------------------------------
+//
+// The same sums as linear_t_ with W, for a batch whose rows use many adapters (Routing.lanes in lora/multi.py):
+// each adapter present holds a lane, and every layer keeps a copy of the batch's adapters interleaved by lane,
+//   A (Q/4, in, 4, S): A_j[q, k] at [q / 4, k, q % 4, j];   B (out, Q, S): B_j[o, q] at [o, q, j],
+// S lanes in groups of 8, Q the largest rank (a smaller one is zero-padded). With the 16 rows of a panel as the
+// vector lanes (as W's tiles have them), one 8-float load gives the 8 lanes of a group and a permute puts each row's
+// own lane under it: phase one (h = s · A x for every row) and B's part in W's tiles are then the same broadcast-free
+// FMAs as W's, over memory read in one stream, instead of a dot product per adapter row and per B row with its
+// horizontal sum. About half the adapters' time in a decode step (bench/RESULTS.md); the price is that copy.
+//
+// lane_a[l], lane_b[l] as above, float32 contiguous, or None for a layer with no adapter in the batch (its base
+// alone); lane_s[l] (S,) float32, each lane's scaling in layer l (0: its adapter does not adapt l). row_lanes (N,)
+// int32: each row's lane, or -1 for the base alone (its output is then W x + b, plus exact zeros).
+namespace {
+constexpr int64_t LG = 8, QB = 4;  // lanes in a group (one load); rows of A per phase-one task
+
+inline v8 pick(v8 a, const int32_t *idx) {  // a's lanes in the order idx gives (an AVX2 permute)
+#ifdef __AVX2__
+  return (v8)_mm256_permutevar8x32_ps((__m256)a, _mm256_loadu_si256(reinterpret_cast<const __m256i *>(idx)));
+#else
+  v8 r;
+  for (int i = 0; i < 8; ++i) r[i] = a[idx[i]];
+  return r;
+#endif
+}
+
+struct Lanes {
+  int64_t NP, NG;
+  std::vector<int32_t> idx;   // (NP, NG, P): the lane within group g of each column of panel p (0 where not in g)
+  std::vector<char> used;     // (NP, NG): a row of panel p is in group g
+  std::vector<char> identity; // (NP, NG): idx is 0..7, 0..7 (no permute)
+};
+
+// acc[i] += perm(B rows o + i, lanes of group g) · h[q] for R outputs, Q ranks, the panel's 16 columns.
+template <int R, bool PERM>
+inline void lane_part(const float *b, int64_t Q, int64_t S, const float *h, const int32_t *idx, v8 (&acc)[RB][2]) {
+  for (int64_t q = 0; q < Q; ++q) {
+    const v8 h0 = load8(h + q * P), h1 = load8(h + q * P + 8);
+    for (int i = 0; i < R; ++i) {
+      const v8 bv = load8(b + (i * Q + q) * S);
+      acc[i][0] += (PERM ? pick(bv, idx) : bv) * h0;
+      acc[i][1] += (PERM ? pick(bv, idx + 8) : bv) * h1;
+    }
+  }
+}
+
+template <int R>
+void lane_tile(const float *w, const float *bias, const float *b, int64_t in, int64_t out, int64_t Q, int64_t S,
+               const float *hs, const Lanes &ln, int64_t o, int64_t p, const float *xpk, float *y, int64_t ys0,
+               int64_t ys1, int64_t N) {
+  v8 acc[RB][2];
+  for (int r = 0; r < RB; ++r) acc[r][0] = acc[r][1] = v8{};
+  const int64_t next = std::min(o + RB, out), ahead = p == 0 ? (std::min(next + RB, out) - next) * in : 0;
+  if (b != nullptr && p == 0) {  // a later tile's rows of B, fetched while this one computes
+    const int64_t from = std::min(o + PREFETCH * RB, out), to = std::min(from + RB, out);
+    for (const char *at = reinterpret_cast<const char *>(b + from * Q * S), *end = reinterpret_cast<const char *>(
+             b + to * Q * S); at < end; at += 64)
+      __builtin_prefetch(at);
+  }
+  tile<R>(w + o * in, in, in, xpk + p * in * P, acc, reinterpret_cast<const char *>(w + next * in),
+          ahead * static_cast<int64_t>(sizeof(float)));
+  if (b != nullptr)
+    for (int64_t g = 0; g < ln.NG; ++g) {
+      if (!ln.used[p * ln.NG + g]) continue;
+      const float *bg = b + o * Q * S + g * LG, *h = hs + ((p * ln.NG + g) * Q) * P;
+      const int32_t *idx = ln.idx.data() + (p * ln.NG + g) * P;
+      if (ln.identity[p * ln.NG + g]) lane_part<R, false>(bg, Q, S, h, idx, acc);
+      else lane_part<R, true>(bg, Q, S, h, idx, acc);
+    }
+  const int64_t cols = std::min(P, N - p * P);
+  for (int r = 0; r < R; ++r) {
+    float vals[P];
+    std::memcpy(vals, &acc[r][0], sizeof(v8));
+    std::memcpy(vals + 8, &acc[r][1], sizeof(v8));
+    const float add = bias != nullptr ? bias[o + r] : 0.f;
+    float *yr = y + (o + r) * ys0 + p * P * ys1;
+    for (int64_t c = 0; c < cols; ++c) yr[c * ys1] = vals[c] + add;
+  }
+}
+}  // namespace
+
+void linear_lanes_(std::vector<torch::Tensor> ys, torch::Tensor x, std::vector<torch::Tensor> weights,
+                   std::vector<c10::optional<torch::Tensor>> biases, std::vector<c10::optional<torch::Tensor>> lane_a,
+                   std::vector<c10::optional<torch::Tensor>> lane_b, std::vector<c10::optional<torch::Tensor>> lane_s,
+                   torch::Tensor row_lanes) {
+  const size_t L = ys.size();
+  TORCH_CHECK(weights.size() == L && biases.size() == L && lane_a.size() == L && lane_b.size() == L &&
+              lane_s.size() == L, "linear_lanes_: list lengths differ");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "linear_lanes_: x must be float32 (in, N)");
+  const int64_t in = x.size(0), N = x.size(1), NP = (N + P - 1) / P, xs0 = x.stride(0), xs1 = x.stride(1);
+  TORCH_CHECK(row_lanes.scalar_type() == at::kInt && row_lanes.is_contiguous() && row_lanes.numel() == N,
+              "linear_lanes_: row_lanes must be int32 (N,)");
+  const float *xp = x.data_ptr<float>();
+  const int32_t *lane = row_lanes.data_ptr<int32_t>();
+  int64_t S = 0;
+  std::vector<int64_t> Q(L, 0), tasks1(L + 1, 0), tasks2(L + 1, 0), h_at(L + 1, 0);
+  std::vector<const float *> A(L, nullptr), Bp(L, nullptr), W(L), bias(L, nullptr);
+  for (size_t l = 0; l < L; ++l) {
+    const auto &y = ys[l], &w = weights[l];
+    TORCH_CHECK(y.scalar_type() == at::kFloat && y.dim() == 2 && y.size(1) == N, "linear_lanes_: y must be float32 (out, N)");
+    TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.size(0) == y.size(0) && w.size(1) == in,
+                "linear_lanes_: W must be float32 (out, in), contiguous");
+    W[l] = w.data_ptr<float>();
+    if (biases[l].has_value()) {
+      TORCH_CHECK(biases[l]->scalar_type() == at::kFloat && biases[l]->is_contiguous() && biases[l]->numel() == y.size(0),
+                  "linear_lanes_: bias must be float32 (out,)");
+      bias[l] = biases[l]->data_ptr<float>();
+    }
+    if (lane_a[l].has_value()) {
+      const auto &a = *lane_a[l], &b = *lane_b[l], &s = *lane_s[l];
+      const int64_t lanes = b.size(2);
+      TORCH_CHECK(S == 0 || lanes == S, "linear_lanes_: the layers' lane counts differ");
+      S = lanes;
+      Q[l] = b.size(1);
+      TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && s.scalar_type() == at::kFloat &&
+                  a.is_contiguous() && b.is_contiguous() && s.is_contiguous() && S % LG == 0 && Q[l] % QB == 0 &&
+                  a.dim() == 4 && a.size(0) * QB == Q[l] && a.size(1) == in && a.size(2) == QB && a.size(3) == S &&
+                  b.dim() == 3 && b.size(0) == y.size(0) && s.numel() == S,
+                  "linear_lanes_: lanes must be float32 A (Q/4, in, 4, S), B (out, Q, S), s (S,), S a multiple of 8");
+      A[l] = a.data_ptr<float>();
+      Bp[l] = b.data_ptr<float>();
+    }
+  }
+  Lanes ln{NP, S / LG, std::vector<int32_t>(NP * (S / LG) * P, 0), std::vector<char>(NP * (S / LG), 0),
+           std::vector<char>(NP * (S / LG), 1)};
+  for (int64_t j = 0; j < N; ++j) {
+    TORCH_CHECK(lane[j] >= -1 && (lane[j] < S || S == 0), "linear_lanes_: a row's lane is out of range");
+    if (lane[j] < 0 || S == 0) continue;
+    const int64_t p = j / P, g = lane[j] / LG, at = (p * ln.NG + g);
+    ln.used[at] = 1;
+    ln.idx[at * P + j % P] = lane[j] % LG;
+  }
+  for (int64_t at = 0; at < NP * ln.NG; ++at)
+    for (int64_t c = 0; c < P; ++c)
+      if (ln.idx[at * P + c] != c % LG) ln.identity[at] = 0;
+  std::vector<int64_t> groups;  // the groups some row uses, for phase one
+  for (int64_t g = 0; g < ln.NG; ++g)
+    for (int64_t p = 0; p < NP; ++p)
+      if (ln.used[p * ln.NG + g]) { groups.push_back(g); break; }
+  const int64_t UG = groups.size();
+  for (size_t l = 0; l < L; ++l) {
+    tasks1[l + 1] = tasks1[l] + (A[l] != nullptr ? UG * (Q[l] / QB) : 0);
+    tasks2[l + 1] = tasks2[l] + (ys[l].size(0) + RB - 1) / RB * NP;
+    h_at[l + 1] = h_at[l] + NP * ln.NG * Q[l] * P;
+  }
+  // each row's scaling in each layer, per group: s of its lane where the row is in the group, else 0
+  std::vector<float> scale(L * NP * ln.NG * P, 0.f);
+  for (size_t l = 0; l < L; ++l) {
+    if (A[l] == nullptr) continue;
+    const float *s = lane_s[l]->data_ptr<float>();
+    for (int64_t j = 0; j < N; ++j)
+      if (lane[j] >= 0 && S > 0) scale[((l * NP + j / P) * ln.NG + lane[j] / LG) * P + j % P] = s[lane[j]];
+  }
+  static thread_local std::vector<float> buffer2;
+  const int64_t need = NP * in * P + h_at[L] + 16;
+  if (static_cast<int64_t>(buffer2.size()) < need) buffer2.resize(need);
+  float *xpk = buffer2.data(), *hs = xpk + NP * in * P;
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+#pragma omp for schedule(static)
+    for (int64_t k = 0; k < in; ++k)
+      for (int64_t p = 0; p < NP; ++p)
+        for (int64_t c = 0; c < P; ++c) {
+          const int64_t j = p * P + c;
+          xpk[(p * in + k) * P + c] = j < N ? xp[k * xs0 + j * xs1] : 0.f;
+        }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks1[L]; ++t) {  // h = s · A x for QB ranks of one group, each panel that uses it
+      const size_t l = std::upper_bound(tasks1.begin(), tasks1.end(), t) - tasks1.begin() - 1;
+      const int64_t u = t - tasks1[l], g = groups[u / (Q[l] / QB)], qb = u % (Q[l] / QB);
+      const float *a = A[l] + qb * in * QB * S + g * LG;
+      for (int64_t p = 0; p < NP; ++p) {
+        const int64_t at = p * ln.NG + g;
+        if (!ln.used[at]) continue;
+        const int32_t *idx = ln.idx.data() + at * P;
+        const float *xq = xpk + p * in * P;
+        v8 acc[QB][2];
+        for (int i = 0; i < QB; ++i) acc[i][0] = acc[i][1] = v8{};
+        if (ln.identity[at]) {
+          for (int64_t k = 0; k < in; ++k) {
+            const v8 x0 = load8(xq + k * P), x1 = load8(xq + k * P + 8);
+            for (int i = 0; i < QB; ++i) {
+              const v8 av = load8(a + (k * QB + i) * S);
+              acc[i][0] += av * x0;
+              acc[i][1] += av * x1;
+            }
+          }
+        } else {
+          for (int64_t k = 0; k < in; ++k) {
+            const v8 x0 = load8(xq + k * P), x1 = load8(xq + k * P + 8);
+            for (int i = 0; i < QB; ++i) {
+              const v8 av = load8(a + (k * QB + i) * S);
+              acc[i][0] += pick(av, idx) * x0;
+              acc[i][1] += pick(av, idx + 8) * x1;
+            }
+          }
+        }
+        const float *sc = scale.data() + ((l * NP + p) * ln.NG + g) * P;
+        const v8 s0 = load8(sc), s1 = load8(sc + 8);
+        float *h = hs + h_at[l] + (at * Q[l] + qb * QB) * P;
+        for (int i = 0; i < QB; ++i) {
+          const v8 r0 = acc[i][0] * s0, r1 = acc[i][1] * s1;
+          std::memcpy(h + i * P, &r0, sizeof r0);
+          std::memcpy(h + i * P + 8, &r1, sizeof r1);
+        }
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks2[L]; ++t) {  // one tile: RB outputs of one layer, one panel of rows
+      const size_t l = std::upper_bound(tasks2.begin(), tasks2.end(), t) - tasks2.begin() - 1;
+      const int64_t u = t - tasks2[l], o = (u / NP) * RB, p = u % NP, out = ys[l].size(0);
+      float *y = ys[l].data_ptr<float>();
+      const int64_t ys0 = ys[l].stride(0), ys1 = ys[l].stride(1);
+      const float *h = hs + h_at[l];
+      switch (std::min(RB, out - o)) {
+        case 6: lane_tile<6>(W[l], bias[l], Bp[l], in, out, Q[l], S, h, ln, o, p, xpk, y, ys0, ys1, N); break;
+        case 5: lane_tile<5>(W[l], bias[l], Bp[l], in, out, Q[l], S, h, ln, o, p, xpk, y, ys0, ys1, N); break;
+        case 4: lane_tile<4>(W[l], bias[l], Bp[l], in, out, Q[l], S, h, ln, o, p, xpk, y, ys0, ys1, N); break;
+        case 3: lane_tile<3>(W[l], bias[l], Bp[l], in, out, Q[l], S, h, ln, o, p, xpk, y, ys0, ys1, N); break;
+        case 2: lane_tile<2>(W[l], bias[l], Bp[l], in, out, Q[l], S, h, ln, o, p, xpk, y, ys0, ys1, N); break;
+        default: lane_tile<1>(W[l], bias[l], Bp[l], in, out, Q[l], S, h, ln, o, p, xpk, y, ys0, ys1, N);
+      }
+    }
+  }
+}
+
 torch::Tensor rms_t(torch::Tensor x, torch::Tensor weight, double eps);  // decode.cpp
 torch::Tensor rotary_t(torch::Tensor t, torch::Tensor cos, torch::Tensor sin);
 void nf4_unpack_(torch::Tensor codes, torch::Tensor absmax, torch::Tensor code, torch::Tensor out);  // quant.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_t_", &linear_t_, "y_l = W_l x + b_l + each row's own s B A x (or += the adapters' part), in place");
+  m.def("linear_lanes_", &linear_lanes_, "y_l = W_l x + b_l + each row's own s B A x, the adapters interleaved by lane");
   m.def("rms_t", &rms_t, "the decode step's RMSNorm over the features of x (H, B)");
   m.def("rotary_t", &rotary_t, "the decode step's rotary embedding of t (heads·hd, B)");
   m.def("nf4_unpack_", &nf4_unpack_, "out = NF4 codes times their block's absmax, cast as torch casts");
