@@ -93,7 +93,8 @@ LANE_CONFIGS = [dict(r=1 + k % 7, lora_alpha=2 + k, use_rslora=k % 3 == 0,
 
 def test_a_mix_of_many_adapters_takes_the_lane_kernel(tmp_path):
     """Ten adapters (ranks 1-7, some on three layers only) on 21 rows of one token (two panels of 16, two groups of 8
-    lanes, rows out of lane order, base rows): each row equals its adapter alone, a base row the base bit for bit.
+    lanes, rows out of lane order, base rows) and of three (a prefill): each row equals its adapter alone, a base
+    row the base bit for bit.
     The next mix keeps the lanes of the adapters that stay (copying nothing for them), takes an adapter's new
     weights, and is again each adapter alone."""
     folders = {}
@@ -107,12 +108,13 @@ def test_a_mix_of_many_adapters_takes_the_lane_kernel(tmp_path):
     mixes = [[f"u{(7 * i) % 10}" if i not in (2, 11, 20) else None for i in range(21)],
              [None, "u4", "u9", "u2", "u2", "u0", None, "u6", "u9"]]
 
-    def check(names, served):
-        ids = token_ids(len(names), 1, seed=len(names))
+    def check(names, served, length):
+        ids = token_ids(len(names), length, seed=len(names))
         multi.route(names)
         with torch.no_grad():
             mixed = multi.model(input_ids=ids).logits
             assert multi.routing.row_lanes is not None and layer._state["lane_stack"] is not None
+            assert layer._state["lane_key"] == (multi.routing.version, layer._state["version"])  # this mix's lanes
             multi.route(None)
             base = multi.model(input_ids=ids).logits
         for i, name in enumerate(names):
@@ -123,12 +125,13 @@ def test_a_mix_of_many_adapters_takes_the_lane_kernel(tmp_path):
                 assert max_abs_diff(mixed[i], alone) <= FP32
                 assert max_abs_diff(mixed[i], base[i]) > 100 * FP32
 
-    check(mixes[0], folders)
+    for length in (1, 3):  # a decode step; a prefill, every token a row on its row's lane (63 tokens, four panels)
+        check(mixes[0], folders, length)
     assert multi.routing.lane_count == 16
     lanes_before = dict(multi.routing.lanes)
     held_before = dict(layer._state["lanes"]["in"])
     multi.add("u2", read_adapter(folders["u5"]))  # new weights in u2's slot
-    check(mixes[1], {**folders, "u2": folders["u5"]})
+    check(mixes[1], {**folders, "u2": folders["u5"]}, 1)
     assert multi.routing.lane_count == 8
     for name in ("u0", "u4", "u6"):  # lanes below 8 that stay present: kept, not copied again
         slot = multi.slots[name]

@@ -79,6 +79,7 @@ class Routing:
         self.groups: list[tuple[int, torch.Tensor]] = []  # (slot, row indices) per present slot
         self._key: tuple | None = None
         self._rows_of: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # `rows_of`, for the current mix
+        self._lanes_of: dict[int, torch.Tensor] = {}  # `lanes_of_tokens`, for the current mix
         self.small_batch_kernel = False  # set by the decode engine: W @ xᵀ for a few rows (see MultiLoraLinear)
         # the lane kernel's assignment, for a mix of LANES_MIN or more adapters: slot -> lane (a slot keeps its lane
         # while it stays present), the lanes in use rounded up to groups of 8, and each row's lane (-1: the base)
@@ -95,7 +96,7 @@ class Routing:
             return  # the same mix as the last forward: the layers' stacks stay valid
         self._key, self.version = key, self.version + 1
         self.uniform, self.rows, self.present, self.groups = None, None, [], []
-        self._rows_of = {}
+        self._rows_of, self._lanes_of = {}, {}
         self.row_lanes = None
         if key is None:
             return
@@ -108,6 +109,14 @@ class Routing:
         if len(self.present) >= LANES_MIN:
             self._assign_lanes()
             self.row_lanes = torch.tensor([self.lanes[s] if s >= 0 else -1 for s in key], dtype=torch.int32)
+
+    def lanes_of_tokens(self, tokens_per_row: int) -> torch.Tensor:
+        """Each token's lane (int32) where every row holds `tokens_per_row` tokens in turn (a mixed prefill)."""
+        if tokens_per_row == 1:
+            return self.row_lanes
+        if tokens_per_row not in self._lanes_of:
+            self._lanes_of[tokens_per_row] = self.row_lanes.repeat_interleave(tokens_per_row)
+        return self._lanes_of[tokens_per_row]
 
     def _assign_lanes(self) -> None:
         """Give each present slot a lane below `lane_count` (the present ones rounded up to 8): a slot keeps the lane
@@ -380,12 +389,10 @@ def project_t(layers: list[MultiLoraLinear] | tuple[MultiLoraLinear, ...], xt: t
     if all(w is not None for w in weights):
         kernel = sgmv.kernel()
         biases = [layer.base_layer.bias for layer in layers]
-        if with_lora and routing.row_lanes is not None and tokens_per_row == 1:  # a mix of many adapters
-            lanes = [layer._lane_stack() or (None, None, None) for layer in layers]
+        if with_lora and routing.row_lanes is not None:  # a mix of many adapters
             ys = [xt.new_empty(n, layer.out_features).T if row_major else xt.new_empty(layer.out_features, n)
                   for layer in layers]
-            kernel.linear_lanes_(ys, xt, weights, biases, *[[stack[i] for stack in lanes] for i in range(3)],
-                                 routing.row_lanes)
+            kernel.linear_lanes_(ys, xt, weights, biases, *_lane_args(layers), routing.lanes_of_tokens(tokens_per_row))
             return ys
         lora = with_lora and (routing.rows is not None or routing.uniform is not None)
         stacks = [(layer._stacks(n, tokens_per_row) if lora else None) or NO_ADAPTERS for layer in layers]
@@ -406,6 +413,18 @@ def project_t(layers: list[MultiLoraLinear] | tuple[MultiLoraLinear, ...], xt: t
         assert tokens_per_row == 1, "a mixed prefill without the kernel goes through MultiLoraLinear._add_prefill"
         add_mixed_t(list(zip(layers, ys)), xt)
     return ys
+
+
+def _lane_args(layers) -> tuple[list, list, list]:
+    """The lane kernel's ([A], [B], [s]) for layers sharing an input (None for a layer no adapter of the mix adapts),
+    kept on the first layer until the mix or an adapter changes: ~120 calls a decode step."""
+    state, routing = layers[0]._state, layers[0].routing
+    key = (routing.version, *[layer._state["version"] for layer in layers])
+    cached = state.get("lane_args")
+    if cached is None or cached[0] != key:
+        stacks = [layer._lane_stack() or (None, None, None) for layer in layers]
+        cached = state["lane_args"] = key, tuple([stack[i] for stack in stacks] for i in range(3))
+    return cached[1]
 
 
 def add_mixed_t(pairs: list[tuple[MultiLoraLinear, torch.Tensor]], xt: torch.Tensor) -> None:
