@@ -15,9 +15,10 @@ Rows printed:
    on one adapter (what reading one adapter instead of eight costs), PEFT `adapter_names`
    (its mixed-batch path), transformers `generate` on the plain base; the ratios the issue asks for; the share of
    the measured fp32 and bf16 matmul peaks that the mixed batch's FLOPs reach;
-2. the decode kernels measured for the multi-adapter layer (the C++ kernel, base and adapters in one pass: the
-   default; without a compiler, MKL's base and the stacked masked matmuls; per-adapter grouped matmuls and gather +
-   bmm on the C++ base), each on the same mixed batch;
+2. the decode kernels measured for the multi-adapter layer (the C++ lane kernel, the batch's adapters interleaved
+   by lane and the base in one pass: the default for 5 or more adapters; the C++ kernel reading each adapter where
+   it lives, in W's pass: the default for fewer; without a compiler, MKL's base and the stacked masked matmuls;
+   per-adapter grouped matmuls and gather + bmm on the C++ base), each on the same mixed batch;
 3. cold load: an r=16 all-linear adapter read from disk into the live model (`AdapterStore.ensure` after eviction),
    median and p90 over `--loads` loads;
 4. 1,000 adapters registered in a store with a 64-resident cap, each used once in turn, in a child process: its
@@ -264,7 +265,18 @@ def main() -> None:
     mixed_out, peft_out = outputs["mixed"], outputs["peft"]
     same_rows = sum(a == b for a, b in zip(mixed_out, peft_out))
     del peft_model, hf_base
-    kernels = {"C++: base and each row's own adapter in one pass (default)": (t_mixed, True)}
+    kernels = {"C++ lane kernel: the batch's adapters interleaved by lane, the base in the same pass (default)":
+               (t_mixed, True)}
+    lane_bytes = session.lora.lane_bytes()
+    multi.LANES_MIN, lanes_min = 10**9, multi.LANES_MIN  # the kernel for mixes of fewer adapters
+    session.lora.routing.set(None)
+    try:
+        t, out = best_of(args.repeats, lambda: ours(session, ids, names, new))
+        kernels["C++: each adapter read where it lives, in W's pass (a mix of fewer than 5 adapters)"] = (
+            t, out == mixed_out)
+    finally:
+        multi.LANES_MIN = lanes_min
+        session.lora.routing.set(None)
     os.environ["LORAFORGE_KERNELS"] = "0"  # the fallback where the kernel cannot be built
     session.lora.routing.set(None)  # the layers rebuild their stacks for the next mix
     try:
@@ -303,6 +315,7 @@ def main() -> None:
     weights = sum(m.weight.numel() for m in hf_model_linears(session))
     print(f"bytes read per decode step: base linear weights {4 * weights / 2**20:.0f} MiB + 8 adapters "
           f"{4 * extra / 2**20:.0f} MiB (+{100 * extra / weights:.0f}%)")
+    print(f"the lane kernel's copy of the batch's adapters: {lane_bytes / 2**20:.0f} MiB")
     print(f"mixed batch: {flops / 1e9:.1f} GFLOP/s = {100 * flops / fp32_peak:.1f}% of the measured fp32 matmul peak "
           f"({fp32_peak / 1e9:.0f} GFLOP/s); measured bf16 matmul peak {bf16_peak / 1e9:.1f} GFLOP/s"
           + (" (no native bf16 on this CPU: decoding runs in fp32)" if bf16_peak < fp32_peak else

@@ -9,8 +9,14 @@ each row's slot for the next forward. Kernels, chosen by measurement (bench/RESU
 - a few rows (the engine's decode step, `Routing.small_batch_kernel`): one C++ pass per group of layers that share
   an input (`lora/csrc/sgmv.cpp`, Punica's SGMV fused into the base matmul, compiled on first use by `lora.sgmv`):
   yᵀ = W xᵀ + b + each row's own s·B A xᵀ, with the rows as the short dimension (1.2-2.9x MKL's sgemm on this
-  machine's AVX2 cores for 16 rows). Every present adapter's A and B are read once, whatever number of rows use it,
-  where they live (a table of addresses), so a request joining or leaving copies nothing. Where the kernel cannot be
+  machine's AVX2 cores for 16 rows). Every present adapter's A and B are read once, whatever number of rows use it.
+  A mix of `LANES_MIN` or more adapters takes the lane kernel (`linear_lanes_`): each present adapter holds a lane
+  (`Routing.lanes`, kept while it stays in the mix) and every layer a copy of the mix's adapters interleaved by
+  lane (`_lane_stack`), read as one stream with each row's lane picked by a permute: about half the adapters' cost
+  of the other form (bench/RESULTS.md), for one more copy of the adapters in the batch (at most the batch's
+  distinct adapters, outside a store's resident cap; `MultiLoraModel.lane_bytes`). A request joining with an adapter
+  already in a lane copies nothing; one with a new adapter copies that adapter once. Fewer adapters are read where
+  they live (a table of addresses), so their joining or leaving copies nothing. Where the kernel cannot be
   built (no C++ compiler), or the weights are not fp32 on a CPU, torch's matmul computes W xᵀ, and the fallback
   stacks the A's into one (G·R, in) and the B's into one (out, G·R) matrix: one matmul gives every row's
   projection on every present adapter, a 0/1 mask keeps each row's own block, one more matmul adds it (three ops a
@@ -578,6 +584,12 @@ class MultiLoraModel:
             return self.model.get_submodule(path)
         except AttributeError:
             return None
+
+    def lane_bytes(self) -> int:
+        """The bytes of the lane kernel's copies (`MultiLoraLinear._lane_stack`), over every layer: what serving
+        mixes of `LANES_MIN` or more adapters holds beside the resident adapters."""
+        held = [layer._state["lanes"] for layer in self.layers.values() if layer._state["lanes"] is not None]
+        return sum(t.numel() * t.element_size() for lanes in held for t in (lanes["a"], lanes["b"]))
 
     def adapter_bytes(self, name: str) -> int:
         slot = self.slots[name]

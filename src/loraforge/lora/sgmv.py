@@ -1,13 +1,14 @@
 """The engine's C++ kernels, compiled on first use for this machine's CPU: the served layers' matmul for a few rows,
-each on its own adapter (csrc/sgmv.cpp, `linear_t_`), the decode step's RMSNorm and rotary embedding in one pass each (csrc/decode.cpp,
-`rms_t`, `rotary_t`), and NF4 unpacking for a packed base (csrc/quant.cpp, `nf4_unpack_`, used by quant/nf4.py).
+each on its own adapter (csrc/sgmv.cpp, `linear_t_`, and `linear_lanes_` for a mix of many adapters), the decode
+step's RMSNorm and rotary embedding in one pass each (csrc/decode.cpp, `rms_t`, `rotary_t`), and NF4 unpacking for a
+packed base (csrc/quant.cpp, `nf4_unpack_`, used by quant/nf4.py).
 
 `kernel()` returns the compiled module, or None where it cannot be built (no C++ compiler, or
 `LORAFORGE_KERNELS=0`): `lora.multi` then falls back to torch's matmul and its stacked-and-masked adapters, which give
-the same sums up to float rounding at G times the FLOPs (bench/RESULTS.md, "Many adapters on one base"), and `infer.decode` to torch
-ops. The build is cached under
-`~/.cache/loraforge/kernels/` (`$LORAFORGE_HOME/kernels`, as the model cache), keyed by the source, torch's version and the CPU's
-instruction set (it is compiled with -march=native), so it costs ~30 s once per machine.
+the same sums up to float rounding at G times the FLOPs (bench/RESULTS.md, "Many adapters on one base"), and
+`infer.decode` to torch ops. The build is cached under `~/.cache/loraforge/kernels/` (`$LORAFORGE_HOME/kernels`, as
+the model cache), keyed by the source, torch's version and the CPU's instruction set (it is compiled with
+-march=native), so it costs ~30 s once per machine.
 """
 from __future__ import annotations
 

@@ -5,7 +5,8 @@
 //
 // x (in, N) is shared by the layers of one call (q, k and v; gate and up), and every row is multiplied by its own
 // adapter only: each adapter's A and B are read once per call however many rows use it, where they live (a table of
-// addresses, built when the batch's mix changes), so a request joining or leaving copies nothing.
+// addresses, built when the batch's mix changes), so a request joining or leaving copies nothing. A mix of many
+// adapters takes `linear_lanes_` instead (below), on a copy of its adapters interleaved by lane.
 //
 // Two phases, one parallel region:
 // 1. h_j = s · A x_j for each row j and its adapter's A (r, in): one row of A read once for all the rows that use it.
@@ -426,14 +427,16 @@ void linear_lanes_(std::vector<torch::Tensor> ys, torch::Tensor x, std::vector<t
   std::vector<const float *> A(L, nullptr), Bp(L, nullptr), W(L), bias(L, nullptr);
   for (size_t l = 0; l < L; ++l) {
     const auto &y = ys[l], &w = weights[l];
-    TORCH_CHECK(y.scalar_type() == at::kFloat && y.dim() == 2 && y.size(1) == N, "linear_lanes_: y must be float32 (out, N)");
+    TORCH_CHECK(y.scalar_type() == at::kFloat && y.dim() == 2 && y.size(1) == N,
+                "linear_lanes_: y must be float32 (out, N)");
     TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.size(0) == y.size(0) && w.size(1) == in,
                 "linear_lanes_: W must be float32 (out, in), contiguous");
     W[l] = w.data_ptr<float>();
     if (biases[l].has_value()) {
-      TORCH_CHECK(biases[l]->scalar_type() == at::kFloat && biases[l]->is_contiguous() && biases[l]->numel() == y.size(0),
+      const auto &bt = *biases[l];
+      TORCH_CHECK(bt.scalar_type() == at::kFloat && bt.is_contiguous() && bt.numel() == y.size(0),
                   "linear_lanes_: bias must be float32 (out,)");
-      bias[l] = biases[l]->data_ptr<float>();
+      bias[l] = bt.data_ptr<float>();
     }
     if (lane_a[l].has_value()) {
       const auto &a = *lane_a[l], &b = *lane_b[l], &s = *lane_s[l];
@@ -559,7 +562,8 @@ void nf4_unpack_(torch::Tensor codes, torch::Tensor absmax, torch::Tensor code, 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_t_", &linear_t_, "y_l = W_l x + b_l + each row's own s B A x (or += the adapters' part), in place");
-  m.def("linear_lanes_", &linear_lanes_, "y_l = W_l x + b_l + each row's own s B A x, the adapters interleaved by lane");
+  m.def("linear_lanes_", &linear_lanes_,
+        "y_l = W_l x + b_l + each row's own s B A x, the batch's adapters interleaved by lane");
   m.def("rms_t", &rms_t, "the decode step's RMSNorm over the features of x (H, B)");
   m.def("rotary_t", &rotary_t, "the decode step's rotary embedding of t (heads·hd, B)");
   m.def("nf4_unpack_", &nf4_unpack_, "out = NF4 codes times their block's absmax, cast as torch casts");
