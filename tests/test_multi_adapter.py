@@ -114,7 +114,8 @@ def test_a_mix_of_many_adapters_takes_the_lane_kernel(tmp_path):
         with torch.no_grad():
             mixed = multi.model(input_ids=ids).logits
             assert multi.routing.row_lanes is not None and layer._state["lane_stack"] is not None
-            assert layer._state["lane_key"] == (multi.routing.version, layer._state["version"])  # this mix's lanes
+            routing = multi.routing
+            assert layer._state["lane_key"] == (routing.lane_epoch, routing.lane_count, layer._state["version"])
             multi.route(None)
             base = multi.model(input_ids=ids).logits
         for i, name in enumerate(names):
@@ -138,6 +139,9 @@ def test_a_mix_of_many_adapters_takes_the_lane_kernel(tmp_path):
         if lanes_before[slot] < 8:
             assert multi.routing.lanes[slot] == lanes_before[slot]
     assert layer._state["lanes"]["b"].shape[2] == 8 and held_before  # regrown for 8 lanes
+    epoch, held = multi.routing.lane_epoch, dict(layer._state["lanes"]["in"])
+    check(mixes[1][::-1], {**folders, "u2": folders["u5"]}, 1)  # the same adapters on other rows: nothing copied
+    assert multi.routing.lane_epoch == epoch and layer._state["lanes"]["in"] == held
 
 
 def _kernel_layer(n_in: int, n_out: int, ranks: list[int], scalings: list[float], groups: list[list[int]]):

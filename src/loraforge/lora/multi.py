@@ -87,10 +87,12 @@ class Routing:
         self._rows_of: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # `rows_of`, for the current mix
         self._lanes_of: dict[int, torch.Tensor] = {}  # `lanes_of_tokens`, for the current mix
         self.small_batch_kernel = False  # set by the decode engine: W @ xᵀ for a few rows (see MultiLoraLinear)
-        # the lane kernel's assignment, for a mix of LANES_MIN or more adapters: slot -> lane (a slot keeps its lane
-        # while it stays present), the lanes in use rounded up to groups of 8, and each row's lane (-1: the base)
+        # the lane kernel's assignment, for a mix of LANES_MIN or more adapters: slot -> lane for every slot whose
+        # adapter holds a lane (present in the mix or left from an earlier one), the lanes rounded up to groups of
+        # 8, `lane_epoch` bumped when a slot takes a lane (the layers' copies to update), each row's lane (-1: base)
         self.lanes: dict[int, int] = {}
         self.lane_count = 0
+        self.lane_epoch = 0
         self.row_lanes: torch.Tensor | None = None
 
     def set(self, slots: list[int | None] | None) -> None:
@@ -125,13 +127,21 @@ class Routing:
         return self._lanes_of[tokens_per_row]
 
     def _assign_lanes(self) -> None:
-        """Give each present slot a lane below `lane_count` (the present ones rounded up to 8): a slot keeps the lane
-        it had where that is below, so its copy in the layers stays valid; the others take the free lanes in turn."""
-        count = -(-len(self.present) // 8) * 8
-        kept = {s: lane for s, lane in self.lanes.items() if s in self.present and lane < count}
-        free = iter(sorted(set(range(count)) - set(kept.values())))
-        self.lanes = {s: kept[s] if s in kept else next(free) for s in self.present}
-        self.lane_count = count
+        """Give each present slot a lane below `lane_count` (the present ones rounded up to 8). A slot keeps the lane
+        it had where that is below, so its copy in the layers stays valid; the others take empty lanes first, then
+        those of slots not in this mix."""
+        count, present = -(-len(self.present) // 8) * 8, set(self.present)
+        lanes = {s: lane for s, lane in self.lanes.items() if lane < count}
+        occupant = {lane: s for s, lane in lanes.items()}
+        new = [s for s in self.present if s not in lanes]
+        empty = [lane for lane in range(count) if lane not in occupant]
+        others = [lane for lane in range(count) if lane in occupant and occupant[lane] not in present]
+        for s, lane in zip(new, empty + others):
+            lanes.pop(occupant.get(lane), None)
+            lanes[s] = lane
+        if new or count != self.lane_count:
+            self.lane_epoch += 1
+        self.lanes, self.lane_count = lanes, count
 
     def rows_of(self, slots: tuple[int, ...], n: int, tokens_per_row: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows grouped by slot, offsets (G+1,)) of `slots` (present ones, in `groups` order; `uniform`: all `n` rows
@@ -259,20 +269,20 @@ class MultiLoraLinear(nn.Module):
                              [_float64_bits(self.lora_s[s]) for s in slots]], dtype=torch.long)
 
     def _lane_stack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """The lane kernel's (A (Q/4, in, 4, S), B (out, Q, S), s (S,)) for the batch's mix (`Routing.lanes`), or
-        None when no adapter of the mix adapts this layer. The layer keeps one copy of the adapters of the mix,
-        interleaved by lane (S = `Routing.lane_count`, Q the largest rank rounded up to 4, zero-padded); a lane is
-        copied again only when another adapter, or new weights of its own, take it: a request joining with an
-        adapter already in a lane copies nothing."""
+        """The lane kernel's (A (Q/4, in, 4, S), B (out, Q, S), s (S,)) for the adapters holding lanes
+        (`Routing.lanes`), or None when none of them adapts this layer. The layer keeps one copy of them, interleaved
+        by lane (S = `Routing.lane_count`, Q the largest rank rounded up to 4, zero-padded); a lane is copied again
+        only when another adapter, or new weights of its own, take it, so a new mix of adapters that already hold
+        lanes copies nothing and costs no Python here. A lane whose adapter does not adapt this layer has s = 0."""
         routing, state = self.routing, self._state
-        key = (routing.version, state["version"])
+        key = (routing.lane_epoch, routing.lane_count, state["version"])
         if state["lane_key"] == key:
             return state["lane_stack"]
-        present = [s for s in routing.present if s in self.lora_a]
+        here = {slot: lane for slot, lane in routing.lanes.items() if slot in self.lora_a}
         stack = None
-        if present:
+        if here:
             S = routing.lane_count
-            Q = -(-max(self.lora_a[s].shape[0] for s in present) // 4) * 4
+            Q = -(-max(self.lora_a[s].shape[0] for s in here) // 4) * 4
             held = state["lanes"]
             if held is None or held["b"].shape[2] != S or held["b"].shape[1] < Q:
                 Q = max(Q, held["b"].shape[1] if held is not None and held["b"].shape[2] == S else 0)
@@ -280,8 +290,7 @@ class MultiLoraLinear(nn.Module):
                                          "b": torch.zeros(self.out_features, Q, S), "in": {}}
             Q = held["b"].shape[1]
             scales = torch.zeros(S)
-            for slot in present:
-                lane = routing.lanes[slot]
+            for slot, lane in here.items():
                 scales[lane] = self.lora_s[slot]
                 if held["in"].get(lane) == (slot, self._slot_version[slot]):
                     continue
@@ -425,7 +434,7 @@ def _lane_args(layers) -> tuple[list, list, list]:
     """The lane kernel's ([A], [B], [s]) for layers sharing an input (None for a layer no adapter of the mix adapts),
     kept on the first layer until the mix or an adapter changes: ~120 calls a decode step."""
     state, routing = layers[0]._state, layers[0].routing
-    key = (routing.version, *[layer._state["version"] for layer in layers])
+    key = (routing.lane_epoch, routing.lane_count, *[layer._state["version"] for layer in layers])
     cached = state.get("lane_args")
     if cached is None or cached[0] != key:
         stacks = [layer._lane_stack() or (None, None, None) for layer in layers]
