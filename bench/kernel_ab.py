@@ -7,7 +7,9 @@ This VM's speed drifts by 10-20% within minutes (bench/RESULTS.md), more than mo
 bench/multi_adapter.py cannot tell them apart. Here both builds serve one session (the default model, 8 adapters r=16
 on every linear layer, 16 rows, greedy, 64 new tokens, as bench/multi_adapter.py), swapped between engine runs:
 base only and mixed batch, each build once per round, the order reversed every round, the best and the median of
-`--rounds` kept. Prints tokens/s, mixed / base for each build, and whether both builds decode the same tokens.
+`--rounds` kept. Prints tokens/s, mixed / base for each build, and whether both builds decode the same tokens. A
+build from before the lane kernel (no `linear_lanes_`, e.g. `git show 5130a23:src/loraforge/lora/csrc/sgmv.cpp`)
+serves the mixed batch through its address-table kernel (`linear_t_`): the lane kernel measured against it.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from loraforge.infer import InferenceSession
-    from loraforge.lora import sgmv
+    from loraforge.lora import multi, sgmv
     from loraforge.models import load_model
 
     csrc = Path(sgmv.__file__).parent / "csrc"
@@ -50,12 +52,16 @@ def main() -> None:
     ids = prompts(tokenizer)
     systems = {"base": [None] * ROWS, "mixed": [f"user{i % N_ADAPTERS}" for i in range(ROWS)]}
     seconds: dict[tuple[str, str], list[float]] = {}
+    lanes_min = multi.LANES_MIN
     outputs = {}
     try:
         for round_ in range(args.rounds + 1):  # round 0 warms up
             order = list(builds) if round_ % 2 else list(builds)[::-1]
             for name in order:
                 sgmv._built["sgmv"] = builds[name]  # what sgmv.kernel() hands out
+                # a build from before the lane kernel serves mixes through its address-table kernel
+                multi.LANES_MIN = lanes_min if hasattr(builds[name], "linear_lanes_") else 10**9
+                session.lora.routing.set(None)
                 for system, adapters in systems.items():
                     start = time.perf_counter()
                     out = ours(session, ids, adapters, args.new_tokens if round_ else 4)
@@ -64,6 +70,7 @@ def main() -> None:
                         outputs[(name, system)] = out
     finally:
         sgmv._built["sgmv"] = builds["current"]
+        multi.LANES_MIN = lanes_min
     tokens = ROWS * args.new_tokens
     print(f"| build | base tokens/s (best, median) | mixed tokens/s (best, median) | mixed / base (best) |")
     print("|---|---|---|---|")
