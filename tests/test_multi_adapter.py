@@ -97,6 +97,7 @@ def test_a_mix_of_many_adapters_takes_the_lane_kernel(tmp_path):
     row the base bit for bit.
     The next mix keeps the lanes of the adapters that stay (copying nothing for them), takes an adapter's new
     weights, and is again each adapter alone."""
+    assert sgmv.kernel() is not None, "the C++ kernel did not build here (see the warning above): a compiler is required"
     folders = {}
     for k, options in enumerate(LANE_CONFIGS):
         torch.manual_seed(200 + k)
@@ -133,15 +134,42 @@ def test_a_mix_of_many_adapters_takes_the_lane_kernel(tmp_path):
     held_before = dict(layer._state["lanes"]["in"])
     multi.add("u2", read_adapter(folders["u5"]))  # new weights in u2's slot
     check(mixes[1], {**folders, "u2": folders["u5"]}, 1)
-    assert multi.routing.lane_count == 8
+    assert multi.routing.lane_count == 16 and layer._state["lanes"]["b"].shape[2] == 16  # the lanes never shrink
     for name in ("u0", "u4", "u6"):  # lanes below 8 that stay present: kept, not copied again
         slot = multi.slots[name]
         if lanes_before[slot] < 8:
             assert multi.routing.lanes[slot] == lanes_before[slot]
-    assert layer._state["lanes"]["b"].shape[2] == 8 and held_before  # regrown for 8 lanes
+            assert layer._state["lanes"]["in"][lanes_before[slot]] == held_before[lanes_before[slot]]
+    assert multi.routing.lanes[multi.slots["u9"]] < 8  # moved down: the mix reads one group of 8 lanes
     epoch, held = multi.routing.lane_epoch, dict(layer._state["lanes"]["in"])
     check(mixes[1][::-1], {**folders, "u2": folders["u5"]}, 1)  # the same adapters on other rows: nothing copied
     assert multi.routing.lane_epoch == epoch and layer._state["lanes"]["in"] == held
+    # eight adapters with the rows in lane order, 16 rows (the bench's case: no permute)
+    served = {**folders, "u2": folders["u5"]}
+    eight = ["u0", "u2", "u4", "u6", "u9", "u1", "u3", "u7"]
+    multi.route(eight)
+    by_lane = sorted(eight, key=lambda n: multi.routing.lanes[multi.slots[n]])
+    assert [multi.routing.lanes[multi.slots[n]] for n in by_lane] == list(range(8))
+    check(by_lane * 2, served, 1)
+    # u5 (q, v and down_proj only) takes all-linear u0's lane, the copy's size unchanged: the layers u5 does not
+    # adapt keep u0's weights in that lane, and its rows must get nothing from them
+    u0_lane = multi.routing.lanes[multi.slots["u0"]]
+    check(["u5", "u2", "u4", "u6", "u9", "u1", "u3", "u7", None, "u5"], served, 1)
+    assert multi.routing.lanes[multi.slots["u5"]] == u0_lane and multi.routing.lane_count == 16
+    # a model that flattens its tokens (an MoE's shared expert): (rows x 2 tokens, in), each row's on its adapter;
+    # five adapters (the lane kernel) and two (the address table)
+    up = multi.layers["model.layers.0.mlp.up_proj"]
+    for names in (["u1", "u4", None, "u9", "u0", "u6"], ["u0", None, "u4"]):
+        multi.route(names)
+        x = torch.randn(2 * len(names), up.in_features)
+        with torch.no_grad():
+            got = up(x)
+            want = up.base_layer(x)
+            for i, name in enumerate(names):
+                if name is not None and multi.slots[name] in up.lora_a:
+                    want[2 * i:2 * i + 2] += up._delta(multi.slots[name], x[2 * i:2 * i + 2])
+        assert (multi.routing.row_lanes is not None) == (len(names) > 3)
+        assert max_abs_diff(got, want) <= FP32 and max_abs_diff(got, up.base_layer(x)) > 100 * FP32
 
 
 def _kernel_layer(n_in: int, n_out: int, ranks: list[int], scalings: list[float], groups: list[list[int]]):

@@ -4,8 +4,9 @@ Names are checked against `lora.adapter.ADAPTER_NAME`, so a name can never reach
 dot). Resident adapters form an LRU set bounded by a memory cap and/or a count: using an adapter that is not
 resident reads it from disk (`lora.read_adapter`, safetensors only) and evicts the least recently used adapters
 that no request holds until it fits. A file that does not fit the base is refused with the reason, and the live
-model is left as it was. The cap counts resident adapters; a batch that mixes 5 or more of them also holds one copy
-of those, interleaved for the lane kernel (`MultiLoraModel.lane_bytes`, lora/multi.py).
+model is left as it was. The cap counts resident adapters. Serving batches that mix 5 or more of them also holds a
+copy of adapters interleaved for the lane kernel, as many as the largest such mix needed, rounded up to 8
+(`MultiLoraModel.lane_bytes`, lora/multi.py): not counted by the cap.
 
 A server replaces an adapter while requests are decoding on it (`replace`): the new weights go into the session under
 a new resident name (`alice@2`; `@` is never part of an adapter name), new requests get it (`current`), and

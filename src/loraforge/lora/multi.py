@@ -13,9 +13,10 @@ each row's slot for the next forward. Kernels, chosen by measurement (bench/RESU
   A mix of `LANES_MIN` or more adapters takes the lane kernel (`linear_lanes_`): each present adapter holds a lane
   (`Routing.lanes`, kept while it stays in the mix) and every layer a copy of the mix's adapters interleaved by
   lane (`_lane_stack`), read as one stream with each row's lane picked by a permute: about half the adapters' cost
-  of the other form (bench/RESULTS.md), for one more copy of the adapters in the batch (at most the batch's
-  distinct adapters, outside a store's resident cap; `MultiLoraModel.lane_bytes`). A request joining with an adapter
-  already in a lane copies nothing; one with a new adapter copies that adapter once. Fewer adapters are read where
+  of the other form (bench/RESULTS.md), for one more copy of adapters: as many lanes as the largest such mix so far
+  needed (rounded up to 8), kept for the next mix, outside a store's resident cap (`MultiLoraModel.lane_bytes`). A
+  request joining with an adapter already in a lane copies nothing; a new adapter copies itself into a lane once
+  (and a mix needing more lanes than any before moves the copy into a larger one). Fewer adapters are read where
   they live (a table of addresses), so their joining or leaving copies nothing. Where the kernel cannot be
   built (no C++ compiler), or the weights are not fp32 on a CPU, torch's matmul computes W xᵀ, and the fallback
   stacks the A's into one (G·R, in) and the B's into one (out, G·R) matrix: one matmul gives every row's
@@ -88,8 +89,9 @@ class Routing:
         self._lanes_of: dict[int, torch.Tensor] = {}  # `lanes_of_tokens`, for the current mix
         self.small_batch_kernel = False  # set by the decode engine: W @ xᵀ for a few rows (see MultiLoraLinear)
         # the lane kernel's assignment, for a mix of LANES_MIN or more adapters: slot -> lane for every slot whose
-        # adapter holds a lane (present in the mix or left from an earlier one), the lanes rounded up to groups of
-        # 8, `lane_epoch` bumped when a slot takes a lane (the layers' copies to update), each row's lane (-1: base)
+        # adapter holds a lane (present in the mix or left from an earlier one), the lanes each layer holds (a
+        # multiple of 8, never fewer), `lane_epoch` bumped when a slot takes a lane or the lanes grow (the layers'
+        # copies to update), and each row's lane (-1: the base)
         self.lanes: dict[int, int] = {}
         self.lane_count = 0
         self.lane_epoch = 0
@@ -127,18 +129,20 @@ class Routing:
         return self._lanes_of[tokens_per_row]
 
     def _assign_lanes(self) -> None:
-        """Give each present slot a lane below `lane_count` (the present ones rounded up to 8). A slot keeps the lane
-        it had where that is below, so its copy in the layers stays valid; the others take empty lanes first, then
-        those of slots not in this mix."""
-        count, present = -(-len(self.present) // 8) * 8, set(self.present)
-        lanes = {s: lane for s, lane in self.lanes.items() if lane < count}
+        """Give each present slot a lane below the present ones rounded up to 8, so that a step reads as few groups of
+        8 lanes as the mix needs. A slot keeps its lane where that is below; the others (a slot in a higher lane
+        included) take empty lanes first, then those of slots not in this mix. `lane_count`, the lanes each layer
+        holds, only grows: a smaller mix leaves the lanes above as they are, for a later one."""
+        needed, present = -(-len(self.present) // 8) * 8, set(self.present)
+        lanes = dict(self.lanes)
         occupant = {lane: s for s, lane in lanes.items()}
-        new = [s for s in self.present if s not in lanes]
-        empty = [lane for lane in range(count) if lane not in occupant]
-        others = [lane for lane in range(count) if lane in occupant and occupant[lane] not in present]
+        new = [s for s in self.present if lanes.get(s, needed) >= needed]
+        empty = [lane for lane in range(needed) if lane not in occupant]
+        others = [lane for lane in range(needed) if lane in occupant and occupant[lane] not in present]
         for s, lane in zip(new, empty + others):
             lanes.pop(occupant.get(lane), None)
             lanes[s] = lane
+        count = max(self.lane_count, needed)
         if new or count != self.lane_count:
             self.lane_epoch += 1
         self.lanes, self.lane_count = lanes, count
@@ -271,9 +275,10 @@ class MultiLoraLinear(nn.Module):
     def _lane_stack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The lane kernel's (A (Q/4, in, 4, S), B (out, Q, S), s (S,)) for the adapters holding lanes
         (`Routing.lanes`), or None when none of them adapts this layer. The layer keeps one copy of them, interleaved
-        by lane (S = `Routing.lane_count`, Q the largest rank rounded up to 4, zero-padded); a lane is copied again
-        only when another adapter, or new weights of its own, take it, so a new mix of adapters that already hold
-        lanes copies nothing and costs no Python here. A lane whose adapter does not adapt this layer has s = 0."""
+        by lane (S = `Routing.lane_count`, Q the largest rank rounded up to 4, zero-padded; both only grow, the lanes
+        already copied moved into the larger copy). A lane is copied from its adapter only when another adapter, or
+        new weights of its own, take it: a new mix of adapters that already hold lanes copies nothing and costs no
+        Python here. A lane whose adapter does not adapt this layer has s = 0 (the kernel then adds exact zeros)."""
         routing, state = self.routing, self._state
         key = (routing.lane_epoch, routing.lane_count, state["version"])
         if state["lane_key"] == key:
@@ -284,12 +289,18 @@ class MultiLoraLinear(nn.Module):
             S = routing.lane_count
             Q = -(-max(self.lora_a[s].shape[0] for s in here) // 4) * 4
             held = state["lanes"]
-            if held is None or held["b"].shape[2] != S or held["b"].shape[1] < Q:
-                Q = max(Q, held["b"].shape[1] if held is not None and held["b"].shape[2] == S else 0)
-                held = state["lanes"] = {"a": torch.zeros(Q // 4, self.in_features, 4, S),
-                                         "b": torch.zeros(self.out_features, Q, S), "in": {}}
+            if held is None or held["b"].shape[2] < S or held["b"].shape[1] < Q:
+                old = held
+                Q = max(Q, 0 if old is None else old["b"].shape[1])
+                held = state["lanes"] = {"a": torch.zeros(Q // 4, self.in_features, 4, S, dtype=torch.float32),
+                                         "b": torch.zeros(self.out_features, Q, S, dtype=torch.float32),
+                                         "in": {} if old is None else old["in"]}
+                if old is not None:  # the lanes already copied keep their place
+                    q_old, s_old = old["b"].shape[1:]
+                    held["a"][:q_old // 4, :, :, :s_old] = old["a"]
+                    held["b"][:, :q_old, :s_old] = old["b"]
             Q = held["b"].shape[1]
-            scales = torch.zeros(S)
+            scales = torch.zeros(S, dtype=torch.float32)
             for slot, lane in here.items():
                 scales[lane] = self.lora_s[slot]
                 if held["in"].get(lane) == (slot, self._slot_version[slot]):
@@ -340,14 +351,19 @@ class MultiLoraLinear(nn.Module):
         dimension the kernel (or MKL) runs faster on this machine's AVX2 cores than x Wᵀ (bench/RESULTS.md, "decode
         kernels"); equal up to float rounding. A mixed prefill's tokens each take their row's adapter."""
         lead = x.shape[:-1]  # (B, T), or (tokens,) where a model flattens them (an MoE's shared expert)
+        rows = self.routing.rows
         T = x.shape[1] if x.dim() == 3 else 1
+        if x.dim() == 2 and rows is not None and x.shape[0] != len(rows):  # a mixed batch's (B·T) tokens, row by row
+            if x.shape[0] % len(rows):
+                raise ValueError(f"{x.shape[0]} tokens do not split into the mixed batch's {len(rows)} rows")
+            T = x.shape[0] // len(rows)
         xt = x.reshape(-1, x.shape[-1]).T
-        mixed_prefill = self.routing.rows is not None and T > 1
+        mixed_prefill = rows is not None and T > 1
         fused = mixed_prefill and self._kernel_weight(xt) is not None
         yt = project_t([self], xt, with_lora=fused or not mixed_prefill, tokens_per_row=T, row_major=True)[0]
         y = yt.T.contiguous().view(*lead, yt.shape[0])  # row-major (the kernel wrote it so: no copy)
         if mixed_prefill and not fused:  # adapters on their rows' tokens, after the base
-            y = self._add_prefill(y, x)
+            y = self._add_prefill(y.view(len(rows), T, -1), x.view(len(rows), T, -1)).view(*lead, -1)
         return y
 
     def _add_prefill(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -431,10 +447,10 @@ def project_t(layers: list[MultiLoraLinear] | tuple[MultiLoraLinear, ...], xt: t
 
 
 def _lane_args(layers) -> tuple[list, list, list]:
-    """The lane kernel's ([A], [B], [s]) for layers sharing an input (None for a layer no adapter of the mix adapts),
-    kept on the first layer until the mix or an adapter changes: ~120 calls a decode step."""
+    """The lane kernel's ([A], [B], [s]) for layers sharing an input (None for a layer no adapter in a lane adapts),
+    kept on the first layer until the lanes or an adapter change: ~120 calls a decode step."""
     state, routing = layers[0]._state, layers[0].routing
-    key = (routing.lane_epoch, routing.lane_count, *[layer._state["version"] for layer in layers])
+    key = (routing.lane_epoch, routing.lane_count, *[(id(layer), layer._state["version"]) for layer in layers])
     cached = state.get("lane_args")
     if cached is None or cached[0] != key:
         stacks = [layer._lane_stack() or (None, None, None) for layer in layers]

@@ -38,6 +38,7 @@ namespace {
 constexpr int64_t P = 16, RB = 6, M = 4, PREFETCH = 2, DENSE = 3;
 
 typedef float v8 __attribute__((vector_size(32)));  // GCC/Clang vectors: AVX2 here, two NEON registers on ARM
+typedef int32_t vi8 __attribute__((vector_size(32)));  // v8's comparisons: -1 where true, 0 where false
 
 inline v8 load8(const float *p) {
   v8 v;
@@ -338,9 +339,10 @@ void linear_t_(std::vector<torch::Tensor> ys, torch::Tensor x, std::vector<c10::
 // FMAs as W's, over memory read in one stream, instead of a dot product per adapter row and per B row with its
 // horizontal sum. About half the adapters' time in a decode step (bench/RESULTS.md); the price is that copy.
 //
-// lane_a[l], lane_b[l] as above, float32 contiguous, or None for a layer with no adapter in the batch (its base
-// alone); lane_s[l] (S,) float32, each lane's scaling in layer l (0: its adapter does not adapt l). row_lanes (N,)
-// int32: each row's lane, or -1 for the base alone (its output is then W x + b, plus exact zeros).
+// lane_a[l], lane_b[l] as above, float32 contiguous, or None for a layer no adapter holding a lane adapts (its base
+// alone); lane_s[l] (S,) float32, each lane's scaling in layer l (0: its adapter does not adapt l, or the lane is
+// empty). row_lanes (N,) int32: each row's lane, or -1 for the base alone. A row whose lane has s = 0 in a layer
+// (the base's rows too) gets W x + b there, plus exact zeros: its h is selected away, not multiplied by 0.
 namespace {
 constexpr int64_t LG = 8, QB = 4;  // lanes in a group (one load); rows of A per phase-one task
 
@@ -416,7 +418,8 @@ void linear_lanes_(std::vector<torch::Tensor> ys, torch::Tensor x, std::vector<t
   const size_t L = ys.size();
   TORCH_CHECK(weights.size() == L && biases.size() == L && lane_a.size() == L && lane_b.size() == L &&
               lane_s.size() == L, "linear_lanes_: list lengths differ");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "linear_lanes_: x must be float32 (in, N)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.device().is_cpu() && row_lanes.device().is_cpu(),
+              "linear_lanes_: x must be float32 (in, N), on the CPU");
   const int64_t in = x.size(0), N = x.size(1), NP = (N + P - 1) / P, xs0 = x.stride(0), xs1 = x.stride(1);
   TORCH_CHECK(row_lanes.scalar_type() == at::kInt && row_lanes.is_contiguous() && row_lanes.numel() == N,
               "linear_lanes_: row_lanes must be int32 (N,)");
@@ -439,7 +442,9 @@ void linear_lanes_(std::vector<torch::Tensor> ys, torch::Tensor x, std::vector<t
       bias[l] = bt.data_ptr<float>();
     }
     if (lane_a[l].has_value()) {
+      TORCH_CHECK(lane_b[l].has_value() && lane_s[l].has_value(), "linear_lanes_: a layer's A, B and s go together");
       const auto &a = *lane_a[l], &b = *lane_b[l], &s = *lane_s[l];
+      TORCH_CHECK(b.dim() == 3, "linear_lanes_: B must be (out, Q, S)");
       const int64_t lanes = b.size(2);
       TORCH_CHECK(S == 0 || lanes == S, "linear_lanes_: the layers' lane counts differ");
       S = lanes;
@@ -527,11 +532,14 @@ void linear_lanes_(std::vector<torch::Tensor> ys, torch::Tensor x, std::vector<t
             }
           }
         }
+        // s where the column's row is on a lane of g that adapts l; there, and only there, h is kept: elsewhere
+        // the permute picked some lane of g for a row it is not, and a select (not a product by 0) drops it
         const float *sc = scale.data() + ((l * NP + p) * ln.NG + g) * P;
         const v8 s0 = load8(sc), s1 = load8(sc + 8);
+        const vi8 k0 = s0 != v8{}, k1 = s1 != v8{};
         float *h = hs + h_at[l] + (at * Q[l] + qb * QB) * P;
         for (int i = 0; i < QB; ++i) {
-          const v8 r0 = acc[i][0] * s0, r1 = acc[i][1] * s1;
+          const v8 r0 = (v8)((vi8)(acc[i][0] * s0) & k0), r1 = (v8)((vi8)(acc[i][1] * s1) & k1);
           std::memcpy(h + i * P, &r0, sizeof r0);
           std::memcpy(h + i * P + 8, &r1, sizeof r1);
         }
