@@ -96,6 +96,7 @@ class Routing:
         self.lane_count = 0
         self.lane_epoch = 0
         self.row_lanes: torch.Tensor | None = None
+        self.adapters_version = 0  # bumped by every layer's set_adapter / remove_adapter (`_lane_args`' key)
 
     def set(self, slots: list[int | None] | None) -> None:
         """Route row i to `slots[i]` (-1 or None: the base); `slots=None`: every row, however many, on the base."""
@@ -211,12 +212,14 @@ class MultiLoraLinear(nn.Module):
         self.lora_a[slot], self.lora_b[slot], self.lora_s[slot] = a.contiguous(), b.contiguous(), float(scaling)
         self._state["version"] += 1
         self._slot_version[slot] = self._state["version"]
+        self.routing.adapters_version += 1
 
     def remove_adapter(self, slot: int) -> None:
         if self.lora_a.pop(slot, None) is not None:
             self.lora_b.pop(slot)
             self.lora_s.pop(slot)
             self._state["version"] += 1
+            self.routing.adapters_version += 1
 
     def _delta(self, slot: int, x: torch.Tensor) -> torch.Tensor:
         """s · (x Aᵀ) Bᵀ for one adapter, in its dtype: x (..., in) -> (..., out)."""
@@ -450,12 +453,12 @@ def _lane_args(layers) -> tuple[list, list, list]:
     """The lane kernel's ([A], [B], [s]) for layers sharing an input (None for a layer no adapter in a lane adapts),
     kept on the first layer until the lanes or an adapter change: ~120 calls a decode step."""
     state, routing = layers[0]._state, layers[0].routing
-    key = (routing.lane_epoch, routing.lane_count, *[(id(layer), layer._state["version"]) for layer in layers])
+    key = (routing.lane_epoch, routing.lane_count, routing.adapters_version, len(layers))
     cached = state.get("lane_args")
-    if cached is None or cached[0] != key:
+    if cached is None or cached[0] != key or cached[1] is not layers[-1]:  # (q, k, v) and q alone share a first
         stacks = [layer._lane_stack() or (None, None, None) for layer in layers]
-        cached = state["lane_args"] = key, tuple([stack[i] for stack in stacks] for i in range(3))
-    return cached[1]
+        cached = state["lane_args"] = key, layers[-1], tuple([stack[i] for stack in stacks] for i in range(3))
+    return cached[2]
 
 
 def add_mixed_t(pairs: list[tuple[MultiLoraLinear, torch.Tensor]], xt: torch.Tensor) -> None:
