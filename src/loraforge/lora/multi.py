@@ -66,9 +66,10 @@ with the earlier SGMV kernel: break-even near 34 tokens per adapter on SmolLM2-1
 
 
 LANES_MIN = 5
-"""A mixed decode batch with at least this many adapters present takes the lane kernel (`linear_lanes_`): the
-batch's adapters copied into each layer interleaved by lane, read as one stream; with fewer, the 8 lanes of a group
-would be mostly padding and the kernel reads each adapter where it lives (bench/RESULTS.md)."""
+"""A mixed batch (a decode step, or a prefill the kernel serves) with at least this many adapters present takes the
+lane kernel (`linear_lanes_`): the batch's adapters copied into each layer interleaved by lane, read as one stream;
+with fewer, the 8 lanes of a group would be mostly padding and the kernel reads each adapter where it lives
+(bench/RESULTS.md)."""
 
 
 class Routing:
@@ -423,15 +424,13 @@ def project_t(layers: list[MultiLoraLinear] | tuple[MultiLoraLinear, ...], xt: t
     if all(w is not None for w in weights):
         kernel = sgmv.kernel()
         biases = [layer.base_layer.bias for layer in layers]
+        ys = [xt.new_empty(n, layer.out_features).T if row_major else xt.new_empty(layer.out_features, n)
+              for layer in layers]
         if with_lora and routing.row_lanes is not None:  # a mix of many adapters
-            ys = [xt.new_empty(n, layer.out_features).T if row_major else xt.new_empty(layer.out_features, n)
-                  for layer in layers]
             kernel.linear_lanes_(ys, xt, weights, biases, *_lane_args(layers), routing.lanes_of_tokens(tokens_per_row))
             return ys
         lora = with_lora and (routing.rows is not None or routing.uniform is not None)
         stacks = [(layer._stacks(n, tokens_per_row) if lora else None) or NO_ADAPTERS for layer in layers]
-        ys = [xt.new_empty(n, layer.out_features).T if row_major else xt.new_empty(layer.out_features, n)
-              for layer in layers]
         kernel.linear_t_(ys, xt, weights, biases, *[[s[i] for s in stacks] for i in (1, 2, 3)])
         return ys
     ys = []

@@ -29,6 +29,7 @@
 #endif
 
 #include <algorithm>
+#include <type_traits>
 #include <cstring>
 #include <vector>
 
@@ -126,6 +127,29 @@ inline void dots(const float *a, const float *const *x, int64_t n, float *res, i
     for (int64_t v = 0; v < V; ++v) acc += part[k][v];
     for (int64_t r = i; r < n; ++r) acc += a[r] * x[k][r];
     res[k] = acc;
+  }
+}
+
+// xpk[p][k][c] = x[k, p·P + c] (0 past N) for one k: x (in, N) of any strides packed into panels of P columns.
+inline void pack_x(const float *xp, int64_t xs0, int64_t xs1, int64_t k, int64_t in, int64_t N, int64_t NP,
+                   float *xpk) {
+  for (int64_t p = 0; p < NP; ++p)
+    for (int64_t c = 0; c < P; ++c) {
+      const int64_t j = p * P + c;
+      xpk[(p * in + k) * P + c] = j < N ? xp[k * xs0 + j * xs1] : 0.f;
+    }
+}
+
+// tile(std::integral_constant<int, R>{}) for the R = min(RB, rows left) outputs of a tile, R a compile-time constant.
+template <typename F>
+inline void by_rows(int64_t left, F &&tile) {
+  switch (std::min(RB, left)) {
+    case 6: tile(std::integral_constant<int, 6>{}); break;
+    case 5: tile(std::integral_constant<int, 5>{}); break;
+    case 4: tile(std::integral_constant<int, 4>{}); break;
+    case 3: tile(std::integral_constant<int, 3>{}); break;
+    case 2: tile(std::integral_constant<int, 2>{}); break;
+    default: tile(std::integral_constant<int, 1>{});
   }
 }
 
@@ -270,12 +294,7 @@ void linear_t_(std::vector<torch::Tensor> ys, torch::Tensor x, std::vector<c10::
 #pragma omp parallel num_threads(at::get_num_threads())
   {
 #pragma omp for schedule(static) nowait
-    for (int64_t k = 0; k < in; ++k)
-      for (int64_t p = 0; p < NP; ++p)
-        for (int64_t c = 0; c < P; ++c) {
-          const int64_t j = p * P + c;
-          xpk[(p * in + k) * P + c] = j < N ? xp[k * xs0 + j * xs1] : 0.f;
-        }
+    for (int64_t k = 0; k < in; ++k) pack_x(xp, xs0, xs1, k, in, N, NP, xpk);
     if (any_lora) {
       if (gather) {
         float *to = xpk + xr_at;
@@ -316,14 +335,7 @@ void linear_t_(std::vector<torch::Tensor> ys, torch::Tensor x, std::vector<c10::
       const size_t l = std::upper_bound(tasks2.begin(), tasks2.end(), t) - tasks2.begin() - 1;
       const Layer &ly = layers[l];
       const int64_t u = t - tasks2[l], o = (u / NP) * RB, p = u % NP;
-      switch (std::min(RB, ly.out - o)) {
-        case 6: run_tile<6>(ly, o, p, in, N, xpk); break;
-        case 5: run_tile<5>(ly, o, p, in, N, xpk); break;
-        case 4: run_tile<4>(ly, o, p, in, N, xpk); break;
-        case 3: run_tile<3>(ly, o, p, in, N, xpk); break;
-        case 2: run_tile<2>(ly, o, p, in, N, xpk); break;
-        default: run_tile<1>(ly, o, p, in, N, xpk);
-      }
+      by_rows(ly.out - o, [&](auto R) { run_tile<decltype(R)::value>(ly, o, p, in, N, xpk); });
     }
   }
 }
@@ -495,12 +507,7 @@ void linear_lanes_(std::vector<torch::Tensor> ys, torch::Tensor x, std::vector<t
 #pragma omp parallel num_threads(at::get_num_threads())
   {
 #pragma omp for schedule(static)
-    for (int64_t k = 0; k < in; ++k)
-      for (int64_t p = 0; p < NP; ++p)
-        for (int64_t c = 0; c < P; ++c) {
-          const int64_t j = p * P + c;
-          xpk[(p * in + k) * P + c] = j < N ? xp[k * xs0 + j * xs1] : 0.f;
-        }
+    for (int64_t k = 0; k < in; ++k) pack_x(xp, xs0, xs1, k, in, N, NP, xpk);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks1[L]; ++t) {  // h = s · A x for QB ranks of one group, each panel that uses it
       const size_t l = std::upper_bound(tasks1.begin(), tasks1.end(), t) - tasks1.begin() - 1;
@@ -552,14 +559,9 @@ void linear_lanes_(std::vector<torch::Tensor> ys, torch::Tensor x, std::vector<t
       float *y = ys[l].data_ptr<float>();
       const int64_t ys0 = ys[l].stride(0), ys1 = ys[l].stride(1);
       const float *h = hs + h_at[l];
-      switch (std::min(RB, out - o)) {
-        case 6: lane_tile<6>(W[l], bias[l], Bp[l], in, out, Q[l], S, h, ln, o, p, xpk, y, ys0, ys1, N); break;
-        case 5: lane_tile<5>(W[l], bias[l], Bp[l], in, out, Q[l], S, h, ln, o, p, xpk, y, ys0, ys1, N); break;
-        case 4: lane_tile<4>(W[l], bias[l], Bp[l], in, out, Q[l], S, h, ln, o, p, xpk, y, ys0, ys1, N); break;
-        case 3: lane_tile<3>(W[l], bias[l], Bp[l], in, out, Q[l], S, h, ln, o, p, xpk, y, ys0, ys1, N); break;
-        case 2: lane_tile<2>(W[l], bias[l], Bp[l], in, out, Q[l], S, h, ln, o, p, xpk, y, ys0, ys1, N); break;
-        default: lane_tile<1>(W[l], bias[l], Bp[l], in, out, Q[l], S, h, ln, o, p, xpk, y, ys0, ys1, N);
-      }
+      by_rows(out - o, [&](auto R) {
+        lane_tile<decltype(R)::value>(W[l], bias[l], Bp[l], in, out, Q[l], S, h, ln, o, p, xpk, y, ys0, ys1, N);
+      });
     }
   }
 }
